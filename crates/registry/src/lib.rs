@@ -1,0 +1,16 @@
+//! The registry's domain on top of the storage traits, with no HTTP.
+//!
+//! The metadata commit is the point of truth: bytes are written, synced and
+//! verified in the blob store first, and only then does one metadata
+//! transaction make them visible (link a blob to a repository, record a
+//! manifest, move a tag). A crash before the commit leaves unreferenced bytes,
+//! never a visible partial blob.
+
+mod error;
+mod keys;
+mod records;
+mod registry;
+
+pub use error::RegistryError;
+pub use records::{ManifestRecord, UploadRecord};
+pub use registry::{Limits, ManifestContent, Page, PutManifestOutcome, Registry, UploadStatus};

@@ -1,0 +1,69 @@
+//! Metadata records, stored as JSON so that an operator can read them.
+
+use berth_oci::Digest;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::RegistryError;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepoRecord {
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: Digest,
+    pub updated_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub media_type: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// Children of an index with their platforms, for content negotiation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformChild>,
+    /// Every digest the manifest references (blobs and child manifests).
+    #[serde(default)]
+    pub references: Vec<Digest>,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlatformChild {
+    pub digest: Digest,
+    pub os: String,
+    pub architecture: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkRecord {
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlobRecord {
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub repository: String,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, RegistryError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| RegistryError::CorruptRecord(format!("{}: {e}", String::from_utf8_lossy(key))))
+}

@@ -1,0 +1,775 @@
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use berth_oci::{
+    ByteRange, Descriptor, Digest, Manifest, ManifestKind, Reference, RepositoryName, Tag,
+};
+use berth_store::{BlobRead, BlobStore, ByteStream, KeyValue, MetaStore, Txn};
+use bytes::Bytes;
+
+use crate::RegistryError;
+use crate::keys;
+use crate::records::{
+    BlobRecord, LinkRecord, ManifestRecord, PlatformChild, RepoRecord, TagRecord, UploadRecord,
+    decode, encode,
+};
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+/// Sizes a client controls, bounded.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_manifest_bytes: u64,
+    pub max_blob_bytes: u64,
+    /// Largest page of tags or repositories returned at once.
+    pub max_page: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_bytes: 1 << 40,
+            max_page: 10_000,
+        }
+    }
+}
+
+/// A page of names and whether more follow.
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<String>,
+    pub more: bool,
+}
+
+pub struct ManifestContent {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+pub struct PutManifestOutcome {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+pub struct UploadStatus {
+    pub size: u64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Attempts for a transaction that lost a compare-and-swap race before the
+/// registry reports the conflict as a storage failure.
+const TXN_ATTEMPTS: usize = 16;
+
+pub struct Registry {
+    meta: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
+    limits: Limits,
+}
+
+impl Registry {
+    pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>, limits: Limits) -> Self {
+        Self {
+            meta,
+            blobs,
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub async fn check_health(&self) -> Result<()> {
+        self.meta.check_health().await?;
+        self.blobs.check_health().await?;
+        Ok(())
+    }
+
+    async fn get_record<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.meta.get(key.as_bytes()).await? {
+            Some(kv) => Ok(Some(decode(&kv.key, &kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds the repository record to `txn` unless it exists. Creating it twice
+    /// in a race is harmless: the record only carries a creation time.
+    async fn ensure_repo(&self, name: &RepositoryName, txn: Txn) -> Result<Txn> {
+        let key = keys::repo(name);
+        if self.meta.get(key.as_bytes()).await?.is_some() {
+            return Ok(txn);
+        }
+        Ok(txn.put(
+            key,
+            encode(&RepoRecord {
+                created_ms: now_ms(),
+            }),
+        ))
+    }
+
+    // ---- blobs -------------------------------------------------------------
+
+    async fn link(&self, name: &RepositoryName, digest: &Digest) -> Result<Option<LinkRecord>> {
+        self.get_record(&keys::link(name, digest)).await
+    }
+
+    /// Size of a blob visible in the repository.
+    pub async fn stat_blob(&self, name: &RepositoryName, digest: &Digest) -> Result<u64> {
+        match self.link(name, digest).await? {
+            Some(link) => Ok(link.size),
+            None => Err(RegistryError::BlobUnknown(digest.clone())),
+        }
+    }
+
+    pub async fn read_blob(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobRead> {
+        self.stat_blob(name, digest).await?;
+        match self.blobs.read(digest, range).await? {
+            Some(read) => Ok(read),
+            None => {
+                tracing::error!(repository = %name, %digest, "blob is linked but its bytes are missing");
+                Err(RegistryError::BlobUnknown(digest.clone()))
+            }
+        }
+    }
+
+    pub async fn delete_blob(&self, name: &RepositoryName, digest: &Digest) -> Result<()> {
+        let key = keys::link(name, digest);
+        let Some(seen) = self.meta.get(key.as_bytes()).await? else {
+            return Err(RegistryError::BlobUnknown(digest.clone()));
+        };
+        // The bytes stay until garbage collection: other repositories and
+        // manifests may still reference them.
+        self.meta
+            .commit(
+                Txn::new()
+                    .require_version(key.clone(), seen.version)
+                    .delete(key),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes a stored blob visible in `name`.
+    async fn commit_link(&self, name: &RepositoryName, digest: &Digest, size: u64) -> Result<()> {
+        let txn = Txn::new()
+            .put(keys::link(name, digest), encode(&LinkRecord { size }))
+            .put(keys::blob(digest), encode(&BlobRecord { size }));
+        let txn = self.ensure_repo(name, txn).await?;
+        self.meta.commit(txn).await?;
+        Ok(())
+    }
+
+    /// Single-request upload (`POST ?digest=` or a PUT without session data).
+    pub async fn put_blob(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64> {
+        let size = self
+            .blobs
+            .put(digest, body, self.limits.max_blob_bytes)
+            .await
+            .map_err(RegistryError::from_put)?;
+        self.commit_link(name, digest, size).await?;
+        Ok(size)
+    }
+
+    /// Cross-repository mount. With `from`, the blob must be visible there;
+    /// without it, anywhere in the registry. `None` when it cannot be mounted.
+    pub async fn mount_blob(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        from: Option<&RepositoryName>,
+    ) -> Result<Option<u64>> {
+        let known = match from {
+            Some(from) => self.link(from, digest).await?.map(|l| l.size),
+            None => self
+                .get_record::<BlobRecord>(&keys::blob(digest))
+                .await?
+                .map(|b| b.size),
+        };
+        let Some(size) = known else { return Ok(None) };
+        if self.blobs.stat(digest).await? != Some(size) {
+            tracing::warn!(%digest, "mount source is recorded but its bytes are missing");
+            return Ok(None);
+        }
+        self.commit_link(name, digest, size).await?;
+        Ok(Some(size))
+    }
+
+    // ---- uploads -----------------------------------------------------------
+
+    pub async fn start_upload(&self, name: &RepositoryName) -> Result<String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.blobs.create_upload(&id).await?;
+        let now = now_ms();
+        let record = UploadRecord {
+            repository: name.to_string(),
+            created_ms: now,
+            updated_ms: now,
+        };
+        let committed = self
+            .meta
+            .commit(
+                Txn::new()
+                    .require_absent(keys::upload(&id))
+                    .put(keys::upload(&id), encode(&record)),
+            )
+            .await;
+        if !matches!(committed, Ok(true)) {
+            let _ = self.blobs.delete_upload(&id).await;
+            committed?;
+            return Err(RegistryError::BlobUploadInvalid(
+                "upload id collision".into(),
+            ));
+        }
+        Ok(id)
+    }
+
+    async fn upload_record(&self, name: &RepositoryName, id: &str) -> Result<KeyValue> {
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(RegistryError::BlobUploadUnknown);
+        }
+        let kv = self
+            .meta
+            .get(keys::upload(id).as_bytes())
+            .await?
+            .ok_or(RegistryError::BlobUploadUnknown)?;
+        let record: UploadRecord = decode(&kv.key, &kv.value)?;
+        if record.repository != name.as_str() {
+            return Err(RegistryError::BlobUploadUnknown);
+        }
+        Ok(kv)
+    }
+
+    pub async fn upload_status(&self, name: &RepositoryName, id: &str) -> Result<UploadStatus> {
+        self.upload_record(name, id).await?;
+        let size = self
+            .blobs
+            .upload_size(id)
+            .await?
+            .ok_or(RegistryError::BlobUploadUnknown)?;
+        Ok(UploadStatus { size })
+    }
+
+    /// Appends a chunk. `range` is the client's `Content-Range`, if sent: it
+    /// must start at the current size (else `RangeMismatch`), and its length
+    /// must agree with `content_length` when both are given.
+    pub async fn append_upload(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+        range: Option<ByteRange>,
+        content_length: Option<u64>,
+        body: ByteStream,
+    ) -> Result<UploadStatus> {
+        let kv = self.upload_record(name, id).await?;
+        let current = self
+            .blobs
+            .upload_size(id)
+            .await?
+            .ok_or(RegistryError::BlobUploadUnknown)?;
+        let offset = match range {
+            Some(r) => {
+                if r.start != current {
+                    return Err(RegistryError::RangeMismatch { size: current });
+                }
+                if content_length.is_some_and(|len| len != r.len()) {
+                    return Err(RegistryError::SizeInvalid(format!(
+                        "Content-Range covers {} bytes but Content-Length is {}",
+                        r.len(),
+                        content_length.unwrap_or_default()
+                    )));
+                }
+                r.start
+            }
+            None => current,
+        };
+        let size = self
+            .blobs
+            .append_upload(id, offset, body, self.limits.max_blob_bytes)
+            .await
+            .map_err(RegistryError::from_put)?;
+        if let Some(r) = range
+            && size != r.end + 1
+        {
+            // The chunk is durable but not what the client announced; report
+            // where the upload really ends so it can resume from there.
+            return Err(RegistryError::SizeInvalid(format!(
+                "Content-Range ends at {} but the chunk ended at {}",
+                r.end,
+                size.saturating_sub(1)
+            )));
+        }
+        self.touch_upload(&kv).await?;
+        Ok(UploadStatus { size })
+    }
+
+    async fn touch_upload(&self, kv: &KeyValue) -> Result<()> {
+        let mut record: UploadRecord = decode(&kv.key, &kv.value)?;
+        record.updated_ms = now_ms();
+        // Losing this race to a concurrent chunk or a cancel is fine: either
+        // way the session was just active or is gone.
+        self.meta
+            .commit(
+                Txn::new()
+                    .require_version(kv.key.clone(), kv.version)
+                    .put(kv.key.clone(), encode(&record)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Completes an upload: appends the final chunk (if any), verifies the
+    /// digest and makes the blob visible.
+    pub async fn complete_upload(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+        digest: &Digest,
+        final_chunk: Option<(Option<ByteRange>, Option<u64>, ByteStream)>,
+    ) -> Result<u64> {
+        if let Some((range, len, body)) = final_chunk {
+            self.append_upload(name, id, range, len, body).await?;
+        } else {
+            self.upload_record(name, id).await?;
+        }
+        let committed = self.blobs.commit_upload(id, digest).await;
+        // Whatever the outcome, the session is over: a digest mismatch
+        // discards the data, and success moved it into the store.
+        let _ = self.meta.commit(Txn::new().delete(keys::upload(id))).await;
+        let size = committed.map_err(RegistryError::from_put)?;
+        self.commit_link(name, digest, size).await?;
+        Ok(size)
+    }
+
+    pub async fn cancel_upload(&self, name: &RepositoryName, id: &str) -> Result<()> {
+        let kv = self.upload_record(name, id).await?;
+        self.meta
+            .commit(
+                Txn::new()
+                    .require_version(kv.key.clone(), kv.version)
+                    .delete(kv.key.clone()),
+            )
+            .await?;
+        self.blobs.delete_upload(id).await?;
+        Ok(())
+    }
+
+    /// Expires upload sessions idle for longer than `ttl_ms`, and removes
+    /// upload data that no session refers to (left by a crash). Returns how
+    /// many sessions were expired.
+    pub async fn expire_uploads(&self, ttl_ms: u64, reconcile_orphans: bool) -> Result<usize> {
+        let now = now_ms();
+        let mut expired = 0;
+        let mut after: Option<Vec<u8>> = None;
+        let mut live = std::collections::HashSet::new();
+        loop {
+            let batch = self
+                .meta
+                .scan(keys::UPLOAD_PREFIX.as_bytes(), after.as_deref(), 1000)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.key.clone());
+            for kv in batch {
+                let id = String::from_utf8_lossy(&kv.key[keys::UPLOAD_PREFIX.len()..]).into_owned();
+                let record: UploadRecord = match decode(&kv.key, &kv.value) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dropping unreadable upload record");
+                        UploadRecord {
+                            repository: String::new(),
+                            created_ms: 0,
+                            updated_ms: 0,
+                        }
+                    }
+                };
+                if now.saturating_sub(record.updated_ms) > ttl_ms {
+                    let removed = self
+                        .meta
+                        .commit(
+                            Txn::new()
+                                .require_version(kv.key.clone(), kv.version)
+                                .delete(kv.key.clone()),
+                        )
+                        .await?;
+                    if removed {
+                        self.blobs.delete_upload(&id).await?;
+                        expired += 1;
+                        tracing::info!(upload = %id, repository = %record.repository, "expired idle upload session");
+                    }
+                } else {
+                    live.insert(id);
+                }
+            }
+        }
+        if reconcile_orphans {
+            for id in self.blobs.list_uploads().await? {
+                if !live.contains(&id) {
+                    tracing::info!(upload = %id, "removing upload data without a session");
+                    self.blobs.delete_upload(&id).await?;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    pub async fn open_uploads(&self) -> Result<usize> {
+        Ok(self
+            .meta
+            .scan(keys::UPLOAD_PREFIX.as_bytes(), None, usize::MAX)
+            .await?
+            .len())
+    }
+
+    // ---- manifests ---------------------------------------------------------
+
+    async fn resolve(&self, name: &RepositoryName, reference: &Reference) -> Result<Digest> {
+        match reference {
+            Reference::Digest(d) => Ok(d.clone()),
+            Reference::Tag(tag) => {
+                let record: TagRecord = self
+                    .get_record(&keys::tag(name, tag.as_str()))
+                    .await?
+                    .ok_or(RegistryError::ManifestUnknown)?;
+                Ok(record.digest)
+            }
+        }
+    }
+
+    async fn manifest_record(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<ManifestRecord> {
+        self.get_record(&keys::manifest(name, digest))
+            .await?
+            .ok_or(RegistryError::ManifestUnknown)
+    }
+
+    /// Resolves a reference to the manifest to serve, honouring `accept`
+    /// (the client's Accept header media types, empty when absent).
+    ///
+    /// A client that asks by tag and cannot accept an index or manifest list
+    /// gets the index's linux/amd64 image, as CNCF Distribution does for old
+    /// clients. A digest always names exact content and is never substituted.
+    pub async fn manifest_head(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<(Digest, ManifestRecord)> {
+        let digest = self.resolve(name, reference).await?;
+        let record = self.manifest_record(name, &digest).await?;
+        if matches!(reference, Reference::Tag(_))
+            && !accept.is_empty()
+            && !accepts(accept, &record.media_type)
+            && let Some(child) = record
+                .platforms
+                .iter()
+                .find(|p| p.os == "linux" && p.architecture == "amd64")
+            && let Ok(child_record) = self.manifest_record(name, &child.digest).await
+            && accepts(accept, &child_record.media_type)
+        {
+            return Ok((child.digest.clone(), child_record));
+        }
+        Ok((digest, record))
+    }
+
+    pub async fn get_manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<ManifestContent> {
+        let (digest, record) = self.manifest_head(name, reference, accept).await?;
+        let bytes = self
+            .blobs
+            .read_small(&digest, self.limits.max_manifest_bytes.max(record.size))
+            .await?
+            .ok_or_else(|| {
+                tracing::error!(repository = %name, %digest, "manifest is recorded but its bytes are missing");
+                RegistryError::ManifestUnknown
+            })?;
+        Ok(ManifestContent {
+            digest,
+            media_type: record.media_type,
+            bytes,
+        })
+    }
+
+    pub async fn put_manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<PutManifestOutcome> {
+        if bytes.len() as u64 > self.limits.max_manifest_bytes {
+            return Err(RegistryError::TooLarge {
+                limit: self.limits.max_manifest_bytes,
+            });
+        }
+        let manifest = Manifest::parse(content_type, &bytes)
+            .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
+        let digest = match reference {
+            Reference::Digest(expected) => {
+                let computed = Digest::of(expected.algorithm(), &bytes);
+                if &computed != expected {
+                    return Err(RegistryError::DigestInvalid(format!(
+                        "manifest digest {computed} does not match {expected}"
+                    )));
+                }
+                computed
+            }
+            Reference::Tag(_) => Digest::sha256_of(&bytes),
+        };
+
+        for blob in manifest.required_blobs() {
+            if self.link(name, &blob.digest).await?.is_none() {
+                return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
+            }
+        }
+        let mut platforms = Vec::new();
+        for child in manifest.children() {
+            let exists = if ManifestKind::from_media_type(&child.media_type).is_some() {
+                self.meta
+                    .get(keys::manifest(name, &child.digest).as_bytes())
+                    .await?
+                    .is_some()
+            } else {
+                self.link(name, &child.digest).await?.is_some()
+            };
+            if !exists {
+                return Err(RegistryError::ManifestBlobUnknown(child.digest.clone()));
+            }
+            if let Some(p) = child.platform.as_ref()
+                && let (Some(os), Some(arch)) = (
+                    p.get("os").and_then(|v| v.as_str()),
+                    p.get("architecture").and_then(|v| v.as_str()),
+                )
+            {
+                platforms.push(PlatformChild {
+                    digest: child.digest.clone(),
+                    os: os.to_string(),
+                    architecture: arch.to_string(),
+                });
+            }
+        }
+
+        // Bytes first, durable and verified; then the metadata commit.
+        let size = bytes.len() as u64;
+        let body: ByteStream = Box::pin(futures_util::stream::iter([Ok(bytes)]));
+        self.blobs
+            .put(&digest, body, self.limits.max_manifest_bytes)
+            .await
+            .map_err(RegistryError::from_put)?;
+
+        let media_type = manifest.kind.media_type().to_string();
+        let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
+        let record = ManifestRecord {
+            media_type: media_type.clone(),
+            size,
+            subject: subject.clone(),
+            artifact_type: manifest.referrer_artifact_type(),
+            platforms,
+            references: manifest
+                .required_blobs()
+                .chain(manifest.children())
+                .map(|d| d.digest.clone())
+                .collect(),
+            created_ms: now_ms(),
+        };
+        let mut txn = Txn::new().put(keys::manifest(name, &digest), encode(&record));
+        if let Reference::Tag(tag) = reference {
+            txn = txn.put(
+                keys::tag(name, tag.as_str()),
+                encode(&TagRecord {
+                    digest: digest.clone(),
+                    updated_ms: now_ms(),
+                }),
+            );
+        }
+        if let Some(subject) = &subject {
+            let descriptor = Descriptor {
+                media_type,
+                digest: digest.clone(),
+                size,
+                artifact_type: record.artifact_type.clone(),
+                annotations: manifest.annotations.clone(),
+                urls: None,
+                platform: None,
+            };
+            txn = txn.put(
+                keys::referrer(name, subject, &digest),
+                serde_json::to_vec(&descriptor).unwrap_or_default(),
+            );
+        }
+        let txn = self.ensure_repo(name, txn).await?;
+        self.meta.commit(txn).await?;
+        Ok(PutManifestOutcome { digest, subject })
+    }
+
+    /// Deletes a tag (by tag) or a manifest with every tag pointing at it
+    /// (by digest).
+    pub async fn delete_manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> Result<()> {
+        match reference {
+            Reference::Tag(tag) => self.delete_tag(name, tag).await,
+            Reference::Digest(digest) => self.delete_manifest_by_digest(name, digest).await,
+        }
+    }
+
+    async fn delete_tag(&self, name: &RepositoryName, tag: &Tag) -> Result<()> {
+        let key = keys::tag(name, tag.as_str());
+        let seen = self
+            .meta
+            .get(key.as_bytes())
+            .await?
+            .ok_or(RegistryError::ManifestUnknown)?;
+        self.meta
+            .commit(
+                Txn::new()
+                    .require_version(key.clone(), seen.version)
+                    .delete(key),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_manifest_by_digest(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<()> {
+        for _ in 0..TXN_ATTEMPTS {
+            let key = keys::manifest(name, digest);
+            let seen = self
+                .meta
+                .get(key.as_bytes())
+                .await?
+                .ok_or(RegistryError::ManifestUnknown)?;
+            let record: ManifestRecord = decode(&seen.key, &seen.value)?;
+            let mut txn = Txn::new()
+                .require_version(key.clone(), seen.version)
+                .delete(key);
+            for kv in self.scan_all(&keys::tag_prefix(name)).await? {
+                let tag: TagRecord = decode(&kv.key, &kv.value)?;
+                if &tag.digest == digest {
+                    txn = txn
+                        .require_version(kv.key.clone(), kv.version)
+                        .delete(kv.key);
+                }
+            }
+            if let Some(subject) = &record.subject {
+                txn = txn.delete(keys::referrer(name, subject, digest));
+            }
+            if self.meta.commit(txn).await? {
+                return Ok(());
+            }
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Database(
+            "manifest delete kept conflicting with concurrent tag updates".into(),
+        )))
+    }
+
+    async fn scan_all(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let batch = self
+                .meta
+                .scan(prefix.as_bytes(), after.as_deref(), 1000)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.key.clone());
+            out.extend(batch);
+        }
+        Ok(out)
+    }
+
+    // ---- referrers, tags, catalog -------------------------------------------
+
+    /// Descriptors of the manifests in `name` whose subject is `subject`,
+    /// optionally only those of `artifact_type`.
+    pub async fn referrers(
+        &self,
+        name: &RepositoryName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Descriptor>> {
+        let mut out = Vec::new();
+        for kv in self.scan_all(&keys::referrer_prefix(name, subject)).await? {
+            let d: Descriptor = decode(&kv.key, &kv.value)?;
+            if artifact_type.is_none_or(|t| d.artifact_type.as_deref() == Some(t)) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn page(&self, prefix: &str, last: Option<&str>, n: Option<usize>) -> Result<Page> {
+        let n = n.unwrap_or(self.limits.max_page).min(self.limits.max_page);
+        if n == 0 {
+            return Ok(Page {
+                items: Vec::new(),
+                more: false,
+            });
+        }
+        let after = last.map(|l| format!("{prefix}{l}"));
+        let batch = self
+            .meta
+            .scan(
+                prefix.as_bytes(),
+                after.as_deref().map(str::as_bytes),
+                n + 1,
+            )
+            .await?;
+        let more = batch.len() > n;
+        let items = batch
+            .into_iter()
+            .take(n)
+            .map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned())
+            .collect();
+        Ok(Page { items, more })
+    }
+
+    pub async fn list_tags(
+        &self,
+        name: &RepositoryName,
+        last: Option<&str>,
+        n: Option<usize>,
+    ) -> Result<Page> {
+        if self.meta.get(keys::repo(name).as_bytes()).await?.is_none() {
+            return Err(RegistryError::NameUnknown);
+        }
+        self.page(&keys::tag_prefix(name), last, n).await
+    }
+
+    pub async fn catalog(&self, last: Option<&str>, n: Option<usize>) -> Result<Page> {
+        self.page(keys::REPO_PREFIX, last, n).await
+    }
+}
+
+fn accepts(accept: &[String], media_type: &str) -> bool {
+    accept
+        .iter()
+        .any(|a| a == media_type || a == "*/*" || a == "application/*")
+}

@@ -1,0 +1,571 @@
+//! The `/v2/` API handlers.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use berth_oci::range::{parse_content_range, parse_range_header};
+use berth_oci::{Digest, ErrorCode, RangeError, Reference, RepositoryName, media_type};
+use berth_store::ByteStream;
+use futures_util::TryStreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::headers::{
+    DOCKER_CONTENT_DIGEST, DOCKER_UPLOAD_UUID, OCI_FILTERS_APPLIED, OCI_SUBJECT, upload_range,
+};
+use crate::route::Route;
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Longest query value accepted (`last` cursors, `from` names).
+const MAX_QUERY_VALUE: usize = 512;
+
+pub async fn not_found() -> Response {
+    ApiError::new(ErrorCode::Unsupported)
+        .status(StatusCode::NOT_FOUND)
+        .message("no such endpoint")
+        .into_response()
+}
+
+pub async fn dispatch(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let query = match parse_query(uri.query()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    let ctx = Ctx {
+        state: &state,
+        method: &method,
+        headers: &headers,
+        query: &query,
+    };
+    let result = match Route::parse(uri.path()) {
+        Route::Base => match method {
+            Method::GET | Method::HEAD => {
+                Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response())
+            }
+            _ => Err(unsupported()),
+        },
+        Route::Catalog => ctx.catalog().await,
+        Route::Tags { name } => ctx.tags(name).await,
+        Route::Manifest { name, reference } => ctx.manifest(name, reference, body).await,
+        Route::Blob { name, digest } => ctx.blob(name, digest).await,
+        Route::UploadStart { name } => ctx.upload_start(name, body).await,
+        Route::Upload { name, id } => ctx.upload(name, id, body).await,
+        Route::Referrers { name, digest } => ctx.referrers(name, digest).await,
+        Route::Unknown => return not_found().await,
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+struct Ctx<'a> {
+    state: &'a AppState,
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    query: &'a HashMap<String, String>,
+}
+
+fn unsupported() -> ApiError {
+    ApiError::new(ErrorCode::Unsupported).message("method not allowed on this endpoint")
+}
+
+fn parse_name(name: &str) -> Result<RepositoryName, ApiError> {
+    RepositoryName::parse(name)
+        .map_err(|e| ApiError::new(ErrorCode::NameInvalid).message(e.to_string()))
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse::<Digest>().map_err(|e| {
+        ApiError::new(ErrorCode::DigestInvalid).message(format!("invalid digest {s:?}: {e}"))
+    })
+}
+
+/// Decodes `application/x-www-form-urlencoded` query strings.
+fn parse_query(query: Option<&str>) -> Result<HashMap<String, String>, ApiError> {
+    let mut out = HashMap::new();
+    let Some(q) = query else { return Ok(out) };
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (percent_decode(k), percent_decode(v));
+        match (k, v) {
+            (Some(k), Some(v)) if v.len() <= MAX_QUERY_VALUE => {
+                out.insert(k, v);
+            }
+            _ => {
+                return Err(ApiError::new(ErrorCode::Unsupported)
+                    .status(StatusCode::BAD_REQUEST)
+                    .message("malformed or oversized query parameter"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &header::HeaderName) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::new(ErrorCode::SizeInvalid).message("invalid Content-Length")),
+    }
+}
+
+fn body_stream(body: Body) -> ByteStream {
+    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+}
+
+fn has_body(headers: &HeaderMap) -> Result<bool, ApiError> {
+    Ok(match content_length(headers)? {
+        Some(n) => n > 0,
+        None => headers.contains_key(header::TRANSFER_ENCODING),
+    })
+}
+
+fn blob_location(name: &RepositoryName, digest: &Digest) -> String {
+    format!("/v2/{name}/blobs/{digest}")
+}
+
+fn upload_location(name: &RepositoryName, id: &str) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+fn with_headers(
+    status: StatusCode,
+    headers: Vec<(header::HeaderName, String)>,
+    body: Body,
+) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let map = response.headers_mut();
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            map.insert(name, v);
+        }
+    }
+    response
+}
+
+fn upload_accepted(status: StatusCode, name: &RepositoryName, id: &str, size: u64) -> Response {
+    with_headers(
+        status,
+        vec![
+            (header::LOCATION, upload_location(name, id)),
+            (header::RANGE, upload_range(size)),
+            (DOCKER_UPLOAD_UUID, id.to_string()),
+            (header::CONTENT_LENGTH, "0".into()),
+        ],
+        Body::empty(),
+    )
+}
+
+fn blob_created(name: &RepositoryName, digest: &Digest) -> Response {
+    with_headers(
+        StatusCode::CREATED,
+        vec![
+            (header::LOCATION, blob_location(name, digest)),
+            (DOCKER_CONTENT_DIGEST, digest.to_string()),
+            (header::CONTENT_LENGTH, "0".into()),
+        ],
+        Body::empty(),
+    )
+}
+
+/// Media types listed in the Accept headers, without parameters.
+fn accepted_types(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(media_type::essence)
+        .filter(|t| !t.is_empty())
+        .take(64)
+        .collect()
+}
+
+impl Ctx<'_> {
+    fn check_blob_size(&self) -> Result<(), ApiError> {
+        let limit = self.state.registry.limits().max_blob_bytes;
+        if content_length(self.headers)?.is_some_and(|n| n > limit) {
+            return Err(berth_registry::RegistryError::TooLarge { limit }.into());
+        }
+        Ok(())
+    }
+
+    fn page_params(&self) -> Result<(Option<usize>, Option<&str>), ApiError> {
+        let n = match self.query.get("n") {
+            None => None,
+            Some(n) => Some(n.parse::<usize>().map_err(|_| {
+                ApiError::new(ErrorCode::SizeInvalid)
+                    .message("query parameter n must be a non-negative integer")
+            })?),
+        };
+        Ok((n, self.query.get("last").map(String::as_str)))
+    }
+
+    async fn catalog(&self) -> ApiResult {
+        if !matches!(*self.method, Method::GET | Method::HEAD) {
+            return Err(unsupported());
+        }
+        let (n, last) = self.page_params()?;
+        let page = self.state.registry.catalog(last, n).await?;
+        let link = page.items.last().filter(|_| page.more).map(|last| {
+            format!(
+                "</v2/_catalog?n={}&last={}>; rel=\"next\"",
+                n.unwrap_or(page.items.len()),
+                last
+            )
+        });
+        Ok(json_page(
+            serde_json::json!({ "repositories": page.items }),
+            link,
+        ))
+    }
+
+    async fn tags(&self, name: &str) -> ApiResult {
+        let name = parse_name(name)?;
+        if !matches!(*self.method, Method::GET | Method::HEAD) {
+            return Err(unsupported());
+        }
+        let (n, last) = self.page_params()?;
+        let page = self.state.registry.list_tags(&name, last, n).await?;
+        let link = page.items.last().filter(|_| page.more).map(|last| {
+            format!(
+                "</v2/{name}/tags/list?n={}&last={}>; rel=\"next\"",
+                n.unwrap_or(page.items.len()),
+                last
+            )
+        });
+        Ok(json_page(
+            serde_json::json!({ "name": name.as_str(), "tags": page.items }),
+            link,
+        ))
+    }
+
+    async fn referrers(&self, name: &str, digest: &str) -> ApiResult {
+        let name = parse_name(name)?;
+        let subject = parse_digest(digest)?;
+        if !matches!(*self.method, Method::GET | Method::HEAD) {
+            return Err(unsupported());
+        }
+        let filter = self.query.get("artifactType").map(String::as_str);
+        let manifests = self
+            .state
+            .registry
+            .referrers(&name, &subject, filter)
+            .await?;
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type::OCI_INDEX,
+            "manifests": manifests,
+        })
+        .to_string();
+        let mut headers = vec![(header::CONTENT_TYPE, media_type::OCI_INDEX.to_string())];
+        if filter.is_some() {
+            headers.push((OCI_FILTERS_APPLIED, "artifactType".into()));
+        }
+        Ok(with_headers(StatusCode::OK, headers, Body::from(body)))
+    }
+
+    async fn manifest(&self, name: &str, reference: &str, body: Body) -> ApiResult {
+        let name = parse_name(name)?;
+        let reference = Reference::parse(reference).map_err(|e| match e {
+            berth_oci::reference::ReferenceError::Digest(d) => {
+                ApiError::new(ErrorCode::DigestInvalid).message(format!("invalid digest: {d}"))
+            }
+            berth_oci::reference::ReferenceError::Tag(t) => {
+                ApiError::new(ErrorCode::ManifestInvalid).message(t.to_string())
+            }
+        })?;
+        let registry = &self.state.registry;
+        match *self.method {
+            Method::GET => {
+                let content = registry
+                    .get_manifest(&name, &reference, &accepted_types(self.headers))
+                    .await?;
+                Ok(with_headers(
+                    StatusCode::OK,
+                    vec![
+                        (header::CONTENT_TYPE, content.media_type),
+                        (header::CONTENT_LENGTH, content.bytes.len().to_string()),
+                        (DOCKER_CONTENT_DIGEST, content.digest.to_string()),
+                        (header::ETAG, format!("\"{}\"", content.digest)),
+                    ],
+                    Body::from(content.bytes),
+                ))
+            }
+            Method::HEAD => {
+                let (digest, record) = registry
+                    .manifest_head(&name, &reference, &accepted_types(self.headers))
+                    .await?;
+                Ok(with_headers(
+                    StatusCode::OK,
+                    vec![
+                        (header::CONTENT_TYPE, record.media_type),
+                        (header::CONTENT_LENGTH, record.size.to_string()),
+                        (DOCKER_CONTENT_DIGEST, digest.to_string()),
+                        (header::ETAG, format!("\"{digest}\"")),
+                    ],
+                    Body::empty(),
+                ))
+            }
+            Method::PUT => {
+                let limit = registry.limits().max_manifest_bytes;
+                let too_large = || -> ApiError {
+                    ApiError::new(ErrorCode::SizeInvalid)
+                        .status(StatusCode::PAYLOAD_TOO_LARGE)
+                        .message(format!("manifest exceeds the limit of {limit} bytes"))
+                };
+                if content_length(self.headers)?.is_some_and(|n| n > limit) {
+                    return Err(too_large());
+                }
+                let bytes = axum::body::to_bytes(body, limit as usize)
+                    .await
+                    .map_err(|e| {
+                        if std::error::Error::source(&e)
+                            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                        {
+                            too_large()
+                        } else {
+                            ApiError::new(ErrorCode::ManifestInvalid)
+                                .message(format!("reading the manifest failed: {e}"))
+                        }
+                    })?;
+                let content_type = header_str(self.headers, &header::CONTENT_TYPE);
+                let outcome = registry
+                    .put_manifest(&name, &reference, content_type, bytes)
+                    .await?;
+                let mut headers = vec![
+                    (
+                        header::LOCATION,
+                        format!("/v2/{name}/manifests/{}", outcome.digest),
+                    ),
+                    (DOCKER_CONTENT_DIGEST, outcome.digest.to_string()),
+                    (header::CONTENT_LENGTH, "0".into()),
+                ];
+                if let Some(subject) = outcome.subject {
+                    headers.push((OCI_SUBJECT, subject.to_string()));
+                }
+                Ok(with_headers(StatusCode::CREATED, headers, Body::empty()))
+            }
+            Method::DELETE => {
+                registry.delete_manifest(&name, &reference).await?;
+                Ok(with_headers(
+                    StatusCode::ACCEPTED,
+                    vec![(header::CONTENT_LENGTH, "0".into())],
+                    Body::empty(),
+                ))
+            }
+            _ => Err(unsupported()),
+        }
+    }
+
+    async fn blob(&self, name: &str, digest: &str) -> ApiResult {
+        let name = parse_name(name)?;
+        let digest = parse_digest(digest)?;
+        let registry = &self.state.registry;
+        match *self.method {
+            Method::GET | Method::HEAD => {
+                let size = registry.stat_blob(&name, &digest).await?;
+                let mut headers = vec![
+                    (header::CONTENT_TYPE, media_type::OCTET_STREAM.to_string()),
+                    (DOCKER_CONTENT_DIGEST, digest.to_string()),
+                    (header::ACCEPT_RANGES, "bytes".to_string()),
+                    (header::ETAG, format!("\"{digest}\"")),
+                ];
+                if *self.method == Method::HEAD {
+                    headers.push((header::CONTENT_LENGTH, size.to_string()));
+                    return Ok(with_headers(StatusCode::OK, headers, Body::empty()));
+                }
+                let range = match header_str(self.headers, &header::RANGE) {
+                    None => None,
+                    Some(h) => match parse_range_header(h, size) {
+                        Ok(r) => r,
+                        Err(RangeError::Unsatisfiable | RangeError::Malformed) => {
+                            return Err(ApiError::new(ErrorCode::RangeInvalid)
+                                .header(header::CONTENT_RANGE, format!("bytes */{size}")));
+                        }
+                    },
+                };
+                let read = registry.read_blob(&name, &digest, range).await?;
+                let status = match range {
+                    Some(r) => {
+                        headers.push((
+                            header::CONTENT_RANGE,
+                            format!("bytes {}-{}/{}", r.start, r.end, read.size),
+                        ));
+                        headers.push((header::CONTENT_LENGTH, r.len().to_string()));
+                        StatusCode::PARTIAL_CONTENT
+                    }
+                    None => {
+                        headers.push((header::CONTENT_LENGTH, read.size.to_string()));
+                        StatusCode::OK
+                    }
+                };
+                Ok(with_headers(
+                    status,
+                    headers,
+                    Body::from_stream(read.stream),
+                ))
+            }
+            Method::DELETE => {
+                registry.delete_blob(&name, &digest).await?;
+                Ok(with_headers(
+                    StatusCode::ACCEPTED,
+                    vec![(header::CONTENT_LENGTH, "0".into())],
+                    Body::empty(),
+                ))
+            }
+            _ => Err(unsupported()),
+        }
+    }
+
+    async fn upload_start(&self, name: &str, body: Body) -> ApiResult {
+        let name = parse_name(name)?;
+        if *self.method != Method::POST {
+            return Err(unsupported());
+        }
+        let registry = &self.state.registry;
+        if let Some(mount) = self.query.get("mount") {
+            let digest = parse_digest(mount)?;
+            let from = match self.query.get("from") {
+                Some(from) => Some(parse_name(from)?),
+                None => None,
+            };
+            if registry
+                .mount_blob(&name, &digest, from.as_ref())
+                .await?
+                .is_some()
+            {
+                return Ok(blob_created(&name, &digest));
+            }
+            // Not mountable: the client falls back to a normal upload.
+        } else if let Some(digest) = self.query.get("digest") {
+            let digest = parse_digest(digest)?;
+            self.check_blob_size()?;
+            registry.put_blob(&name, &digest, body_stream(body)).await?;
+            return Ok(blob_created(&name, &digest));
+        }
+        let id = registry.start_upload(&name).await?;
+        Ok(upload_accepted(StatusCode::ACCEPTED, &name, &id, 0))
+    }
+
+    async fn upload(&self, name: &str, id: &str, body: Body) -> ApiResult {
+        let name = parse_name(name)?;
+        let registry = &self.state.registry;
+        let chunk = |headers: &HeaderMap| -> Result<_, ApiError> {
+            let range = match header_str(headers, &header::CONTENT_RANGE) {
+                None => None,
+                Some(h) => Some(parse_content_range(h).map_err(|_| {
+                    ApiError::new(ErrorCode::BlobUploadInvalid)
+                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                        .message(format!("malformed Content-Range {h:?}"))
+                })?),
+            };
+            Ok((range, content_length(headers)?))
+        };
+        let add_location = |e: ApiError| {
+            e.header(header::LOCATION, upload_location(&name, id))
+                .header(DOCKER_UPLOAD_UUID, id)
+        };
+        match *self.method {
+            Method::GET => {
+                let status = registry.upload_status(&name, id).await?;
+                Ok(upload_accepted(
+                    StatusCode::NO_CONTENT,
+                    &name,
+                    id,
+                    status.size,
+                ))
+            }
+            Method::PATCH => {
+                self.check_blob_size()?;
+                let (range, len) = chunk(self.headers).map_err(add_location)?;
+                let status = registry
+                    .append_upload(&name, id, range, len, body_stream(body))
+                    .await
+                    .map_err(|e| add_location(e.into()))?;
+                Ok(upload_accepted(
+                    StatusCode::ACCEPTED,
+                    &name,
+                    id,
+                    status.size,
+                ))
+            }
+            Method::PUT => {
+                let digest = self.query.get("digest").ok_or_else(|| {
+                    ApiError::new(ErrorCode::DigestInvalid)
+                        .message("the digest query parameter is required to complete an upload")
+                })?;
+                let digest = parse_digest(digest)?;
+                self.check_blob_size()?;
+                let final_chunk = if has_body(self.headers)? {
+                    let (range, len) = chunk(self.headers)?;
+                    Some((range, len, body_stream(body)))
+                } else {
+                    None
+                };
+                registry
+                    .complete_upload(&name, id, &digest, final_chunk)
+                    .await?;
+                Ok(blob_created(&name, &digest))
+            }
+            Method::DELETE => {
+                registry.cancel_upload(&name, id).await?;
+                Ok(with_headers(
+                    StatusCode::NO_CONTENT,
+                    vec![(header::CONTENT_LENGTH, "0".into())],
+                    Body::empty(),
+                ))
+            }
+            _ => Err(unsupported()),
+        }
+    }
+}
+
+fn json_page(body: serde_json::Value, link: Option<String>) -> Response {
+    let mut headers = vec![(header::CONTENT_TYPE, "application/json".to_string())];
+    if let Some(link) = link {
+        headers.push((header::LINK, link));
+    }
+    with_headers(StatusCode::OK, headers, Body::from(body.to_string()))
+}

@@ -1,0 +1,132 @@
+//! The spec's JSON error responses.
+
+use axum::response::{IntoResponse, Response};
+use berth_oci::ErrorCode;
+use berth_registry::RegistryError;
+use berth_store::StoreError;
+use http::{HeaderName, HeaderValue, StatusCode, header};
+
+/// Marks a response caused by a storage failure, for the error metric.
+#[derive(Clone, Copy)]
+pub struct StorageFailure;
+
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    detail: Option<serde_json::Value>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    storage_failure: bool,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode) -> Self {
+        Self {
+            status: StatusCode::from_u16(code.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            code: code.as_str(),
+            message: code.default_message().to_string(),
+            detail: None,
+            headers: Vec::new(),
+            storage_failure: false,
+        }
+    }
+
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    pub fn detail(mut self, detail: serde_json::Value) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    pub fn status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn header(mut self, name: HeaderName, value: impl AsRef<str>) -> Self {
+        if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+            self.headers.push((name, v));
+        }
+        self
+    }
+
+    fn storage(e: &StoreError) -> Self {
+        let (status, message) = match e {
+            StoreError::Io(io) if io.raw_os_error() == Some(28) => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "the registry's storage is full".to_string(),
+            ),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the registry could not access its storage".to_string(),
+            ),
+        };
+        Self {
+            status,
+            code: "UNKNOWN",
+            message,
+            detail: None,
+            headers: Vec::new(),
+            storage_failure: true,
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match &e {
+            RegistryError::Store(store) => {
+                tracing::error!(error = %store, "storage failure");
+                return ApiError::storage(store);
+            }
+            RegistryError::CorruptRecord(what) => {
+                tracing::error!(record = %what, "corrupt metadata record");
+                return ApiError::storage(&StoreError::Database(what.clone()));
+            }
+            _ => {}
+        }
+        let code = e.code().unwrap_or(ErrorCode::Unsupported);
+        let err = ApiError::new(code).message(e.to_string());
+        match e {
+            RegistryError::BlobUnknown(d) | RegistryError::ManifestBlobUnknown(d) => {
+                err.detail(serde_json::json!({ "digest": d.to_string() }))
+            }
+            RegistryError::TooLarge { limit } => err
+                .status(StatusCode::PAYLOAD_TOO_LARGE)
+                .detail(serde_json::json!({ "limit": limit })),
+            RegistryError::RangeMismatch { size } => err
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::RANGE, crate::headers::upload_range(size)),
+            _ => err,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "code": self.code, "message": self.message });
+        if let Some(detail) = self.detail {
+            body["detail"] = detail;
+        }
+        let body = serde_json::json!({ "errors": [body] }).to_string();
+        let mut response = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
+        if self.storage_failure {
+            response.extensions_mut().insert(StorageFailure);
+        }
+        response
+    }
+}

@@ -1,0 +1,46 @@
+//! Berth's HTTP layer: the OCI Distribution API on `/v2/`, health probes and
+//! Prometheus metrics. Maps domain errors to the spec's JSON errors; knows
+//! nothing about how content is stored.
+
+mod api;
+mod error;
+mod headers;
+mod health;
+mod metrics;
+mod middleware;
+mod route;
+mod serve;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use berth_registry::Registry;
+
+pub use metrics::Metrics;
+pub use serve::{ServeOptions, serve};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// False while starting and while draining; `/readyz` reports it.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> axum::Router {
+    use axum::routing::{any, get};
+    axum::Router::new()
+        .route("/v2", any(api::dispatch))
+        .route("/v2/", any(api::dispatch))
+        .route("/v2/{*path}", any(api::dispatch))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::render))
+        .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::observe,
+        ))
+        .with_state(state)
+}

@@ -1,0 +1,34 @@
+//! Storage engines for Berth, behind two traits.
+//!
+//! * [`BlobStore`]: content-addressed bytes. Writes stream through a hasher
+//!   and become visible only when the digest matches and the bytes are durable.
+//! * [`MetaStore`]: a small ordered key-value store with atomic multi-key
+//!   transactions guarded by compare-and-swap, the shape of etcd's `Txn`.
+//!
+//! Each engine is one module; [`testsuite`] holds the behaviour every engine
+//! must pass, so a new backend is correct the day it passes the suite.
+
+pub mod blob;
+pub mod meta;
+pub mod testsuite;
+
+pub use blob::{BlobRead, BlobStore, ByteStream, PutError, fs::FsBlobStore};
+pub use meta::{Compare, KeyValue, MetaStore, Op, Txn, redb::RedbMetaStore};
+
+/// A failure of the storage engine itself (disk, database), as opposed to a
+/// problem with what the client sent.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metadata database error: {0}")]
+    Database(String),
+    #[error("storage task failed: {0}")]
+    Task(String),
+}
+
+impl From<tokio::task::JoinError> for StoreError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StoreError::Task(e.to_string())
+    }
+}

@@ -1,0 +1,98 @@
+//! The metadata store: ordered keys, prefix scans, and transactions that
+//! apply only if every comparison holds (compare-and-swap across keys).
+
+pub mod redb;
+
+use async_trait::async_trait;
+
+use crate::StoreError;
+
+/// A stored value and its version. The version changes on every write of the
+/// key (etcd's `mod_revision`), so it can guard a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub version: u64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Compare {
+    /// The key does not exist.
+    Absent(Vec<u8>),
+    /// The key exists with exactly this version.
+    Version(Vec<u8>, u64),
+}
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// An atomic transaction: all `ops` apply if all `compares` hold, else none.
+#[derive(Clone, Debug, Default)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn require_absent(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.compares.push(Compare::Absent(key.into()));
+        self
+    }
+
+    pub fn require_version(mut self, key: impl Into<Vec<u8>>, version: u64) -> Self {
+        self.compares.push(Compare::Version(key.into(), version));
+        self
+    }
+
+    /// Guards on the state a read observed: absent if `seen` is None, else
+    /// unchanged since that read.
+    pub fn require_unchanged(self, key: impl Into<Vec<u8>>, seen: Option<&KeyValue>) -> Self {
+        match seen {
+            Some(kv) => self.require_version(key, kv.version),
+            None => self.require_absent(key),
+        }
+    }
+
+    pub fn put(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        self.ops.push(Op::Put(key.into(), value.into()));
+        self
+    }
+
+    pub fn delete(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.ops.push(Op::Delete(key.into()));
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Keys starting with `prefix`, in byte order, strictly after
+    /// `start_after` when given, at most `limit` of them.
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError>;
+
+    /// Applies the transaction atomically and durably. Returns `false`, with
+    /// nothing written, when a comparison failed.
+    async fn commit(&self, txn: Txn) -> Result<bool, StoreError>;
+
+    /// Whether the store can serve reads and writes now (for `/readyz`).
+    async fn check_health(&self) -> Result<(), StoreError>;
+}

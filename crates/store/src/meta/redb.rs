@@ -1,0 +1,210 @@
+//! The embedded metadata engine: one redb file, fsynced on every commit.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Compare, KeyValue, MetaStore, Op, Txn};
+use crate::StoreError;
+
+/// Values are stored as an 8-byte big-endian version followed by the payload.
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+const SYSTEM: TableDefinition<&str, u64> = TableDefinition::new("system");
+const REVISION: &str = "revision";
+
+pub struct RedbMetaStore {
+    db: Arc<Database>,
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn decode(key: &[u8], stored: &[u8]) -> Result<KeyValue, StoreError> {
+    if stored.len() < 8 {
+        return Err(StoreError::Database(format!(
+            "corrupt record for key {:?}",
+            String::from_utf8_lossy(key)
+        )));
+    }
+    let (version, value) = stored.split_at(8);
+    let mut v = [0u8; 8];
+    v.copy_from_slice(version);
+    Ok(KeyValue {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        version: u64::from_be_bytes(v),
+    })
+}
+
+impl RedbMetaStore {
+    /// Opens (or creates) the database at `path`. Blocking: call at startup.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(KV).map_err(db_err)?;
+            txn.open_table(SYSTEM).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    fn get_blocking(db: &Database, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        let txn = db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(KV).map_err(db_err)?;
+        match table.get(key).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_blocking(
+        db: &Database,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let txn = db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(KV).map_err(db_err)?;
+        let start: &[u8] = match start_after {
+            Some(after) if after > prefix => after,
+            _ => prefix,
+        };
+        let mut out = Vec::new();
+        for entry in table.range(start..).map_err(db_err)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry.map_err(db_err)?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if start_after.is_some_and(|after| key <= after) {
+                continue;
+            }
+            out.push(decode(key, v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn commit_blocking(db: &Database, txn: Txn) -> Result<bool, StoreError> {
+        let mut write = db.begin_write().map_err(db_err)?;
+        write
+            .set_durability(Durability::Immediate)
+            .map_err(db_err)?;
+        {
+            let mut table = write.open_table(KV).map_err(db_err)?;
+            for compare in &txn.compares {
+                let holds = match compare {
+                    Compare::Absent(key) => table.get(key.as_slice()).map_err(db_err)?.is_none(),
+                    Compare::Version(key, version) => {
+                        match table.get(key.as_slice()).map_err(db_err)? {
+                            Some(v) => decode(key, v.value())?.version == *version,
+                            None => false,
+                        }
+                    }
+                };
+                if !holds {
+                    drop(table);
+                    write.abort().map_err(db_err)?;
+                    return Ok(false);
+                }
+            }
+            let mut system = write.open_table(SYSTEM).map_err(db_err)?;
+            let revision = system
+                .get(REVISION)
+                .map_err(db_err)?
+                .map_or(0, |v| v.value())
+                + 1;
+            system.insert(REVISION, revision).map_err(db_err)?;
+            let mut buf = Vec::new();
+            for op in &txn.ops {
+                match op {
+                    Op::Put(key, value) => {
+                        buf.clear();
+                        buf.extend_from_slice(&revision.to_be_bytes());
+                        buf.extend_from_slice(value);
+                        table
+                            .insert(key.as_slice(), buf.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    Op::Delete(key) => {
+                        table.remove(key.as_slice()).map_err(db_err)?;
+                    }
+                }
+            }
+        }
+        write.commit().map_err(db_err)?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl MetaStore for RedbMetaStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        // Reads hit redb's page cache and take microseconds: not worth a
+        // thread hop on the hot manifest path.
+        Self::get_blocking(&self.db, key)
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let db = self.db.clone();
+        let prefix = prefix.to_vec();
+        let start_after = start_after.map(<[u8]>::to_vec);
+        tokio::task::spawn_blocking(move || {
+            Self::scan_blocking(&db, &prefix, start_after.as_deref(), limit)
+        })
+        .await?
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
+        if txn.ops.is_empty() && txn.compares.is_empty() {
+            return Ok(true);
+        }
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || Self::commit_blocking(&db, txn)).await?
+    }
+
+    async fn check_health(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(db_err)?;
+            txn.open_table(KV).map_err(db_err)?;
+            Ok(())
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_metastore_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbMetaStore::open(&dir.path().join("meta.redb")).unwrap();
+        crate::testsuite::metastore_suite(&store).await;
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        {
+            let store = RedbMetaStore::open(&path).unwrap();
+            assert!(store.commit(Txn::new().put("k", "v")).await.unwrap());
+        }
+        let store = RedbMetaStore::open(&path).unwrap();
+        assert_eq!(store.get(b"k").await.unwrap().unwrap().value, b"v");
+    }
+}

@@ -1,0 +1,347 @@
+//! Behaviour every storage engine must have. Each engine's tests call these
+//! functions on a fresh, empty store; a failed expectation panics.
+
+use berth_oci::{ByteRange, Digest};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::{BlobStore, ByteStream, MetaStore, PutError, Txn};
+
+fn stream_of(chunks: Vec<Vec<u8>>) -> ByteStream {
+    Box::pin(futures_util::stream::iter(
+        chunks.into_iter().map(|c| Ok(Bytes::from(c))),
+    ))
+}
+
+fn failing_stream(first: Vec<u8>) -> ByteStream {
+    Box::pin(futures_util::stream::iter(vec![
+        Ok(Bytes::from(first)),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "client went away",
+        )),
+    ]))
+}
+
+async fn collect(stream: ByteStream) -> Result<Vec<u8>, std::io::Error> {
+    let mut out = Vec::new();
+    let mut stream = stream;
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
+
+pub async fn metastore_suite(store: &dyn MetaStore) {
+    assert!(store.get(b"missing").await.unwrap().is_none());
+    store.check_health().await.unwrap();
+
+    // Create-if-absent succeeds once.
+    assert!(
+        store
+            .commit(Txn::new().require_absent("a/1").put("a/1", "x"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .commit(Txn::new().require_absent("a/1").put("a/1", "y"))
+            .await
+            .unwrap()
+    );
+    let kv = store.get(b"a/1").await.unwrap().unwrap();
+    assert_eq!(kv.value, b"x");
+
+    // Compare-and-swap on the version.
+    assert!(
+        store
+            .commit(
+                Txn::new()
+                    .require_version("a/1", kv.version)
+                    .put("a/1", "z")
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .commit(
+                Txn::new()
+                    .require_version("a/1", kv.version)
+                    .put("a/1", "w")
+            )
+            .await
+            .unwrap()
+    );
+    let kv2 = store.get(b"a/1").await.unwrap().unwrap();
+    assert_eq!(kv2.value, b"z");
+    assert_ne!(kv2.version, kv.version);
+
+    // A failed comparison writes nothing, even to other keys.
+    assert!(
+        !store
+            .commit(Txn::new().require_absent("a/1").put("a/2", "nope"))
+            .await
+            .unwrap()
+    );
+    assert!(store.get(b"a/2").await.unwrap().is_none());
+
+    // Multi-key atomic writes and prefix scans in byte order, with paging.
+    let mut txn = Txn::new();
+    for k in ["p/c", "p/a", "p/b", "p/d", "q/a", "o/z"] {
+        txn = txn.put(k, k);
+    }
+    assert!(store.commit(txn).await.unwrap());
+    let keys = |kvs: Vec<crate::KeyValue>| {
+        kvs.into_iter()
+            .map(|kv| String::from_utf8(kv.key).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(store.scan(b"p/", None, 100).await.unwrap()),
+        ["p/a", "p/b", "p/c", "p/d"]
+    );
+    assert_eq!(
+        keys(store.scan(b"p/", None, 2).await.unwrap()),
+        ["p/a", "p/b"]
+    );
+    assert_eq!(
+        keys(store.scan(b"p/", Some(b"p/b"), 100).await.unwrap()),
+        ["p/c", "p/d"]
+    );
+    assert_eq!(
+        keys(store.scan(b"p/", Some(b"p/bb"), 1).await.unwrap()),
+        ["p/c"]
+    );
+    assert!(
+        store
+            .scan(b"p/", Some(b"p/d"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.scan(b"p/", Some(b"z"), 10).await.unwrap().is_empty());
+    assert_eq!(
+        keys(store.scan(b"p/", Some(b"a"), 1).await.unwrap()),
+        ["p/a"]
+    );
+    assert!(store.scan(b"nothing/", None, 10).await.unwrap().is_empty());
+
+    // Deletes, including under a guard.
+    let d = store.get(b"p/d").await.unwrap().unwrap();
+    assert!(
+        store
+            .commit(
+                Txn::new()
+                    .require_version("p/d", d.version)
+                    .delete("p/d")
+                    .delete("p/c")
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        keys(store.scan(b"p/", None, 100).await.unwrap()),
+        ["p/a", "p/b"]
+    );
+    assert!(
+        !store
+            .commit(Txn::new().require_version("p/d", d.version))
+            .await
+            .unwrap()
+    );
+
+    // Binary keys and values.
+    assert!(
+        store
+            .commit(Txn::new().put(vec![0u8, 255, 1], vec![0u8; 3]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get(&[0, 255, 1]).await.unwrap().unwrap().value,
+        vec![0u8; 3]
+    );
+
+    // Concurrent create-if-absent: exactly one wins.
+    let attempts = (0..16).map(|i| {
+        store.commit(
+            Txn::new()
+                .require_absent("race")
+                .put("race", format!("{i}")),
+        )
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    assert_eq!(
+        results.into_iter().filter(|r| *r.as_ref().unwrap()).count(),
+        1
+    );
+}
+
+pub async fn blobstore_suite(store: &dyn BlobStore) {
+    store.check_health().await.unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = Digest::sha256_of(&data);
+    assert!(store.stat(&digest).await.unwrap().is_none());
+    assert!(store.read(&digest, None).await.unwrap().is_none());
+
+    // A wrong digest stores nothing.
+    let wrong = Digest::sha256_of(b"other");
+    let err = store
+        .put(&wrong, stream_of(vec![data.clone()]), u64::MAX)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PutError::DigestMismatch { .. }), "{err:?}");
+    assert!(store.stat(&wrong).await.unwrap().is_none());
+
+    // Over the limit stores nothing.
+    let err = store
+        .put(&digest, stream_of(vec![data.clone()]), 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PutError::TooLarge { .. }), "{err:?}");
+    assert!(store.stat(&digest).await.unwrap().is_none());
+
+    // A body that fails midway stores nothing.
+    let err = store
+        .put(&digest, failing_stream(data[..1000].to_vec()), u64::MAX)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PutError::Body(_)), "{err:?}");
+    assert!(store.stat(&digest).await.unwrap().is_none());
+
+    // A good put, in uneven chunks; idempotent.
+    let chunks = vec![
+        data[..1].to_vec(),
+        data[1..700_001].to_vec(),
+        data[700_001..].to_vec(),
+    ];
+    assert_eq!(
+        store
+            .put(&digest, stream_of(chunks.clone()), u64::MAX)
+            .await
+            .unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(
+        store
+            .put(&digest, stream_of(chunks), u64::MAX)
+            .await
+            .unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(store.stat(&digest).await.unwrap(), Some(data.len() as u64));
+
+    // Whole and ranged reads.
+    let read = store.read(&digest, None).await.unwrap().unwrap();
+    assert_eq!(read.size, data.len() as u64);
+    assert_eq!(collect(read.stream).await.unwrap(), data);
+    let range = ByteRange {
+        start: 262_100,
+        end: 600_000,
+    };
+    let read = store.read(&digest, Some(range)).await.unwrap().unwrap();
+    assert_eq!(
+        collect(read.stream).await.unwrap(),
+        &data[262_100..=600_000]
+    );
+    assert_eq!(
+        store.read_small(&digest, u64::MAX).await.unwrap().unwrap(),
+        data
+    );
+    assert!(store.read_small(&digest, 10).await.is_err());
+
+    // Uploads: chunks at the right offset, durable size, commit verifies.
+    let id = "2f1d0b8e-0000-4000-8000-000000000001";
+    store.create_upload(id).await.unwrap();
+    assert_eq!(store.upload_size(id).await.unwrap(), Some(0));
+    assert_eq!(
+        store
+            .append_upload(id, 0, stream_of(vec![data[..100].to_vec()]), u64::MAX)
+            .await
+            .unwrap(),
+        100
+    );
+    let err = store
+        .append_upload(id, 50, stream_of(vec![vec![1]]), u64::MAX)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PutError::OffsetMismatch {
+                current: 100,
+                requested: 50
+            }
+        ),
+        "{err:?}"
+    );
+    // A failed chunk leaves the upload as it was.
+    let err = store
+        .append_upload(id, 100, failing_stream(data[100..5000].to_vec()), u64::MAX)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PutError::Body(_)), "{err:?}");
+    assert_eq!(store.upload_size(id).await.unwrap(), Some(100));
+    let err = store
+        .append_upload(id, 100, stream_of(vec![data[100..].to_vec()]), 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PutError::TooLarge { .. }), "{err:?}");
+    assert_eq!(store.upload_size(id).await.unwrap(), Some(100));
+    assert_eq!(
+        store
+            .append_upload(id, 100, stream_of(vec![data[100..].to_vec()]), u64::MAX)
+            .await
+            .unwrap(),
+        data.len() as u64
+    );
+    assert!(
+        store
+            .list_uploads()
+            .await
+            .unwrap()
+            .contains(&id.to_string())
+    );
+    assert_eq!(
+        store.commit_upload(id, &digest).await.unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(store.upload_size(id).await.unwrap(), None);
+    assert!(matches!(
+        store.commit_upload(id, &digest).await,
+        Err(PutError::UploadUnknown)
+    ));
+
+    // A mismatching commit discards the upload and stores nothing.
+    let id2 = "2f1d0b8e-0000-4000-8000-000000000002";
+    store.create_upload(id2).await.unwrap();
+    store
+        .append_upload(id2, 0, stream_of(vec![b"hello".to_vec()]), u64::MAX)
+        .await
+        .unwrap();
+    let err = store.commit_upload(id2, &wrong).await.unwrap_err();
+    assert!(matches!(err, PutError::DigestMismatch { .. }), "{err:?}");
+    assert!(store.stat(&wrong).await.unwrap().is_none());
+    assert_eq!(store.upload_size(id2).await.unwrap(), None);
+
+    // Empty blobs are blobs too.
+    let empty = Digest::sha256_of(b"");
+    let id3 = "2f1d0b8e-0000-4000-8000-000000000003";
+    store.create_upload(id3).await.unwrap();
+    assert_eq!(store.commit_upload(id3, &empty).await.unwrap(), 0);
+    assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
+    let read = store.read(&empty, None).await.unwrap().unwrap();
+    assert!(collect(read.stream).await.unwrap().is_empty());
+
+    // Cancelled uploads and deletes.
+    let id4 = "2f1d0b8e-0000-4000-8000-000000000004";
+    store.create_upload(id4).await.unwrap();
+    store.delete_upload(id4).await.unwrap();
+    assert_eq!(store.upload_size(id4).await.unwrap(), None);
+    assert!(store.list().await.unwrap().contains(&digest));
+    store.delete(&digest).await.unwrap();
+    store.delete(&digest).await.unwrap();
+    assert!(store.stat(&digest).await.unwrap().is_none());
+    assert!(!store.list().await.unwrap().contains(&digest));
+}
