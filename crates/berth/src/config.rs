@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// How often expired upload sessions are removed [default: 600].
     #[arg(long, env = "BERTH_UPLOAD_REAP_INTERVAL_SECS")]
     pub upload_reap_interval_secs: Option<u64>,
+    /// Memory for caching recently served manifests, in bytes; 0 disables
+    /// [default: 67108864].
+    #[arg(long, env = "BERTH_MANIFEST_CACHE_BYTES")]
+    pub manifest_cache_bytes: Option<u64>,
     /// Verify blobs against their digest on every whole read [default: true].
     #[arg(long, env = "BERTH_VERIFY_BLOB_READS")]
     pub verify_blob_reads: Option<bool>,
@@ -65,6 +69,7 @@ struct FileConfig {
     max_blob_bytes: Option<u64>,
     upload_ttl_secs: Option<u64>,
     upload_reap_interval_secs: Option<u64>,
+    manifest_cache_bytes: Option<u64>,
     verify_blob_reads: Option<bool>,
     header_read_timeout_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
@@ -79,6 +84,7 @@ pub struct ServeConfig {
     pub max_blob_bytes: u64,
     pub upload_ttl: Duration,
     pub upload_reap_interval: Duration,
+    pub manifest_cache_bytes: u64,
     pub verify_blob_reads: bool,
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,

@@ -80,6 +80,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         Limits {
             max_manifest_bytes: config.max_manifest_bytes,
             max_blob_bytes: config.max_blob_bytes,
+            manifest_cache_bytes: config.manifest_cache_bytes,
             ..Limits::default()
         },
     ));

@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_blob_bytes: u64,
     /// Largest page of tags or repositories returned at once.
     pub max_page: usize,
+    /// Memory for recently served manifests (0 disables the cache).
+    pub manifest_cache_bytes: u64,
 }
 
 impl Default for Limits {
@@ -31,6 +33,7 @@ impl Default for Limits {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_bytes: 1 << 40,
             max_page: 10_000,
+            manifest_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -67,19 +70,55 @@ pub fn now_ms() -> u64 {
 /// registry reports the conflict as a storage failure.
 const TXN_ATTEMPTS: usize = 16;
 
+/// Weighs cached manifests by their size.
+#[derive(Clone)]
+struct ByteWeighter;
+
+impl quick_cache::Weighter<Digest, Bytes> for ByteWeighter {
+    fn weight(&self, _digest: &Digest, bytes: &Bytes) -> u64 {
+        bytes.len() as u64 + 64
+    }
+}
+
+type ManifestCache = quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>;
+
 pub struct Registry {
     meta: Arc<dyn MetaStore>,
     blobs: Arc<dyn BlobStore>,
     limits: Limits,
+    /// Manifest bytes by digest, verified when loaded. Content-addressed and
+    /// immutable, so an entry can never be stale; deleting a manifest removes
+    /// its metadata, which is checked before the cache on every request.
+    manifests: Option<ManifestCache>,
 }
 
 impl Registry {
     pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>, limits: Limits) -> Self {
+        let manifests = (limits.manifest_cache_bytes > 0).then(|| {
+            // Estimated entries: typical manifests are 0.5-2 KiB.
+            let items = (limits.manifest_cache_bytes / 1024).clamp(16, 1 << 20) as usize;
+            ManifestCache::with_weighter(items, limits.manifest_cache_bytes, ByteWeighter)
+        });
         Self {
             meta,
             blobs,
             limits,
+            manifests,
         }
+    }
+
+    async fn manifest_bytes(&self, digest: &Digest, size: u64) -> Result<Option<Bytes>> {
+        if let Some(bytes) = self.manifests.as_ref().and_then(|c| c.get(digest)) {
+            return Ok(Some(bytes));
+        }
+        let bytes = self
+            .blobs
+            .read_small(digest, self.limits.max_manifest_bytes.max(size))
+            .await?;
+        if let (Some(cache), Some(b)) = (&self.manifests, &bytes) {
+            cache.insert(digest.clone(), b.clone());
+        }
+        Ok(bytes)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -498,8 +537,7 @@ impl Registry {
     ) -> Result<ManifestContent> {
         let (digest, record) = self.manifest_head(name, reference, accept).await?;
         let bytes = self
-            .blobs
-            .read_small(&digest, self.limits.max_manifest_bytes.max(record.size))
+            .manifest_bytes(&digest, record.size)
             .await?
             .ok_or_else(|| {
                 tracing::error!(repository = %name, %digest, "manifest is recorded but its bytes are missing");

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,9 +22,10 @@ use tokio::sync::mpsc;
 use super::{BlobRead, BlobStore, ByteStream, PutError};
 use crate::StoreError;
 
-/// Size of the reads that feed a response: large enough for throughput, small
-/// enough that many concurrent downloads stay within a few MiB each.
-const READ_CHUNK: usize = 256 * 1024;
+/// Size of the file windows that feed a response. They are mapped, not
+/// copied, so size costs no heap; each window is unmapped once sent, so a huge
+/// download never keeps more than a window or two of it mapped.
+const READ_CHUNK: usize = 512 * 1024;
 /// Incoming bytes are batched to this size before a write to disk.
 const WRITE_BATCH: usize = 512 * 1024;
 /// Batches queued to the writer thread; bounds memory per upload.
@@ -195,6 +195,29 @@ fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Digest> {
     }
 }
 
+/// Maps `len` bytes of `file` at `pos` and returns them as `Bytes` that own the
+/// mapping. The pages are populated here, on a blocking thread, so that
+/// sending them never faults (and blocks) on an async worker.
+fn map_window(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let page = 4096u64;
+    let aligned = pos - pos % page;
+    let skip = (pos - aligned) as usize;
+    // SAFETY: blob files are immutable once installed (written to a temporary
+    // name, synced, renamed) and are only ever unlinked, never truncated or
+    // rewritten, so the mapped bytes cannot change or vanish under us.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(aligned)
+            .len(skip + len)
+            .populate()
+            .map(file)?
+    };
+    Ok(Bytes::from_owner(map).slice(skip..))
+}
+
 struct ReadState {
     file: Arc<File>,
     pos: u64,
@@ -213,8 +236,7 @@ fn read_stream(state: ReadState) -> ByteStream {
             tokio::task::spawn_blocking(move || -> io::Result<Option<(Bytes, ReadState)>> {
             let mut state = state;
             let len = (state.end - state.pos).min(READ_CHUNK as u64) as usize;
-            let mut buf = BytesMut::zeroed(len);
-            state.file.read_exact_at(&mut buf, state.pos)?;
+            let buf = map_window(&state.file, state.pos, len)?;
             state.pos += len as u64;
             if let Some(h) = state.hasher.as_mut() {
                 h.update(&buf);
@@ -231,7 +253,7 @@ fn read_stream(state: ReadState) -> ByteStream {
                     ));
                 }
             }
-            Ok(Some((buf.freeze(), state)))
+            Ok(Some((buf, state)))
         })
         .await
         .map_err(io::Error::other)?
