@@ -160,6 +160,10 @@ impl ServeConfig {
                     .or(file.upload_reap_interval_secs)
                     .unwrap_or(600),
             )?,
+            manifest_cache_bytes: args
+                .manifest_cache_bytes
+                .or(file.manifest_cache_bytes)
+                .unwrap_or(64 << 20),
             verify_blob_reads: args
                 .verify_blob_reads
                 .or(file.verify_blob_reads)
