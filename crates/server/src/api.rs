@@ -47,6 +47,7 @@ pub async fn dispatch(
         headers: &headers,
         query: &query,
     };
+    let sends_body = matches!(method, Method::PUT | Method::PATCH | Method::POST);
     let result = match Route::parse(uri.path()) {
         Route::Base => match method {
             Method::GET | Method::HEAD => {
@@ -63,7 +64,36 @@ pub async fn dispatch(
         Route::Referrers { name, digest } => ctx.referrers(name, digest).await,
         Route::Unknown => return not_found().await,
     };
-    result.unwrap_or_else(IntoResponse::into_response)
+    match result {
+        Ok(response) => response,
+        Err(e) => {
+            let mut response = e.into_response();
+            if sends_body {
+                // The body may be partly unread: end the connection after
+                // this response so its leftovers are never parsed as a request.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
+}
+
+/// How much of an oversized body is read and discarded before answering, so
+/// that a client still sending can read the error instead of a broken pipe.
+const DRAIN_CAP: u64 = 16 * 1024 * 1024;
+
+async fn drain(body: Body, cap: u64) {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    while seen <= cap {
+        match stream.next().await {
+            Some(Ok(chunk)) => seen += chunk.len() as u64,
+            _ => break,
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -355,21 +385,15 @@ impl Ctx<'_> {
                         .status(StatusCode::PAYLOAD_TOO_LARGE)
                         .message(format!("manifest exceeds the limit of {limit} bytes"))
                 };
-                if content_length(self.headers)?.is_some_and(|n| n > limit) {
+                if let Some(n) = content_length(self.headers)?
+                    && n > limit
+                {
+                    if n <= limit + DRAIN_CAP {
+                        drain(body, n).await;
+                    }
                     return Err(too_large());
                 }
-                let bytes = axum::body::to_bytes(body, limit as usize)
-                    .await
-                    .map_err(|e| {
-                        if std::error::Error::source(&e)
-                            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                        {
-                            too_large()
-                        } else {
-                            ApiError::new(ErrorCode::ManifestInvalid)
-                                .message(format!("reading the manifest failed: {e}"))
-                        }
-                    })?;
+                let bytes = read_bounded(body, limit).await?.ok_or_else(too_large)?;
                 let content_type = header_str(self.headers, &header::CONTENT_TYPE);
                 let outcome = registry
                     .put_manifest(&name, &reference, content_type, bytes)
@@ -560,6 +584,32 @@ impl Ctx<'_> {
             _ => Err(unsupported()),
         }
     }
+}
+
+/// Reads a body of at most `limit` bytes. `None` if it is longer (the excess
+/// is drained up to a cap, so the client can read the answer).
+async fn read_bounded(body: Body, limit: u64) -> Result<Option<bytes::Bytes>, ApiError> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(ErrorCode::ManifestInvalid)
+                .message(format!("reading the request body failed: {e}"))
+        })?;
+        if (buf.len() + chunk.len()) as u64 > limit {
+            let mut seen = (buf.len() + chunk.len()) as u64;
+            while seen <= limit + DRAIN_CAP {
+                match stream.next().await {
+                    Some(Ok(c)) => seen += c.len() as u64,
+                    _ => break,
+                }
+            }
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Some(buf.freeze()))
 }
 
 fn json_page(body: serde_json::Value, link: Option<String>) -> Response {

@@ -1,0 +1,16 @@
+//! Integration tests for the `berth` registry binary, driven over HTTP against the
+//! OCI Distribution Specification v1.1.
+
+mod support;
+
+mod api_base;
+mod blobs;
+mod concurrency;
+mod durability;
+mod errors;
+mod manifests;
+mod memory;
+mod referrers;
+mod skopeo;
+mod tags_catalog;
+mod uploads;
