@@ -241,7 +241,9 @@ async fn every_push_acknowledged_before_kill_9_is_intact_after_restart() {
     let mut reg = Registry::start().await;
     let url = reg.url();
     let client = reg.client().clone();
-    let acked: Arc<Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::new(Mutex::new(Vec::new()));
+    // (kind, reference or digest, bytes) of every acknowledged push.
+    type Acked = Vec<(String, String, Vec<u8>)>;
+    let acked: Arc<Mutex<Acked>> = Arc::new(Mutex::new(Vec::new()));
     let acked2 = acked.clone();
     // kind, reference/digest, bytes
     let pusher = tokio::spawn(async move {

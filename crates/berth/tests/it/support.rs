@@ -79,17 +79,16 @@ pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
     let mut pos = offset;
     let mut i = 0;
     // unaligned head
-    while i < buf.len() && pos % 8 != 0 {
+    while i < buf.len() && !pos.is_multiple_of(8) {
         buf[i] = mix(seed, pos / 8).to_le_bytes()[(pos % 8) as usize];
         i += 1;
         pos += 1;
     }
-    let mut word = pos / 8;
-    for chunk in buf[i..].chunks_mut(8) {
+    let first_word = pos / 8;
+    for (word, chunk) in (first_word..).zip(buf[i..].chunks_mut(8)) {
         let w = mix(seed, word).to_le_bytes();
         let n = chunk.len();
         chunk.copy_from_slice(&w[..n]);
-        word += 1;
     }
 }
 
@@ -505,17 +504,17 @@ impl Registry {
         let url = format!("{}/readyz", self.url());
         let probe = new_client();
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(st)) = child.try_wait() {
-                    self.exit_status = Some(st);
-                    self.child = None;
-                    return Err(format!("berth exited early with {st}"));
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(st)) = child.try_wait()
+            {
+                self.exit_status = Some(st);
+                self.child = None;
+                return Err(format!("berth exited early with {st}"));
             }
-            if let Ok(r) = probe.get(&url).timeout(Duration::from_secs(2)).send().await {
-                if r.status().as_u16() == 200 {
-                    return Ok(());
-                }
+            if let Ok(r) = probe.get(&url).timeout(Duration::from_secs(2)).send().await
+                && r.status().as_u16() == 200
+            {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 self.kill9();
@@ -818,13 +817,13 @@ impl RawResp {
     pub fn as_resp(&self) -> Resp {
         let mut headers = HeaderMap::new();
         for l in self.head.lines().skip(1) {
-            if let Some((k, v)) = l.split_once(':') {
-                if let (Ok(k), Ok(v)) = (
+            if let Some((k, v)) = l.split_once(':')
+                && let (Ok(k), Ok(v)) = (
                     reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()),
                     reqwest::header::HeaderValue::from_str(v.trim()),
-                ) {
-                    headers.append(k, v);
-                }
+                )
+            {
+                headers.append(k, v);
             }
         }
         let chunked = self
@@ -845,10 +844,7 @@ impl RawResp {
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(pos) = data.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
         let line = String::from_utf8_lossy(&data[..pos]);
         let size_str = line.split(';').next().unwrap_or("").trim();
         let Ok(size) = usize::from_str_radix(size_str, 16) else {
