@@ -10,6 +10,7 @@ mod durability;
 mod errors;
 mod manifests;
 mod memory;
+mod podman;
 mod referrers;
 mod skopeo;
 mod tags_catalog;
