@@ -5,6 +5,13 @@
 //! reaches its final path only by `rename` after its bytes were fsynced and
 //! verified, and the directory is fsynced after the rename, so a crash at any
 //! point leaves either the whole verified blob or nothing under `blobs/`.
+//!
+//! Reads are verified too. The content digest (SHA-256) was checked on the way
+//! in; what a read must catch is corruption at rest, for which a fast
+//! non-cryptographic checksum (XXH3-128, about ten times cheaper than SHA-256)
+//! is as good. It is computed during the write and kept in an extended
+//! attribute of the blob file, fsynced with it. A blob without the attribute
+//! (a filesystem without xattrs) is verified against its digest instead.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -18,6 +25,7 @@ use berth_oci::{Algorithm, ByteRange, Digest, Hasher};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use xxhash_rust::xxh3::Xxh3;
 
 use super::{BlobRead, BlobStore, ByteStream, PutError};
 use crate::StoreError;
@@ -43,11 +51,53 @@ impl Default for FsOptions {
     }
 }
 
+/// Extended attribute holding a blob's XXH3-128 checksum (16 bytes, big endian).
+const CHECKSUM_XATTR: &str = "user.berth.xxh3_128";
+
+/// What a write computes over the bytes: the content digest, checked against
+/// the client's claim, and the fast checksum kept for verifying reads.
+#[derive(Clone)]
+struct ContentHash {
+    digest: Hasher,
+    checksum: Xxh3,
+}
+
+impl ContentHash {
+    fn new(algorithm: Algorithm) -> Self {
+        Self {
+            digest: algorithm.hasher(),
+            checksum: Xxh3::new(),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        self.digest.update(bytes);
+        self.checksum.update(bytes);
+    }
+
+    fn finish(self) -> (Digest, u128) {
+        (self.digest.finish(), self.checksum.digest128())
+    }
+}
+
+/// Records the checksum on the file. Best effort: without xattr support,
+/// reads fall back to verifying the digest.
+fn store_checksum(file: &File, checksum: u128) {
+    if let Err(e) = xattr::FileExt::set_xattr(file, CHECKSUM_XATTR, &checksum.to_be_bytes()) {
+        tracing::debug!(error = %e, "cannot store blob checksum; reads will verify the digest");
+    }
+}
+
+fn load_checksum(file: &File) -> Option<u128> {
+    let value = xattr::FileExt::get_xattr(file, CHECKSUM_XATTR).ok()??;
+    Some(u128::from_be_bytes(value.try_into().ok()?))
+}
+
 /// Hash state of an upload, valid while `size` equals the file's length.
 /// Lost on restart; the commit then re-hashes the file.
 struct UploadHash {
     size: u64,
-    hasher: Hasher,
+    hash: ContentHash,
 }
 
 type UploadSlot = Arc<tokio::sync::Mutex<Option<UploadHash>>>;
@@ -129,13 +179,13 @@ impl FsBlobStore {
 /// `already + received` exceeds `max_total`.
 async fn write_stream(
     file: File,
-    hasher: Option<Hasher>,
+    hasher: Option<ContentHash>,
     mut body: ByteStream,
     already: u64,
     max_total: u64,
-) -> Result<(File, Option<Hasher>, u64), PutError> {
+) -> Result<(File, Option<ContentHash>, u64), PutError> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<(File, Option<Hasher>)> {
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<(File, Option<ContentHash>)> {
         let mut file = file;
         let mut hasher = hasher;
         while let Some(chunk) = rx.blocking_recv() {
@@ -182,9 +232,9 @@ async fn write_stream(
     }
 }
 
-fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Digest> {
+fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u128)> {
     let mut file = File::open(path)?;
-    let mut hasher = algorithm.hasher();
+    let mut hasher = ContentHash::new(algorithm);
     let mut buf = vec![0u8; 1024 * 1024];
     loop {
         let n = file.read(&mut buf)?;
@@ -218,11 +268,33 @@ fn map_window(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     Ok(Bytes::from_owner(map).slice(skip..))
 }
 
+/// How a whole-blob read checks the bytes it serves.
+enum Verifier {
+    Checksum(Box<Xxh3>, u128),
+    Digest(Hasher),
+}
+
+impl Verifier {
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Verifier::Checksum(h, _) => h.update(bytes),
+            Verifier::Digest(h) => h.update(bytes),
+        }
+    }
+
+    fn matches(self, digest: &Digest) -> bool {
+        match self {
+            Verifier::Checksum(h, expected) => h.digest128() == expected,
+            Verifier::Digest(h) => &h.finish() == digest,
+        }
+    }
+}
+
 struct ReadState {
     file: Arc<File>,
     pos: u64,
     end: u64,
-    hasher: Option<Hasher>,
+    verifier: Option<Verifier>,
     digest: Digest,
 }
 
@@ -238,15 +310,14 @@ fn read_stream(state: ReadState) -> ByteStream {
             let len = (state.end - state.pos).min(READ_CHUNK as u64) as usize;
             let buf = map_window(&state.file, state.pos, len)?;
             state.pos += len as u64;
-            if let Some(h) = state.hasher.as_mut() {
-                h.update(&buf);
+            if let Some(v) = state.verifier.as_mut() {
+                v.update(&buf);
             }
             if state.pos == state.end
-                && let Some(h) = state.hasher.take()
+                && let Some(v) = state.verifier.take()
             {
-                let computed = h.finish();
-                if computed != state.digest {
-                    tracing::error!(digest = %state.digest, %computed, "stored blob is corrupt; refusing to serve it");
+                if !v.matches(&state.digest) {
+                    tracing::error!(digest = %state.digest, "stored blob is corrupt; refusing to serve it");
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("stored blob {} is corrupt", state.digest),
@@ -284,31 +355,31 @@ impl BlobStore for FsBlobStore {
         range: Option<ByteRange>,
     ) -> Result<Option<BlobRead>, StoreError> {
         let path = self.blob_path(digest);
+        let verify = range.is_none() && self.options.verify_reads;
         let opened = tokio::task::spawn_blocking(move || {
             not_found_to_none(File::open(path).and_then(|f| {
                 let len = f.metadata()?.len();
-                Ok((f, len))
+                let checksum = if verify { load_checksum(&f) } else { None };
+                Ok((f, len, checksum))
             }))
         })
         .await??;
-        let Some((file, size)) = opened else {
+        let Some((file, size, checksum)) = opened else {
             return Ok(None);
         };
-        let (pos, end, hasher) = match range {
-            Some(r) => (r.start.min(size), r.end.saturating_add(1).min(size), None),
-            None => (
-                0,
-                size,
-                self.options
-                    .verify_reads
-                    .then(|| digest.algorithm().hasher()),
-            ),
+        let (pos, end) = match range {
+            Some(r) => (r.start.min(size), r.end.saturating_add(1).min(size)),
+            None => (0, size),
         };
+        let verifier = verify.then(|| match checksum {
+            Some(expected) => Verifier::Checksum(Box::new(Xxh3::new()), expected),
+            None => Verifier::Digest(digest.algorithm().hasher()),
+        });
         let stream = read_stream(ReadState {
             file: Arc::new(file),
             pos,
             end,
-            hasher,
+            verifier,
             digest: digest.clone(),
         });
         Ok(Some(BlobRead { size, stream }))
@@ -357,13 +428,21 @@ impl BlobStore for FsBlobStore {
                 .map_err(StoreError::Io)?
         };
         let result: Result<u64, PutError> = async {
-            let (file, hasher, size) =
-                write_stream(file, Some(expected.algorithm().hasher()), body, 0, max).await?;
-            let computed = hasher.map(Hasher::finish);
-            if computed.as_ref() != Some(expected) {
+            let (file, hasher, size) = write_stream(
+                file,
+                Some(ContentHash::new(expected.algorithm())),
+                body,
+                0,
+                max,
+            )
+            .await?;
+            let Some((computed, checksum)) = hasher.map(ContentHash::finish) else {
+                return Err(PutError::Store(StoreError::Task("hash state lost".into())));
+            };
+            if &computed != expected {
                 return Err(PutError::DigestMismatch {
                     expected: expected.clone(),
-                    computed: computed.unwrap_or_else(|| Digest::sha256_of(b"")),
+                    computed,
                 });
             }
             let tmp = tmp.clone();
@@ -371,6 +450,7 @@ impl BlobStore for FsBlobStore {
             let installed: io::Result<()> = tokio::task::spawn_blocking({
                 let this_path = self.blob_path(&digest);
                 move || {
+                    store_checksum(&file, checksum);
                     file.sync_all()?;
                     drop(file);
                     fs::rename(&tmp, &this_path)?;
@@ -428,7 +508,7 @@ impl BlobStore for FsBlobStore {
         .await??;
         *self.upload_slot(id).lock().await = Some(UploadHash {
             size: 0,
-            hasher: Algorithm::Sha256.hasher(),
+            hash: ContentHash::new(Algorithm::Sha256),
         });
         Ok(())
     }
@@ -471,7 +551,7 @@ impl BlobStore for FsBlobStore {
         let hasher = hash_state
             .as_ref()
             .filter(|h| h.size == current)
-            .map(|h| h.hasher.clone());
+            .map(|h| h.hash.clone());
         match write_stream(file, hasher, body, current, max_total).await {
             Ok((file, hasher, written)) => {
                 tokio::task::spawn_blocking(move || file.sync_data())
@@ -479,7 +559,7 @@ impl BlobStore for FsBlobStore {
                     .map_err(StoreError::from)?
                     .map_err(StoreError::Io)?;
                 let size = current + written;
-                *hash_state = hasher.map(|hasher| UploadHash { size, hasher });
+                *hash_state = hasher.map(|hash| UploadHash { size, hash });
                 Ok(size)
             }
             Err(e) => {
@@ -517,9 +597,9 @@ impl BlobStore for FsBlobStore {
         };
         let cached = hash_state
             .as_ref()
-            .filter(|h| h.size == size && h.hasher.algorithm() == expected.algorithm())
-            .map(|h| h.hasher.clone().finish());
-        let computed = match cached {
+            .filter(|h| h.size == size && h.hash.digest.algorithm() == expected.algorithm())
+            .map(|h| h.hash.clone().finish());
+        let (computed, checksum) = match cached {
             Some(d) => d,
             None => {
                 let path = path.clone();
@@ -530,7 +610,8 @@ impl BlobStore for FsBlobStore {
                     .map_err(StoreError::Io)?
             }
         };
-        drop(hash_state);
+        // The upload's lock stays held through the rename: a chunk racing the
+        // commit must not append to a file that was just verified.
         if &computed != expected {
             self.delete_upload(id).await?;
             return Err(PutError::DigestMismatch {
@@ -542,8 +623,12 @@ impl BlobStore for FsBlobStore {
             let target = self.blob_path(expected);
             let uploads_dir = self.root.join("uploads");
             move || -> io::Result<()> {
-                // Chunks were synced as they arrived; the rename is what must
-                // now reach the disk, in both directories.
+                // Chunks were synced as they arrived; the checksum attribute
+                // and the rename are what must now reach the disk.
+                let file = File::open(&path)?;
+                store_checksum(&file, checksum);
+                file.sync_all()?;
+                drop(file);
                 fs::rename(&path, &target)?;
                 sync_dir(target.parent().unwrap_or(Path::new(".")))?;
                 sync_dir(&uploads_dir)
@@ -551,6 +636,7 @@ impl BlobStore for FsBlobStore {
         })
         .await
         .map_err(StoreError::from)?;
+        drop(hash_state);
         self.forget_upload(id);
         installed.map_err(StoreError::Io)?;
         Ok(size)
@@ -611,7 +697,17 @@ mod tests {
         bytes[1000] ^= 1;
         fs::write(&path, bytes).unwrap();
 
-        let read = store.read(&digest, None).await.unwrap().unwrap();
+        // Caught by the stored checksum...
+        assert!(load_checksum(&File::open(&path).unwrap()).is_some());
+        assert_corrupt_read_fails(&store, &digest, data.len()).await;
+        // ...and by the digest where there is no checksum attribute.
+        xattr::remove(&path, CHECKSUM_XATTR).unwrap();
+        assert_corrupt_read_fails(&store, &digest, data.len()).await;
+        assert!(store.read_small(&digest, u64::MAX).await.is_err());
+    }
+
+    async fn assert_corrupt_read_fails(store: &FsBlobStore, digest: &Digest, len: usize) {
+        let read = store.read(digest, None).await.unwrap().unwrap();
         let chunks: Vec<_> = read.stream.collect().await;
         assert!(chunks.last().unwrap().is_err(), "the last chunk must fail");
         let delivered: usize = chunks
@@ -619,8 +715,34 @@ mod tests {
             .filter_map(|c| c.as_ref().ok())
             .map(Bytes::len)
             .sum();
-        assert!(delivered < data.len());
-        assert!(store.read_small(&digest, u64::MAX).await.is_err());
+        assert!(delivered < len);
+    }
+
+    #[tokio::test]
+    async fn chunked_uploads_record_a_checksum_that_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path(), FsOptions::default()).unwrap();
+        let data = vec![3u8; 1_500_000];
+        let digest = Digest::sha256_of(&data);
+        let id = "2f1d0b8e-0000-4000-8000-0000000000aa";
+        store.create_upload(id).await.unwrap();
+        let first: ByteStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from(
+            data[..700_000].to_vec(),
+        ))]));
+        store.append_upload(id, 0, first, u64::MAX).await.unwrap();
+        let rest: ByteStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from(
+            data[700_000..].to_vec(),
+        ))]));
+        store
+            .append_upload(id, 700_000, rest, u64::MAX)
+            .await
+            .unwrap();
+        store.commit_upload(id, &digest).await.unwrap();
+        let stored = load_checksum(&File::open(store.blob_path(&digest)).unwrap());
+        assert_eq!(stored, Some(xxhash_rust::xxh3::xxh3_128(&data)));
+        let read = store.read(&digest, None).await.unwrap().unwrap();
+        let got: Vec<Bytes> = read.stream.map(|c| c.unwrap()).collect().await;
+        assert_eq!(got.concat(), data);
     }
 
     #[tokio::test]
