@@ -48,6 +48,13 @@ pub struct ServeArgs {
     /// Verify blobs against their digest on every whole read [default: true].
     #[arg(long, env = "BERTH_VERIFY_BLOB_READS")]
     pub verify_blob_reads: Option<bool>,
+    /// Seconds a request body may send nothing before it is abandoned
+    /// [default: 60].
+    #[arg(long, env = "BERTH_BODY_IDLE_TIMEOUT_SECS")]
+    pub body_idle_timeout_secs: Option<u64>,
+    /// Requests streaming blob content in at once; more get 429 [default: 512].
+    #[arg(long, env = "BERTH_MAX_CONCURRENT_UPLOADS")]
+    pub max_concurrent_uploads: Option<usize>,
     /// Seconds a client has to send request headers [default: 30].
     #[arg(long, env = "BERTH_HEADER_READ_TIMEOUT_SECS")]
     pub header_read_timeout_secs: Option<u64>,
@@ -72,6 +79,8 @@ struct FileConfig {
     manifest_cache_bytes: Option<u64>,
     verify_blob_reads: Option<bool>,
     header_read_timeout_secs: Option<u64>,
+    body_idle_timeout_secs: Option<u64>,
+    max_concurrent_uploads: Option<usize>,
     shutdown_grace_secs: Option<u64>,
     log_format: Option<LogFormat>,
 }
@@ -87,6 +96,8 @@ pub struct ServeConfig {
     pub manifest_cache_bytes: u64,
     pub verify_blob_reads: bool,
     pub header_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub max_concurrent_uploads: usize,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
 }
@@ -174,6 +185,16 @@ impl ServeConfig {
                     .or(file.header_read_timeout_secs)
                     .unwrap_or(30),
             )?,
+            body_idle_timeout: secs(
+                "body_idle_timeout_secs",
+                args.body_idle_timeout_secs
+                    .or(file.body_idle_timeout_secs)
+                    .unwrap_or(60),
+            )?,
+            max_concurrent_uploads: args
+                .max_concurrent_uploads
+                .or(file.max_concurrent_uploads)
+                .unwrap_or(512),
             shutdown_grace: secs(
                 "shutdown_grace_secs",
                 args.shutdown_grace_secs
@@ -184,6 +205,9 @@ impl ServeConfig {
         };
         if config.max_manifest_bytes == 0 {
             return Err(ConfigError::Zero("max_manifest_bytes"));
+        }
+        if config.max_concurrent_uploads == 0 {
+            return Err(ConfigError::Zero("max_concurrent_uploads"));
         }
         if config.max_blob_bytes == 0 {
             return Err(ConfigError::Zero("max_blob_bytes"));

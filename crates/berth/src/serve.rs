@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_registry::{Limits, Registry};
-use berth_server::{AppState, Metrics, ServeOptions};
+use berth_server::{AppState, Metrics, RequestLimits, ServeOptions};
 use berth_store::blob::fs::FsOptions;
 use berth_store::{FsBlobStore, RedbMetaStore};
 use tracing_subscriber::EnvFilter;
@@ -107,6 +107,10 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         registry: registry.clone(),
         metrics: Arc::new(Metrics::new()),
         ready: ready.clone(),
+        limits: Arc::new(RequestLimits::new(
+            config.body_idle_timeout,
+            config.max_concurrent_uploads,
+        )),
     };
     let app = berth_server::router(state);
 

@@ -97,7 +97,8 @@ pub fn parse_content_range(header: &str) -> Result<ByteRange, RangeError> {
         x.parse().map_err(|_| RangeError::Malformed)
     };
     let (start, end) = (num(a)?, num(b)?);
-    if end < start {
+    // `end == u64::MAX` would make the length overflow; no blob is that big.
+    if end < start || end == u64::MAX {
         return Err(RangeError::Malformed);
     }
     Ok(ByteRange { start, end })
@@ -160,5 +161,6 @@ mod tests {
         assert!(parse_content_range("5-1").is_err());
         assert!(parse_content_range("x").is_err());
         assert!(parse_content_range("-5").is_err());
+        assert!(parse_content_range("0-18446744073709551615").is_err());
     }
 }

@@ -65,6 +65,9 @@ impl RegistryError {
                 RegistryError::RangeMismatch { size: current }
             }
             PutError::UploadUnknown => RegistryError::BlobUploadUnknown,
+            PutError::LengthMismatch { expected, received } => RegistryError::SizeInvalid(format!(
+                "chunk was announced as {expected} bytes but {received} arrived"
+            )),
             PutError::Body(e) => {
                 RegistryError::BlobUploadInvalid(format!("request body failed: {e}"))
             }

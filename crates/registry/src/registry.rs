@@ -4,7 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use berth_oci::{
     ByteRange, Descriptor, Digest, Manifest, ManifestKind, Reference, RepositoryName, Tag,
 };
-use berth_store::{BlobRead, BlobStore, ByteStream, KeyValue, MetaStore, Txn};
+use berth_store::{BlobRead, BlobStore, ByteStream, KeyValue, MetaStore, PutError, Txn};
 use bytes::Bytes;
 
 use crate::RegistryError;
@@ -307,7 +307,8 @@ impl Registry {
 
     /// Appends a chunk. `range` is the client's `Content-Range`, if sent: it
     /// must start at the current size (else `RangeMismatch`), and its length
-    /// must agree with `content_length` when both are given.
+    /// must agree with `content_length` when both are given. A chunk that is
+    /// not as long as announced is rolled back (`SIZE_INVALID`).
     pub async fn append_upload(
         &self,
         name: &RepositoryName,
@@ -322,59 +323,63 @@ impl Registry {
             .upload_size(id)
             .await?
             .ok_or(RegistryError::BlobUploadUnknown)?;
-        let offset = match range {
+        let (offset, expected_len) = match range {
             Some(r) => {
                 if r.start != current {
                     return Err(RegistryError::RangeMismatch { size: current });
                 }
-                if content_length.is_some_and(|len| len != r.len()) {
+                if let Some(len) = content_length
+                    && len != r.len()
+                {
                     return Err(RegistryError::SizeInvalid(format!(
-                        "Content-Range covers {} bytes but Content-Length is {}",
-                        r.len(),
-                        content_length.unwrap_or_default()
+                        "Content-Range covers {} bytes but Content-Length is {len}",
+                        r.len()
                     )));
                 }
-                r.start
+                (r.start, Some(r.len()))
             }
-            None => current,
+            None => (current, content_length),
         };
+        // Mark the session active before a possibly long transfer, so that
+        // expiry never removes a session while it is receiving.
+        self.touch_upload(&kv).await?;
         let size = self
             .blobs
-            .append_upload(id, offset, body, self.limits.max_blob_bytes)
+            .append_upload(id, offset, expected_len, body, self.limits.max_blob_bytes)
             .await
             .map_err(RegistryError::from_put)?;
-        if let Some(r) = range
-            && size != r.end + 1
-        {
-            // The chunk is durable but not what the client announced; report
-            // where the upload really ends so it can resume from there.
-            return Err(RegistryError::SizeInvalid(format!(
-                "Content-Range ends at {} but the chunk ended at {}",
-                r.end,
-                size.saturating_sub(1)
-            )));
-        }
-        self.touch_upload(&kv).await?;
         Ok(UploadStatus { size })
     }
 
+    /// Refreshes the session's activity time (at most once a minute: each
+    /// refresh is a durable write).
     async fn touch_upload(&self, kv: &KeyValue) -> Result<()> {
         let mut record: UploadRecord = decode(&kv.key, &kv.value)?;
-        record.updated_ms = now_ms();
-        // Losing this race to a concurrent chunk or a cancel is fine: either
-        // way the session was just active or is gone.
-        self.meta
+        let now = now_ms();
+        if now.saturating_sub(record.updated_ms) < 60_000 {
+            return Ok(());
+        }
+        record.updated_ms = now;
+        let touched = self
+            .meta
             .commit(
                 Txn::new()
                     .require_version(kv.key.clone(), kv.version)
                     .put(kv.key.clone(), encode(&record)),
             )
             .await?;
+        // Losing the race to a concurrent chunk is fine (it touched the
+        // session too); losing it to expiry or a cancel ends the upload.
+        if !touched && self.meta.get(&kv.key).await?.is_none() {
+            return Err(RegistryError::BlobUploadUnknown);
+        }
         Ok(())
     }
 
     /// Completes an upload: appends the final chunk (if any), verifies the
-    /// digest and makes the blob visible.
+    /// digest and makes the blob visible. The session ends when the blob is
+    /// committed or the content is proven wrong; after a storage failure it
+    /// stays, so the client may retry.
     pub async fn complete_upload(
         &self,
         name: &RepositoryName,
@@ -387,12 +392,22 @@ impl Registry {
         } else {
             self.upload_record(name, id).await?;
         }
-        let committed = self.blobs.commit_upload(id, digest).await;
-        // Whatever the outcome, the session is over: a digest mismatch
-        // discards the data, and success moved it into the store.
-        let _ = self.meta.commit(Txn::new().delete(keys::upload(id))).await;
-        let size = committed.map_err(RegistryError::from_put)?;
-        self.commit_link(name, digest, size).await?;
+        let session = keys::upload(id);
+        let size = match self.blobs.commit_upload(id, digest).await {
+            Ok(size) => size,
+            Err(e @ (PutError::DigestMismatch { .. } | PutError::UploadUnknown)) => {
+                // The data is gone (discarded or never there): so is the session.
+                self.meta.commit(Txn::new().delete(session)).await?;
+                return Err(RegistryError::from_put(e));
+            }
+            Err(e) => return Err(RegistryError::from_put(e)),
+        };
+        let txn = Txn::new()
+            .delete(session)
+            .put(keys::link(name, digest), encode(&LinkRecord { size }))
+            .put(keys::blob(digest), encode(&BlobRecord { size }));
+        let txn = self.ensure_repo(name, txn).await?;
+        self.meta.commit(txn).await?;
         Ok(size)
     }
 

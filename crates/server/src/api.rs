@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use berth_oci::range::{parse_content_range, parse_range_header};
 use berth_oci::{Digest, ErrorCode, RangeError, Reference, RepositoryName, media_type};
 use berth_store::ByteStream;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 
 use crate::AppState;
@@ -179,15 +179,40 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     }
 }
 
-fn body_stream(body: Body) -> ByteStream {
-    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+/// Blob content from the client: counted, and abandoned if the client stops
+/// sending for longer than the idle timeout (a stalled upload must not hold
+/// its slot and its file forever).
+fn body_stream(state: &AppState, body: Body) -> ByteStream {
+    let idle = state.limits.body_idle_timeout;
+    let counter = state.metrics.bytes_in.clone();
+    let frames = body.into_data_stream();
+    Box::pin(futures_util::stream::unfold(Some(frames), move |frames| {
+        let counter = counter.clone();
+        async move {
+            let mut frames = frames?;
+            match tokio::time::timeout(idle, frames.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    counter.inc_by(chunk.len() as u64);
+                    Some((Ok(chunk), Some(frames)))
+                }
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("client sent nothing for {}s", idle.as_secs()),
+                    )),
+                    None,
+                )),
+            }
+        }
+    }))
 }
 
-fn has_body(headers: &HeaderMap) -> Result<bool, ApiError> {
-    Ok(match content_length(headers)? {
-        Some(n) => n > 0,
-        None => headers.contains_key(header::TRANSFER_ENCODING),
-    })
+/// Whether the request carries content. Asked of the body itself: HTTP/2
+/// requests may stream without Content-Length or Transfer-Encoding.
+fn has_body(body: &Body) -> bool {
+    !http_body::Body::is_end_stream(body)
 }
 
 fn blob_location(name: &RepositoryName, digest: &Digest) -> String {
@@ -215,16 +240,16 @@ fn with_headers(
 }
 
 fn upload_accepted(status: StatusCode, name: &RepositoryName, id: &str, size: u64) -> Response {
-    with_headers(
-        status,
-        vec![
-            (header::LOCATION, upload_location(name, id)),
-            (header::RANGE, upload_range(size)),
-            (DOCKER_UPLOAD_UUID, id.to_string()),
-            (header::CONTENT_LENGTH, "0".into()),
-        ],
-        Body::empty(),
-    )
+    let mut headers = vec![
+        (header::LOCATION, upload_location(name, id)),
+        (header::RANGE, upload_range(size)),
+        (DOCKER_UPLOAD_UUID, id.to_string()),
+    ];
+    // A 204 must not carry Content-Length (RFC 9110, 8.6).
+    if status != StatusCode::NO_CONTENT {
+        headers.push((header::CONTENT_LENGTH, "0".into()));
+    }
+    with_headers(status, headers, Body::empty())
 }
 
 fn blob_created(name: &RepositoryName, digest: &Digest) -> Response {
@@ -253,12 +278,24 @@ fn accepted_types(headers: &HeaderMap) -> Vec<String> {
 }
 
 impl Ctx<'_> {
-    fn check_blob_size(&self) -> Result<(), ApiError> {
+    /// Admits a request that streams blob content in: within the size limit
+    /// (when announced) and within the concurrent upload limit (429 past it).
+    /// The returned permit is held until the content is stored.
+    fn admit_upload(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         let limit = self.state.registry.limits().max_blob_bytes;
         if content_length(self.headers)?.is_some_and(|n| n > limit) {
             return Err(berth_registry::RegistryError::TooLarge { limit }.into());
         }
-        Ok(())
+        self.state
+            .limits
+            .upload_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::new(ErrorCode::TooManyRequests)
+                    .message("too many uploads in progress; retry shortly")
+                    .header(header::RETRY_AFTER, "1")
+            })
     }
 
     fn page_params(&self) -> Result<(Option<usize>, Option<&str>), ApiError> {
@@ -505,8 +542,10 @@ impl Ctx<'_> {
             // Not mountable: the client falls back to a normal upload.
         } else if let Some(digest) = self.query.get("digest") {
             let digest = parse_digest(digest)?;
-            self.check_blob_size()?;
-            registry.put_blob(&name, &digest, body_stream(body)).await?;
+            let _slot = self.admit_upload()?;
+            registry
+                .put_blob(&name, &digest, body_stream(self.state, body))
+                .await?;
             return Ok(blob_created(&name, &digest));
         }
         let id = registry.start_upload(&name).await?;
@@ -542,10 +581,10 @@ impl Ctx<'_> {
                 ))
             }
             Method::PATCH => {
-                self.check_blob_size()?;
+                let _slot = self.admit_upload().map_err(add_location)?;
                 let (range, len) = chunk(self.headers).map_err(add_location)?;
                 let status = registry
-                    .append_upload(&name, id, range, len, body_stream(body))
+                    .append_upload(&name, id, range, len, body_stream(self.state, body))
                     .await
                     .map_err(|e| add_location(e.into()))?;
                 Ok(upload_accepted(
@@ -561,23 +600,32 @@ impl Ctx<'_> {
                         .message("the digest query parameter is required to complete an upload")
                 })?;
                 let digest = parse_digest(digest)?;
-                self.check_blob_size()?;
-                let final_chunk = if has_body(self.headers)? {
-                    let (range, len) = chunk(self.headers)?;
-                    Some((range, len, body_stream(body)))
+                let (final_chunk, _slot) = if has_body(&body) {
+                    let slot = self.admit_upload().map_err(add_location)?;
+                    let (range, len) = chunk(self.headers).map_err(add_location)?;
+                    (
+                        Some((range, len, body_stream(self.state, body))),
+                        Some(slot),
+                    )
                 } else {
-                    None
+                    (None, None)
                 };
                 registry
                     .complete_upload(&name, id, &digest, final_chunk)
-                    .await?;
+                    .await
+                    .map_err(|e| match e {
+                        e @ berth_registry::RegistryError::RangeMismatch { .. } => {
+                            add_location(e.into())
+                        }
+                        e => e.into(),
+                    })?;
                 Ok(blob_created(&name, &digest))
             }
             Method::DELETE => {
                 registry.cancel_upload(&name, id).await?;
                 Ok(with_headers(
                     StatusCode::NO_CONTENT,
-                    vec![(header::CONTENT_LENGTH, "0".into())],
+                    Vec::new(),
                     Body::empty(),
                 ))
             }

@@ -26,6 +26,24 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// False while starting and while draining; `/readyz` reports it.
     pub ready: Arc<AtomicBool>,
+    pub limits: Arc<RequestLimits>,
+}
+
+/// Protection against slow or too many clients.
+pub struct RequestLimits {
+    /// A request body that sends nothing for this long is abandoned.
+    pub body_idle_timeout: std::time::Duration,
+    /// Requests streaming blob content in at once; more get 429.
+    pub upload_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl RequestLimits {
+    pub fn new(body_idle_timeout: std::time::Duration, max_concurrent_uploads: usize) -> Self {
+        Self {
+            body_idle_timeout,
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent_uploads)),
+        }
+    }
 }
 
 pub fn router(state: AppState) -> axum::Router {

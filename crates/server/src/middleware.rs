@@ -56,18 +56,7 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     let method = method_label(request.method());
     let span = tracing::info_span!("request", id = %id, method, path = %request.uri().path());
 
-    // Count request body bytes as they arrive.
     let metrics = state.metrics.clone();
-    let request = request.map(|body| {
-        let counter = metrics.bytes_in.clone();
-        Body::from_stream(body.into_data_stream().map(move |chunk| {
-            if let Ok(c) = &chunk {
-                counter.inc_by(c.len() as u64);
-            }
-            chunk
-        }))
-    });
-
     let mut response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();

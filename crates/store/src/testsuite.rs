@@ -257,13 +257,13 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
     assert_eq!(store.upload_size(id).await.unwrap(), Some(0));
     assert_eq!(
         store
-            .append_upload(id, 0, stream_of(vec![data[..100].to_vec()]), u64::MAX)
+            .append_upload(id, 0, None, stream_of(vec![data[..100].to_vec()]), u64::MAX)
             .await
             .unwrap(),
         100
     );
     let err = store
-        .append_upload(id, 50, stream_of(vec![vec![1]]), u64::MAX)
+        .append_upload(id, 50, None, stream_of(vec![vec![1]]), u64::MAX)
         .await
         .unwrap_err();
     assert!(
@@ -278,20 +278,32 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
     );
     // A failed chunk leaves the upload as it was.
     let err = store
-        .append_upload(id, 100, failing_stream(data[100..5000].to_vec()), u64::MAX)
+        .append_upload(
+            id,
+            100,
+            None,
+            failing_stream(data[100..5000].to_vec()),
+            u64::MAX,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, PutError::Body(_)), "{err:?}");
     assert_eq!(store.upload_size(id).await.unwrap(), Some(100));
     let err = store
-        .append_upload(id, 100, stream_of(vec![data[100..].to_vec()]), 1000)
+        .append_upload(id, 100, None, stream_of(vec![data[100..].to_vec()]), 1000)
         .await
         .unwrap_err();
     assert!(matches!(err, PutError::TooLarge { .. }), "{err:?}");
     assert_eq!(store.upload_size(id).await.unwrap(), Some(100));
     assert_eq!(
         store
-            .append_upload(id, 100, stream_of(vec![data[100..].to_vec()]), u64::MAX)
+            .append_upload(
+                id,
+                100,
+                None,
+                stream_of(vec![data[100..].to_vec()]),
+                u64::MAX
+            )
             .await
             .unwrap(),
         data.len() as u64
@@ -317,7 +329,7 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
     let id2 = "2f1d0b8e-0000-4000-8000-000000000002";
     store.create_upload(id2).await.unwrap();
     store
-        .append_upload(id2, 0, stream_of(vec![b"hello".to_vec()]), u64::MAX)
+        .append_upload(id2, 0, None, stream_of(vec![b"hello".to_vec()]), u64::MAX)
         .await
         .unwrap();
     let err = store.commit_upload(id2, &wrong).await.unwrap_err();
@@ -333,6 +345,67 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
     assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
     let read = store.read(&empty, None).await.unwrap().unwrap();
     assert!(collect(read.stream).await.unwrap().is_empty());
+
+    // A chunk shorter or longer than announced leaves no trace.
+    let id5 = "2f1d0b8e-0000-4000-8000-000000000005";
+    store.create_upload(id5).await.unwrap();
+    let err = store
+        .append_upload(
+            id5,
+            0,
+            Some(10),
+            stream_of(vec![b"short".to_vec()]),
+            u64::MAX,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PutError::LengthMismatch {
+                expected: 10,
+                received: 5
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(store.upload_size(id5).await.unwrap(), Some(0));
+    assert_eq!(
+        store
+            .append_upload(
+                id5,
+                0,
+                Some(5),
+                stream_of(vec![b"exact".to_vec()]),
+                u64::MAX
+            )
+            .await
+            .unwrap(),
+        5
+    );
+
+    // A chunk racing the commit either makes it into a commit that then fails
+    // verification, or finds the upload gone: a committed blob always matches.
+    let exact = Digest::sha256_of(b"exact");
+    let late_chunk = store.append_upload(
+        id5,
+        5,
+        None,
+        stream_of(vec![vec![9u8; 2_000_000]]),
+        u64::MAX,
+    );
+    let commit = store.commit_upload(id5, &exact);
+    let (appended, committed) = tokio::join!(late_chunk, commit);
+    match (&appended, &committed) {
+        (Err(PutError::UploadUnknown), Ok(5)) => {
+            let read = store.read(&exact, None).await.unwrap().unwrap();
+            assert_eq!(collect(read.stream).await.unwrap(), b"exact");
+        }
+        (Ok(_), Err(PutError::DigestMismatch { .. })) => {
+            assert!(store.stat(&exact).await.unwrap().is_none());
+        }
+        other => panic!("append and commit raced badly: {other:?}"),
+    }
 
     // Cancelled uploads and deletes.
     let id4 = "2f1d0b8e-0000-4000-8000-000000000004";

@@ -8,6 +8,7 @@ mod blobs;
 mod concurrency;
 mod durability;
 mod errors;
+mod limits;
 mod manifests;
 mod memory;
 mod podman;

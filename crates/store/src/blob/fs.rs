@@ -22,9 +22,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use berth_oci::{Algorithm, ByteRange, Digest, Hasher};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::{BlobRead, BlobStore, ByteStream, PutError};
@@ -34,10 +33,9 @@ use crate::StoreError;
 /// copied, so size costs no heap; each window is unmapped once sent, so a huge
 /// download never keeps more than a window or two of it mapped.
 const READ_CHUNK: usize = 512 * 1024;
-/// Incoming bytes are batched to this size before a write to disk.
+/// Incoming frames are gathered up to this size for one blocking write task;
+/// with one batch in flight and one filling, an upload holds about 1 MiB.
 const WRITE_BATCH: usize = 512 * 1024;
-/// Batches queued to the writer thread; bounds memory per upload.
-const WRITE_QUEUE: usize = 4;
 
 #[derive(Clone, Debug)]
 pub struct FsOptions {
@@ -174,9 +172,11 @@ impl FsBlobStore {
     }
 }
 
-/// Streams `body` into `file` (from its current position) through `hasher`
-/// on a blocking thread, pipelined with receiving. Stops with `TooLarge` once
-/// `already + received` exceeds `max_total`.
+/// Streams `body` into `file` (from its current position) through `hasher`,
+/// pipelined: while one batch is hashed and written on a blocking thread, the
+/// next one is received. Each batch is its own short blocking task, so a slow
+/// client never holds a blocking thread while the registry waits for its bytes.
+/// Stops with `TooLarge` once `already + received` exceeds `max_total`.
 async fn write_stream(
     file: File,
     hasher: Option<ContentHash>,
@@ -184,52 +184,82 @@ async fn write_stream(
     already: u64,
     max_total: u64,
 ) -> Result<(File, Option<ContentHash>, u64), PutError> {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<(File, Option<ContentHash>)> {
-        let mut file = file;
-        let mut hasher = hasher;
-        while let Some(chunk) = rx.blocking_recv() {
-            if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
+    type Written = io::Result<(File, Option<ContentHash>)>;
+    fn write_batch(
+        file: File,
+        hasher: Option<ContentHash>,
+        batch: Vec<Bytes>,
+    ) -> tokio::task::JoinHandle<Written> {
+        tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            let mut hasher = hasher;
+            for chunk in &batch {
+                if let Some(h) = hasher.as_mut() {
+                    h.update(chunk);
+                }
+                file.write_all(chunk)?;
             }
-            file.write_all(&chunk)?;
+            Ok((file, hasher))
+        })
+    }
+    /// The file is either free, or owned by the task writing a batch to it.
+    // One per upload, on its task's stack: the hash state's size is no concern.
+    #[allow(clippy::large_enum_variant)]
+    enum Writer {
+        Idle(File, Option<ContentHash>),
+        Busy(tokio::task::JoinHandle<Written>),
+    }
+    impl Writer {
+        async fn ready(self) -> Result<(File, Option<ContentHash>), PutError> {
+            match self {
+                Writer::Idle(file, hasher) => Ok((file, hasher)),
+                Writer::Busy(task) => Ok(task
+                    .await
+                    .map_err(StoreError::from)?
+                    .map_err(StoreError::Io)?),
+            }
         }
-        Ok((file, hasher))
-    });
+    }
 
+    let mut writer = Writer::Idle(file, hasher);
     let mut received: u64 = 0;
-    let mut batch = BytesMut::new();
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len = 0usize;
     let mut failure: Option<PutError> = None;
-    while let Some(frame) = body.next().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
+    loop {
+        let frame = match body.next().await {
+            None => break,
+            Some(Err(e)) => {
                 failure = Some(PutError::Body(e));
                 break;
             }
+            Some(Ok(f)) => f,
         };
         received += frame.len() as u64;
         if already.saturating_add(received) > max_total {
             failure = Some(PutError::TooLarge { limit: max_total });
             break;
         }
-        batch.extend_from_slice(&frame);
-        if batch.len() >= WRITE_BATCH && tx.send(batch.split().freeze()).await.is_err() {
-            break; // the writer failed; its error is reported below
+        batch_len += frame.len();
+        batch.push(frame);
+        if batch_len >= WRITE_BATCH {
+            let (file, hasher) = writer.ready().await?;
+            writer = Writer::Busy(write_batch(file, hasher, std::mem::take(&mut batch)));
+            batch_len = 0;
         }
     }
-    if failure.is_none() && !batch.is_empty() {
-        let _ = tx.send(batch.freeze()).await;
+    let (file, hasher) = writer.ready().await?;
+    if let Some(e) = failure {
+        return Err(e);
     }
-    drop(tx);
-    let (file, hasher) = writer
-        .await
-        .map_err(StoreError::from)?
-        .map_err(StoreError::Io)?;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok((file, hasher, received)),
-    }
+    let (file, hasher) = if batch.is_empty() {
+        (file, hasher)
+    } else {
+        Writer::Busy(write_batch(file, hasher, batch))
+            .ready()
+            .await?
+    };
+    Ok((file, hasher, received))
 }
 
 fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u128)> {
@@ -315,14 +345,13 @@ fn read_stream(state: ReadState) -> ByteStream {
             }
             if state.pos == state.end
                 && let Some(v) = state.verifier.take()
+                && !v.matches(&state.digest)
             {
-                if !v.matches(&state.digest) {
-                    tracing::error!(digest = %state.digest, "stored blob is corrupt; refusing to serve it");
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("stored blob {} is corrupt", state.digest),
-                    ));
-                }
+                tracing::error!(digest = %state.digest, "stored blob is corrupt; refusing to serve it");
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("stored blob {} is corrupt", state.digest),
+                ));
             }
             Ok(Some((buf, state)))
         })
@@ -524,6 +553,7 @@ impl BlobStore for FsBlobStore {
         &self,
         id: &str,
         offset: u64,
+        expected_len: Option<u64>,
         body: ByteStream,
         max_total: u64,
     ) -> Result<u64, PutError> {
@@ -552,12 +582,29 @@ impl BlobStore for FsBlobStore {
             .as_ref()
             .filter(|h| h.size == current)
             .map(|h| h.hash.clone());
-        match write_stream(file, hasher, body, current, max_total).await {
-            Ok((file, hasher, written)) => {
-                tokio::task::spawn_blocking(move || file.sync_data())
-                    .await
-                    .map_err(StoreError::from)?
-                    .map_err(StoreError::Io)?;
+        let outcome = async {
+            let (file, hasher, written) =
+                write_stream(file, hasher, body, current, max_total).await?;
+            if let Some(expected) = expected_len
+                && expected != written
+            {
+                return Err(PutError::LengthMismatch {
+                    expected,
+                    received: written,
+                });
+            }
+            // Only a synced chunk may be acknowledged. After a failed fsync the
+            // kernel may already have dropped the dirty pages, so the chunk is
+            // rolled back below and never retried over the same data.
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(StoreError::from)?
+                .map_err(StoreError::Io)?;
+            Ok((hasher, written))
+        }
+        .await;
+        match outcome {
+            Ok((hasher, written)) => {
                 let size = current + written;
                 *hash_state = hasher.map(|hash| UploadHash { size, hash });
                 Ok(size)
@@ -566,14 +613,19 @@ impl BlobStore for FsBlobStore {
                 // Roll the file back so a failed chunk leaves no trace and the
                 // client can resume from the offset it last saw acknowledged.
                 let path = self.upload_path(id)?;
-                let truncated = tokio::task::spawn_blocking(move || {
-                    OpenOptions::new().write(true).open(path)?.set_len(current)
+                let rolled_back = tokio::task::spawn_blocking(move || -> io::Result<()> {
+                    let file = OpenOptions::new().write(true).open(path)?;
+                    file.set_len(current)?;
+                    file.sync_all()
                 })
                 .await
                 .map_err(StoreError::from)?;
-                if let Err(io) = truncated {
-                    tracing::warn!(upload = id, error = %io, "could not roll back failed chunk");
-                    *hash_state = None;
+                if let Err(io) = rolled_back {
+                    // The upload's content is now unknown: it must never be
+                    // committed. Drop it; the client starts over.
+                    tracing::error!(upload = id, error = %io, "could not roll back a failed chunk; discarding the upload");
+                    drop(hash_state);
+                    self.delete_upload(id).await?;
                 }
                 Err(e)
             }
@@ -729,12 +781,15 @@ mod tests {
         let first: ByteStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from(
             data[..700_000].to_vec(),
         ))]));
-        store.append_upload(id, 0, first, u64::MAX).await.unwrap();
+        store
+            .append_upload(id, 0, None, first, u64::MAX)
+            .await
+            .unwrap();
         let rest: ByteStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from(
             data[700_000..].to_vec(),
         ))]));
         store
-            .append_upload(id, 700_000, rest, u64::MAX)
+            .append_upload(id, 700_000, None, rest, u64::MAX)
             .await
             .unwrap();
         store.commit_upload(id, &digest).await.unwrap();

@@ -32,6 +32,8 @@ pub enum PutError {
     OffsetMismatch { current: u64, requested: u64 },
     #[error("upload unknown")]
     UploadUnknown,
+    #[error("chunk was announced as {expected} bytes but {received} arrived")]
+    LengthMismatch { expected: u64, received: u64 },
     #[error("reading the request body failed: {0}")]
     Body(io::Error),
     #[error(transparent)]
@@ -72,13 +74,15 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes received so far by an upload, `None` if it does not exist.
     async fn upload_size(&self, id: &str) -> Result<Option<u64>, StoreError>;
 
-    /// Appends a chunk that must start at `offset` (the current size). The
-    /// chunk is durable when this returns; a failed chunk leaves no trace.
-    /// Returns the new size.
+    /// Appends a chunk that must start at `offset` (the current size) and, when
+    /// `expected_len` is given, be exactly that long. The chunk is durable when
+    /// this returns; a failed chunk leaves no trace. Appends and the commit of
+    /// one upload are serialized. Returns the new size.
     async fn append_upload(
         &self,
         id: &str,
         offset: u64,
+        expected_len: Option<u64>,
         body: ByteStream,
         max_total: u64,
     ) -> Result<u64, PutError>;
