@@ -25,6 +25,8 @@ pub struct Limits {
     pub max_page: usize,
     /// Memory for recently served manifests (0 disables the cache).
     pub manifest_cache_bytes: u64,
+    /// Largest page of referrers returned at once.
+    pub max_referrers_page: usize,
 }
 
 impl Default for Limits {
@@ -34,6 +36,7 @@ impl Default for Limits {
             max_blob_bytes: 1 << 40,
             max_page: 10_000,
             manifest_cache_bytes: 64 * 1024 * 1024,
+            max_referrers_page: 1000,
         }
     }
 }
@@ -592,24 +595,8 @@ impl Registry {
             Reference::Tag(_) => Digest::sha256_of(&bytes),
         };
 
-        for blob in manifest.required_blobs() {
-            if self.link(name, &blob.digest).await?.is_none() {
-                return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
-            }
-        }
         let mut platforms = Vec::new();
         for child in manifest.children() {
-            let exists = if ManifestKind::from_media_type(&child.media_type).is_some() {
-                self.meta
-                    .get(keys::manifest(name, &child.digest).as_bytes())
-                    .await?
-                    .is_some()
-            } else {
-                self.link(name, &child.digest).await?.is_some()
-            };
-            if !exists {
-                return Err(RegistryError::ManifestBlobUnknown(child.digest.clone()));
-            }
             if let Some(p) = child.platform.as_ref()
                 && let (Some(os), Some(arch)) = (
                     p.get("os").and_then(|v| v.as_str()),
@@ -623,6 +610,14 @@ impl Registry {
                 });
             }
         }
+
+        // Everything the manifest references must exist before anything is
+        // written, and must still exist when it is committed: each reference
+        // is guarded by the version seen here, so a concurrent delete of a
+        // layer or child makes the commit retry (and then fail with
+        // MANIFEST_BLOB_UNKNOWN) instead of leaving a manifest that points at
+        // nothing.
+        let mut guards = self.reference_guards(name, &manifest).await?;
 
         // Bytes first, durable and verified; then the metadata commit.
         let size = bytes.len() as u64;
@@ -647,9 +642,9 @@ impl Registry {
                 .collect(),
             created_ms: now_ms(),
         };
-        let mut txn = Txn::new().put(keys::manifest(name, &digest), encode(&record));
+        let mut base = Txn::new().put(keys::manifest(name, &digest), encode(&record));
         if let Reference::Tag(tag) = reference {
-            txn = txn.put(
+            base = base.put(
                 keys::tag(name, tag.as_str()),
                 encode(&TagRecord {
                     digest: digest.clone(),
@@ -663,18 +658,67 @@ impl Registry {
                 digest: digest.clone(),
                 size,
                 artifact_type: record.artifact_type.clone(),
-                annotations: manifest.annotations.clone(),
+                annotations: referrer_annotations(&manifest, &digest),
                 urls: None,
                 platform: None,
             };
-            txn = txn.put(
+            base = base.put(
                 keys::referrer(name, subject, &digest),
                 serde_json::to_vec(&descriptor).unwrap_or_default(),
             );
         }
-        let txn = self.ensure_repo(name, txn).await?;
-        self.meta.commit(txn).await?;
-        Ok(PutManifestOutcome { digest, subject })
+        let base = self.ensure_repo(name, base).await?;
+        for _ in 0..TXN_ATTEMPTS {
+            let mut txn = base.clone();
+            for (key, version) in guards {
+                txn = txn.require_version(key, version);
+            }
+            if self.meta.commit(txn).await? {
+                return Ok(PutManifestOutcome { digest, subject });
+            }
+            guards = self.reference_guards(name, &manifest).await?;
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Database(
+            "manifest push kept conflicting with concurrent changes to its references".into(),
+        )))
+    }
+
+    /// The metadata keys a manifest's references live under, with their
+    /// current versions. Fails with `MANIFEST_BLOB_UNKNOWN` on the first
+    /// missing one: layers and config must be blobs of the repository, index
+    /// entries manifests of it (or blobs, for non-manifest entries).
+    async fn reference_guards(
+        &self,
+        name: &RepositoryName,
+        manifest: &Manifest,
+    ) -> Result<Vec<(String, u64)>> {
+        let mut guards = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let blobs = manifest
+            .required_blobs()
+            .map(|d| (keys::link(name, &d.digest), d));
+        let children = manifest.children().iter().map(|d| {
+            let key = if ManifestKind::from_media_type(&d.media_type).is_some() {
+                keys::manifest(name, &d.digest)
+            } else {
+                keys::link(name, &d.digest)
+            };
+            (key, d)
+        });
+        for (key, descriptor) in blobs.chain(children) {
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            match self.meta.get(key.as_bytes()).await? {
+                Some(kv) => guards.push((key, kv.version)),
+                None => {
+                    return Err(RegistryError::ManifestBlobUnknown(
+                        descriptor.digest.clone(),
+                    ));
+                }
+            }
+        }
+        Ok(guards)
     }
 
     /// Deletes a tag (by tag) or a manifest with every tag pointing at it
@@ -761,21 +805,38 @@ impl Registry {
     // ---- referrers, tags, catalog -------------------------------------------
 
     /// Descriptors of the manifests in `name` whose subject is `subject`,
-    /// optionally only those of `artifact_type`.
+    /// optionally only those of `artifact_type`, a page at a time (in digest
+    /// order, after `last`). `more` tells whether another page follows.
     pub async fn referrers(
         &self,
         name: &RepositoryName,
         subject: &Digest,
         artifact_type: Option<&str>,
-    ) -> Result<Vec<Descriptor>> {
+        last: Option<&Digest>,
+    ) -> Result<(Vec<Descriptor>, bool)> {
+        let prefix = keys::referrer_prefix(name, subject);
+        let page = self.limits.max_referrers_page;
         let mut out = Vec::new();
-        for kv in self.scan_all(&keys::referrer_prefix(name, subject)).await? {
-            let d: Descriptor = decode(&kv.key, &kv.value)?;
-            if artifact_type.is_none_or(|t| d.artifact_type.as_deref() == Some(t)) {
-                out.push(d);
+        let mut after = last.map(|d| keys::referrer(name, subject, d).into_bytes());
+        loop {
+            let batch = self
+                .meta
+                .scan(prefix.as_bytes(), after.as_deref(), 256)
+                .await?;
+            let Some(last_kv) = batch.last() else {
+                return Ok((out, false));
+            };
+            after = Some(last_kv.key.clone());
+            for kv in batch {
+                let d: Descriptor = decode(&kv.key, &kv.value)?;
+                if artifact_type.is_none_or(|t| d.artifact_type.as_deref() == Some(t)) {
+                    if out.len() == page {
+                        return Ok((out, true));
+                    }
+                    out.push(d);
+                }
             }
         }
-        Ok(out)
     }
 
     async fn page(&self, prefix: &str, last: Option<&str>, n: Option<usize>) -> Result<Page> {
@@ -819,6 +880,22 @@ impl Registry {
     pub async fn catalog(&self, last: Option<&str>, n: Option<usize>) -> Result<Page> {
         self.page(keys::REPO_PREFIX, last, n).await
     }
+}
+
+/// Annotations copied into a referrers descriptor, unless they are so large
+/// that every referrers response would carry them (they stay in the manifest).
+fn referrer_annotations(
+    manifest: &Manifest,
+    digest: &Digest,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    const MAX_REFERRER_ANNOTATION_BYTES: usize = 16 * 1024;
+    let annotations = manifest.annotations.as_ref()?;
+    let size: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_REFERRER_ANNOTATION_BYTES {
+        tracing::info!(%digest, size, "annotations too large for the referrers index; omitted there");
+        return None;
+    }
+    Some(annotations.clone())
 }
 
 fn accepts(accept: &[String], media_type: &str) -> bool {

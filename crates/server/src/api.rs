@@ -163,6 +163,19 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Encodes a query value: everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn header_str<'h>(headers: &'h HeaderMap, name: &header::HeaderName) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -355,20 +368,33 @@ impl Ctx<'_> {
             return Err(unsupported());
         }
         let filter = self.query.get("artifactType").map(String::as_str);
-        let manifests = self
+        let last = match self.query.get("last") {
+            Some(l) => Some(parse_digest(l)?),
+            None => None,
+        };
+        let (manifests, more) = self
             .state
             .registry
-            .referrers(&name, &subject, filter)
+            .referrers(&name, &subject, filter, last.as_ref())
             .await?;
-        let body = serde_json::json!({
+        let body = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": media_type::OCI_INDEX,
             "manifests": manifests,
-        })
-        .to_string();
+        }))
+        .unwrap_or_default();
         let mut headers = vec![(header::CONTENT_TYPE, media_type::OCI_INDEX.to_string())];
         if filter.is_some() {
             headers.push((OCI_FILTERS_APPLIED, "artifactType".into()));
+        }
+        if more && let Some(next) = manifests.last() {
+            let mut link = format!("</v2/{name}/referrers/{subject}?last={}", next.digest);
+            if let Some(t) = filter {
+                link.push_str("&artifactType=");
+                link.push_str(&percent_encode(t));
+            }
+            link.push_str(">; rel=\"next\"");
+            headers.push((header::LINK, link));
         }
         Ok(with_headers(StatusCode::OK, headers, Body::from(body)))
     }

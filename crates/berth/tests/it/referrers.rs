@@ -321,3 +321,98 @@ async fn referrers_with_invalid_digest_returns_400() {
         check_error_body(&r);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_referrers_are_paginated_with_link_headers_and_filters_kept() {
+    let reg = Registry::start().await;
+    let repo = "ref/many";
+    let subject = Image::oci(fresh_seed(), 1, 100);
+    reg.push_blob(repo, b"{}").await;
+    // 1005 referrers: even ones are signatures, odd ones SBOMs.
+    let total = 1005usize;
+    let mut pushed = std::collections::BTreeSet::new();
+    let mut pending = Vec::new();
+    for i in 0..total {
+        let kind = if i % 2 == 0 {
+            "application/vnd.example.sig"
+        } else {
+            "application/vnd.example.sbom+json"
+        };
+        let m = artifact_manifest(
+            kind,
+            &[],
+            Some(subject.descriptor()),
+            Some(json!({ "n": i.to_string() })),
+        );
+        pushed.insert(sha256_digest(&m));
+        let (client, url) = (
+            reg.client().clone(),
+            format!("{}/v2/{repo}/manifests/{}", reg.url(), sha256_digest(&m)),
+        );
+        pending.push(async move {
+            let r = client
+                .put(url)
+                .header("content-type", OCI_MANIFEST)
+                .body(m)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        });
+        if pending.len() == 16 {
+            futures_util::future::join_all(pending.drain(..)).await;
+        }
+    }
+    futures_util::future::join_all(pending).await;
+
+    // Unfiltered: a full first page, then the rest through Link.
+    let mut seen = Vec::new();
+    let mut next = Some(format!("/v2/{repo}/referrers/{}", subject.digest));
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        let r = reg.get(&path).await;
+        assert_eq!(r.status, 200, "{}", r.describe());
+        let list = r.json()["manifests"].as_array().unwrap().clone();
+        pages += 1;
+        if pages == 1 {
+            assert_eq!(list.len(), 1000);
+        }
+        seen.extend(
+            list.iter()
+                .map(|d| d["digest"].as_str().unwrap().to_string()),
+        );
+        next = r.header("link").map(|l| {
+            assert!(l.ends_with("; rel=\"next\""), "{l}");
+            l[l.find('<').unwrap() + 1..l.find('>').unwrap()].to_string()
+        });
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(seen.len(), total);
+    assert_eq!(
+        seen.iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        pushed
+    );
+
+    // Filtered: 502 SBOMs fit one page, so no Link; the filter is reported.
+    let r = reg
+        .get(&format!(
+            "/v2/{repo}/referrers/{}?artifactType={}",
+            subject.digest,
+            encode_query("application/vnd.example.sbom+json")
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("oci-filters-applied").as_deref(),
+        Some("artifactType")
+    );
+    assert!(r.header("link").is_none());
+    let list = r.json()["manifests"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 502);
+    assert!(
+        list.iter()
+            .all(|d| d["artifactType"] == "application/vnd.example.sbom+json")
+    );
+}

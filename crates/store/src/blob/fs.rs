@@ -127,6 +127,7 @@ impl FsBlobStore {
             }
             sync_dir(&dir)?;
         }
+        sync_dir(&root.join("blobs"))?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
