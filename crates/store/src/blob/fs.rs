@@ -276,14 +276,29 @@ fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u128)> {
     }
 }
 
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
+
 /// Maps `len` bytes of `file` at `pos` and returns them as `Bytes` that own the
-/// mapping. The pages are populated here, on a blocking thread, so that
-/// sending them never faults (and blocks) on an async worker.
+/// mapping (no copy, no heap). The pages are populated here, on a blocking
+/// thread, so that sending them never faults on an async worker.
+///
+/// A page that cannot be read (a media error) would raise SIGBUS, killing the
+/// whole process, when touched. So the window is used only if every page came
+/// in; otherwise it is read with `pread`, which turns the error into a failed
+/// request. (Sending from the mapping is safe regardless: the kernel's copy
+/// reports a bad page as EFAULT, it does not signal.)
 fn map_window(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    let page = 4096u64;
+    let page = page_size();
     let aligned = pos - pos % page;
     let skip = (pos - aligned) as usize;
     // SAFETY: blob files are immutable once installed (written to a temporary
@@ -296,7 +311,29 @@ fn map_window(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
             .populate()
             .map(file)?
     };
+    if !fully_resident(&map, page) {
+        tracing::warn!("blob pages could not be loaded; reading them instead of mapping");
+        let mut buf = vec![0u8; len];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, pos)?;
+        return Ok(Bytes::from(buf));
+    }
     Ok(Bytes::from_owner(map).slice(skip..))
+}
+
+/// Whether every page of the mapping is in memory.
+fn fully_resident(map: &memmap2::Mmap, page: u64) -> bool {
+    let pages = (map.len() as u64).div_ceil(page) as usize;
+    let mut residency = vec![0u8; pages];
+    // SAFETY: the address and length are those of a live mapping we own, and
+    // `residency` has one byte per page of it, as mincore requires.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            residency.as_mut_ptr(),
+        )
+    };
+    rc == 0 && residency.iter().all(|r| r & 1 == 1)
 }
 
 /// How a whole-blob read checks the bytes it serves.
@@ -769,6 +806,33 @@ mod tests {
             .map(Bytes::len)
             .sum();
         assert!(delivered < len);
+    }
+
+    #[tokio::test]
+    async fn mapped_windows_are_resident_and_match_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        for (pos, len) in [
+            (0usize, 4096usize),
+            (1, 10),
+            (4095, 70_000),
+            (999_000, 1000),
+        ] {
+            let window = map_window(&file, pos as u64, len).unwrap();
+            assert_eq!(&window[..], &data[pos..pos + len]);
+        }
+        let page = page_size();
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(8192)
+                .populate()
+                .map(&file)
+                .unwrap()
+        };
+        assert!(fully_resident(&map, page));
     }
 
     #[tokio::test]
