@@ -97,11 +97,12 @@ fn check_peak(pid: u32, sampled_kb: u64, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gib_blob_streams_through_with_server_rss_under_100_mib() {
+async fn four_gib_blob_streams_through_with_server_rss_under_100_mib() {
     let reg = Registry::start_with(Options::new().env("BERTH_LOG", "warn")).await;
     let pid = reg.pid();
     let seed = fresh_seed();
-    let len: u64 = 2 * 1024 * 1024 * 1024;
+    // Larger than 2^32, so any 32-bit size or offset arithmetic would show.
+    let len: u64 = 4 * 1024 * 1024 * 1024 + 4097;
     let repo = "mem/big";
     let sampler = RssSampler::start(pid);
     let t = Instant::now();
@@ -115,7 +116,7 @@ async fn two_gib_blob_streams_through_with_server_rss_under_100_mib() {
             .body(hashing_body(seed, len, hasher.clone())),
     )
     .await;
-    assert_eq!(r.status, 202, "streamed PATCH of 2 GiB: {}", r.describe());
+    assert_eq!(r.status, 202, "streamed PATCH of 4 GiB: {}", r.describe());
     assert_eq!(
         r.header("range").as_deref(),
         Some(format!("0-{}", len - 1).as_str())
@@ -131,7 +132,7 @@ async fn two_gib_blob_streams_through_with_server_rss_under_100_mib() {
     )
     .await;
     assert_eq!(r.status, 201, "closing PUT: {}", r.describe());
-    eprintln!("pushed 2 GiB in {:?}", t.elapsed());
+    eprintln!("pushed 4 GiB in {:?}", t.elapsed());
 
     let r = reg.head(&format!("/v2/{repo}/blobs/{digest}")).await;
     assert_eq!(r.status, 200);
@@ -142,7 +143,7 @@ async fn two_gib_blob_streams_through_with_server_rss_under_100_mib() {
     let (got, n) = pull_hashing(&reg, &format!("/v2/{repo}/blobs/{digest}")).await;
     assert_eq!(n, len, "pulled length");
     assert_eq!(got, digest, "pulled digest");
-    eprintln!("pulled 2 GiB in {:?}", t.elapsed());
+    eprintln!("pulled 4 GiB in {:?}", t.elapsed());
 
     // A range near the end of the blob.
     let start = len - 1_000_000;
@@ -154,14 +155,14 @@ async fn two_gib_blob_streams_through_with_server_rss_under_100_mib() {
     assert_eq!(r.status, 206, "{}", r.describe());
     let mut want = vec![0u8; 1_000_000];
     fill_pattern(seed, start, &mut want);
-    assert!(r.body == want, "range at the end of a 2 GiB blob");
+    assert!(r.body == want, "range at the end of a 4 GiB blob");
     assert_eq!(
         r.header("content-range").as_deref(),
         Some(format!("bytes {start}-{}/{len}", len - 1).as_str())
     );
 
     let sampled = sampler.finish().await;
-    check_peak(pid, sampled, "2 GiB streamed push+pull");
+    check_peak(pid, sampled, "4 GiB streamed push+pull");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
