@@ -54,6 +54,16 @@ impl ApiError {
     }
 
     fn storage(e: &StoreError) -> Self {
+        if let StoreError::Unavailable(why) = e {
+            // Fail fast with a retryable answer: clients back off and retry.
+            let mut err = ApiError::new(ErrorCode::Unavailable)
+                .message(format!(
+                    "the registry's storage is unavailable, retry later: {why}"
+                ))
+                .header(header::RETRY_AFTER, "1");
+            err.storage_failure = true;
+            return err;
+        }
         let (status, message) = match e {
             StoreError::Io(io) if io.raw_os_error() == Some(28) => (
                 StatusCode::INSUFFICIENT_STORAGE,

@@ -13,7 +13,7 @@ pub mod meta;
 pub mod testsuite;
 
 pub use blob::{BlobRead, BlobStore, ByteStream, PutError, fs::FsBlobStore};
-pub use meta::{Compare, KeyValue, MetaStore, Op, Txn, redb::RedbMetaStore};
+pub use meta::{Compare, KeyValue, MetaStore, Op, Txn, etcd::EtcdMetaStore, redb::RedbMetaStore};
 
 /// A failure of the storage engine itself (disk, database), as opposed to a
 /// problem with what the client sent.
@@ -23,6 +23,9 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("metadata database error: {0}")]
     Database(String),
+    /// The store cannot be reached or has no quorum; retrying later may work.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("storage task failed: {0}")]
     Task(String),
 }

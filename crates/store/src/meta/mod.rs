@@ -1,6 +1,7 @@
 //! The metadata store: ordered keys, prefix scans, and transactions that
 //! apply only if every comparison holds (compare-and-swap across keys).
 
+pub mod etcd;
 pub mod redb;
 
 use async_trait::async_trait;
