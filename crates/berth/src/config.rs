@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// Directory for blobs and metadata [default: ./berth-data].
     #[arg(long, env = "BERTH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Metadata engine: `redb` (embedded, in the data directory) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` [default: redb].
+    #[arg(long, env = "BERTH_METADATA")]
+    pub metadata: Option<String>,
     /// Largest manifest accepted, in bytes [default: 4194304].
     #[arg(long, env = "BERTH_MAX_MANIFEST_BYTES")]
     pub max_manifest_bytes: Option<u64>,
@@ -72,6 +76,7 @@ pub struct ServeArgs {
 struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    metadata: Option<String>,
     max_manifest_bytes: Option<u64>,
     max_blob_bytes: Option<u64>,
     upload_ttl_secs: Option<u64>,
@@ -85,10 +90,58 @@ struct FileConfig {
     log_format: Option<LogFormat>,
 }
 
+/// Where metadata lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Metadata {
+    /// redb, in `<data_dir>/meta.redb`.
+    Redb,
+    /// An etcd cluster: client endpoints and the key prefix of this registry.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl Metadata {
+    /// Parses `redb` or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let invalid = |why: &str| ConfigError::Metadata(format!("{s:?}: {why}"));
+        if s == "redb" {
+            return Ok(Metadata::Redb);
+        }
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            return Err(invalid(
+                "expected `redb` or `etcd://HOST:PORT,...[/PREFIX]`",
+            ));
+        };
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((hosts, prefix)) => (hosts, prefix),
+            None => (rest, "berth"),
+        };
+        let prefix = prefix.trim_matches('/');
+        if prefix.is_empty() {
+            return Err(invalid("the key prefix must not be empty"));
+        }
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("http://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(invalid("no etcd endpoint given"));
+        }
+        Ok(Metadata::Etcd {
+            endpoints,
+            prefix: format!("/{prefix}/"),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub metadata: Metadata,
     pub max_manifest_bytes: u64,
     pub max_blob_bytes: u64,
     pub upload_ttl: Duration,
@@ -116,6 +169,8 @@ pub enum ConfigError {
     },
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("invalid metadata engine {0}")]
+    Metadata(String),
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -151,6 +206,12 @@ impl ServeConfig {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("berth-data")),
+            metadata: Metadata::parse(
+                args.metadata
+                    .as_deref()
+                    .or(file.metadata.as_deref())
+                    .unwrap_or("redb"),
+            )?,
             max_manifest_bytes: args
                 .max_manifest_bytes
                 .or(file.max_manifest_bytes)
@@ -240,6 +301,28 @@ mod tests {
         assert_eq!(config.upload_ttl, Duration::from_secs(60));
         assert_eq!(config.max_manifest_bytes, 4 << 20);
         assert!(config.verify_blob_reads);
+    }
+
+    #[test]
+    fn metadata_engines_parse() {
+        assert_eq!(Metadata::parse("redb").unwrap(), Metadata::Redb);
+        assert_eq!(
+            Metadata::parse("etcd://10.0.0.1:2379,10.0.0.2:2379/prod/eu").unwrap(),
+            Metadata::Etcd {
+                endpoints: vec!["http://10.0.0.1:2379".into(), "http://10.0.0.2:2379".into()],
+                prefix: "/prod/eu/".into(),
+            }
+        );
+        assert_eq!(
+            Metadata::parse("etcd://127.0.0.1:2379").unwrap(),
+            Metadata::Etcd {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: "/berth/".into(),
+            }
+        );
+        for bad in ["", "postgres://x", "etcd://", "etcd:///p", "etcd://h:1//"] {
+            assert!(Metadata::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use berth_registry::{Limits, Registry};
 use berth_server::{AppState, Metrics, RequestLimits, ServeOptions};
 use berth_store::blob::fs::FsOptions;
-use berth_store::{FsBlobStore, RedbMetaStore};
+use berth_store::meta::etcd::EtcdOptions;
+use berth_store::{EtcdMetaStore, FsBlobStore, MetaStore, RedbMetaStore};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, ServeConfig};
+use crate::config::{LogFormat, Metadata, ServeConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -66,7 +67,19 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         path: shown.clone(),
         source,
     };
-    let meta = RedbMetaStore::open(&data_dir.join("meta.redb")).map_err(store_err)?;
+    let meta: Arc<dyn MetaStore> = match &config.metadata {
+        Metadata::Redb => {
+            Arc::new(RedbMetaStore::open(&data_dir.join("meta.redb")).map_err(store_err)?)
+        }
+        Metadata::Etcd { endpoints, prefix } => Arc::new(
+            EtcdMetaStore::connect(EtcdOptions::new(endpoints.clone(), prefix.clone()))
+                .await
+                .map_err(|source| ServeError::Store {
+                    path: format!("etcd {}", endpoints.join(",")),
+                    source,
+                })?,
+        ),
+    };
     let blobs = FsBlobStore::open(
         &data_dir,
         FsOptions {
@@ -75,7 +88,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     )
     .map_err(store_err)?;
     let registry = Arc::new(Registry::new(
-        Arc::new(meta),
+        meta,
         Arc::new(blobs),
         Limits {
             max_manifest_bytes: config.max_manifest_bytes,
@@ -130,8 +143,14 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     });
 
     let local = listener.local_addr().unwrap_or(config.listen);
+    let metadata = match &config.metadata {
+        Metadata::Redb => "redb".to_string(),
+        Metadata::Etcd { endpoints, prefix } => {
+            format!("etcd {} under {prefix}", endpoints.join(","))
+        }
+    };
     tracing::info!(
-        "berth {} listening on http://{local}, data in {}",
+        "berth {} listening on http://{local}, data in {}, metadata in {metadata}",
         env!("CARGO_PKG_VERSION"),
         std::path::absolute(&data_dir)
             .unwrap_or(data_dir.clone())

@@ -10,6 +10,7 @@ use berth_oci::{Digest, ErrorCode, RangeError, Reference, RepositoryName, media_
 use berth_store::ByteStream;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -192,34 +193,75 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     }
 }
 
-/// Blob content from the client: counted, and abandoned if the client stops
+/// Blob content from the client: counted, abandoned if the client stops
 /// sending for longer than the idle timeout (a stalled upload must not hold
-/// its slot and its file forever).
+/// its slot and its file forever), and drained if dropped early.
 fn body_stream(state: &AppState, body: Body) -> ByteStream {
     let idle = state.limits.body_idle_timeout;
     let counter = state.metrics.bytes_in.clone();
-    let frames = body.into_data_stream();
-    Box::pin(futures_util::stream::unfold(Some(frames), move |frames| {
+    let frames = UnreadBody {
+        frames: Some(body.into_data_stream()),
+        idle,
+    };
+    Box::pin(futures_util::stream::unfold(frames, move |mut body| {
         let counter = counter.clone();
         async move {
-            let mut frames = frames?;
+            let frames = body.frames.as_mut()?;
             match tokio::time::timeout(idle, frames.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     counter.inc_by(chunk.len() as u64);
-                    Some((Ok(chunk), Some(frames)))
+                    Some((Ok(chunk), body))
                 }
-                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
-                Ok(None) => None,
-                Err(_) => Some((
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("client sent nothing for {}s", idle.as_secs()),
-                    )),
-                    None,
-                )),
+                Ok(Some(Err(e))) => {
+                    body.frames = None;
+                    Some((Err(std::io::Error::other(e)), body))
+                }
+                Ok(None) => {
+                    drop(body.frames.take()); // fully read: nothing to drain
+                    None
+                }
+                Err(_) => {
+                    body.frames = None;
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("client sent nothing for {}s", idle.as_secs()),
+                        )),
+                        body,
+                    ))
+                }
             }
         }
     }))
+}
+
+/// A request body that may be dropped before its end (a size limit, a digest
+/// or storage error). The client is then still sending: if nobody reads, it
+/// fails with a broken pipe and never sees the error response. So a dropped
+/// body is drained in the background, up to a cap and the idle timeout.
+struct UnreadBody {
+    frames: Option<axum::body::BodyDataStream>,
+    idle: std::time::Duration,
+}
+
+impl Drop for UnreadBody {
+    fn drop(&mut self) {
+        let (Some(mut frames), Ok(runtime)) =
+            (self.frames.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let idle = self.idle;
+        runtime.spawn(async move {
+            let mut seen = 0u64;
+            while seen <= DRAIN_CAP {
+                match tokio::time::timeout(idle, frames.next()).await {
+                    Ok(Some(Ok(chunk))) => seen += chunk.len() as u64,
+                    _ => break,
+                }
+            }
+        });
+    }
 }
 
 /// Whether the request carries content. Asked of the body itself: HTTP/2
@@ -293,13 +335,21 @@ fn accepted_types(headers: &HeaderMap) -> Vec<String> {
 impl Ctx<'_> {
     /// Admits a request that streams blob content in: within the size limit
     /// (when announced) and within the concurrent upload limit (429 past it).
-    /// The returned permit is held until the content is stored.
-    fn admit_upload(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    /// The returned permit is held until the content is stored. An announced
+    /// body over the limit is drained (up to a cap) before the refusal, so the
+    /// client, still sending, can read it.
+    async fn admit_upload(&self, body: Body) -> Result<(OwnedSemaphorePermit, Body), ApiError> {
         let limit = self.state.registry.limits().max_blob_bytes;
-        if content_length(self.headers)?.is_some_and(|n| n > limit) {
+        if let Some(n) = content_length(self.headers)?
+            && n > limit
+        {
+            if n <= limit.saturating_add(DRAIN_CAP) {
+                drain(body, n).await;
+            }
             return Err(berth_registry::RegistryError::TooLarge { limit }.into());
         }
-        self.state
+        let permit = self
+            .state
             .limits
             .upload_slots
             .clone()
@@ -308,7 +358,8 @@ impl Ctx<'_> {
                 ApiError::new(ErrorCode::TooManyRequests)
                     .message("too many uploads in progress; retry shortly")
                     .header(header::RETRY_AFTER, "1")
-            })
+            })?;
+        Ok((permit, body))
     }
 
     fn page_params(&self) -> Result<(Option<usize>, Option<&str>), ApiError> {
@@ -568,7 +619,7 @@ impl Ctx<'_> {
             // Not mountable: the client falls back to a normal upload.
         } else if let Some(digest) = self.query.get("digest") {
             let digest = parse_digest(digest)?;
-            let _slot = self.admit_upload()?;
+            let (_slot, body) = self.admit_upload(body).await?;
             registry
                 .put_blob(&name, &digest, body_stream(self.state, body))
                 .await?;
@@ -607,7 +658,7 @@ impl Ctx<'_> {
                 ))
             }
             Method::PATCH => {
-                let _slot = self.admit_upload().map_err(add_location)?;
+                let (_slot, body) = self.admit_upload(body).await.map_err(add_location)?;
                 let (range, len) = chunk(self.headers).map_err(add_location)?;
                 let status = registry
                     .append_upload(&name, id, range, len, body_stream(self.state, body))
@@ -627,7 +678,7 @@ impl Ctx<'_> {
                 })?;
                 let digest = parse_digest(digest)?;
                 let (final_chunk, _slot) = if has_body(&body) {
-                    let slot = self.admit_upload().map_err(add_location)?;
+                    let (slot, body) = self.admit_upload(body).await.map_err(add_location)?;
                     let (range, len) = chunk(self.headers).map_err(add_location)?;
                     (
                         Some((range, len, body_stream(self.state, body))),

@@ -460,6 +460,7 @@ impl Registry {
                 .arg("--data-dir")
                 .arg(&self.data_dir)
                 .args(&self.opts.args)
+                .args(etcd_metadata_args(&self.data_dir))
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(log))
                 .stderr(Stdio::from(log2));
@@ -1129,4 +1130,25 @@ pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
         rest.trim().trim_end_matches("kB").trim().parse().ok()
     })
+}
+
+/// With `BERTH_IT_ETCD=HOST:PORT`, every registry keeps its metadata in that
+/// etcd, under a prefix of its own derived from its data directory (so a
+/// restart on the same directory finds its metadata again). This is how the
+/// whole suite runs against the etcd engine.
+pub fn etcd_metadata_args(data_dir: &Path) -> Vec<String> {
+    match std::env::var("BERTH_IT_ETCD") {
+        Ok(endpoint) if !endpoint.is_empty() => {
+            let unique: String = data_dir
+                .to_string_lossy()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            vec![
+                "--metadata".to_string(),
+                format!("etcd://{endpoint}/berth-it/{unique}"),
+            ]
+        }
+        _ => Vec::new(),
+    }
 }
