@@ -94,6 +94,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             max_manifest_bytes: config.max_manifest_bytes,
             max_blob_bytes: config.max_blob_bytes,
             manifest_cache_bytes: config.manifest_cache_bytes,
+            upload_ttl_ms: config.upload_ttl.as_millis() as u64,
             ..Limits::default()
         },
     ));

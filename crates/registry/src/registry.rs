@@ -27,6 +27,8 @@ pub struct Limits {
     pub manifest_cache_bytes: u64,
     /// Largest page of referrers returned at once.
     pub max_referrers_page: usize,
+    /// Idle time after which upload sessions expire.
+    pub upload_ttl_ms: u64,
 }
 
 impl Default for Limits {
@@ -37,6 +39,7 @@ impl Default for Limits {
             max_page: 10_000,
             manifest_cache_bytes: 64 * 1024 * 1024,
             max_referrers_page: 1000,
+            upload_ttl_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -176,8 +179,22 @@ impl Registry {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobRead> {
-        self.stat_blob(name, digest).await?;
+        let recorded = self.stat_blob(name, digest).await?;
         match self.blobs.read(digest, range).await? {
+            // A file of the wrong length is damaged at rest (an empty one
+            // would even pass verification): never serve it as the blob.
+            Some(read) if read.size != recorded => {
+                tracing::error!(repository = %name, %digest, recorded, stored = read.size, "stored blob has the wrong size; refusing to serve it");
+                Err(RegistryError::Store(berth_store::StoreError::Io(
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "stored blob {digest} is {} bytes, {recorded} expected",
+                            read.size
+                        ),
+                    ),
+                )))
+            }
             Some(read) => Ok(read),
             None => {
                 tracing::error!(repository = %name, %digest, "blob is linked but its bytes are missing");
@@ -354,12 +371,13 @@ impl Registry {
         Ok(UploadStatus { size })
     }
 
-    /// Refreshes the session's activity time (at most once a minute: each
-    /// refresh is a durable write).
+    /// Refreshes the session's activity time, at most every minute (each
+    /// refresh is a durable write) and at least four times per TTL.
     async fn touch_upload(&self, kv: &KeyValue) -> Result<()> {
         let mut record: UploadRecord = decode(&kv.key, &kv.value)?;
         let now = now_ms();
-        if now.saturating_sub(record.updated_ms) < 60_000 {
+        let interval = (self.limits.upload_ttl_ms / 4).min(60_000);
+        if now.saturating_sub(record.updated_ms) < interval {
             return Ok(());
         }
         record.updated_ms = now;
@@ -398,7 +416,16 @@ impl Registry {
         let session = keys::upload(id);
         let size = match self.blobs.commit_upload(id, digest).await {
             Ok(size) => size,
-            Err(e @ (PutError::DigestMismatch { .. } | PutError::UploadUnknown)) => {
+            // A retry after an earlier attempt moved the verified data into
+            // the store but could not commit the metadata: finish that commit.
+            Err(PutError::UploadUnknown) => match self.blobs.stat(digest).await? {
+                Some(size) => size,
+                None => {
+                    self.meta.commit(Txn::new().delete(session)).await?;
+                    return Err(RegistryError::BlobUploadUnknown);
+                }
+            },
+            Err(e @ PutError::DigestMismatch { .. }) => {
                 // The data is gone (discarded or never there): so is the session.
                 self.meta.commit(Txn::new().delete(session)).await?;
                 return Err(RegistryError::from_put(e));

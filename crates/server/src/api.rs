@@ -42,7 +42,18 @@ pub async fn dispatch(
         Ok(q) => q,
         Err(e) => return e.into_response(),
     };
+    // Computed before the body is wrapped: the wrapper cannot tell.
+    let has_body = !http_body::Body::is_end_stream(&body);
+    let body = if matches!(method, Method::PUT | Method::PATCH | Method::POST) {
+        Body::from_stream(UnreadBody {
+            frames: Some(body.into_data_stream()),
+            idle: state.limits.body_idle_timeout,
+        })
+    } else {
+        body
+    };
     let ctx = Ctx {
+        has_body,
         state: &state,
         method: &method,
         headers: &headers,
@@ -81,23 +92,12 @@ pub async fn dispatch(
     }
 }
 
-/// How much of an oversized body is read and discarded before answering, so
-/// that a client still sending can read the error instead of a broken pipe.
+/// How much of an abandoned request body is read and discarded, so that a
+/// client still sending can read the error response instead of a reset.
 const DRAIN_CAP: u64 = 16 * 1024 * 1024;
 
-async fn drain(body: Body, cap: u64) {
-    use futures_util::StreamExt;
-    let mut stream = body.into_data_stream();
-    let mut seen = 0u64;
-    while seen <= cap {
-        match stream.next().await {
-            Some(Ok(chunk)) => seen += chunk.len() as u64,
-            _ => break,
-        }
-    }
-}
-
 struct Ctx<'a> {
+    has_body: bool,
     state: &'a AppState,
     method: &'a Method,
     headers: &'a HeaderMap,
@@ -193,46 +193,36 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     }
 }
 
-/// Blob content from the client: counted, abandoned if the client stops
+/// Blob content from the client: counted, and abandoned if the client stops
 /// sending for longer than the idle timeout (a stalled upload must not hold
-/// its slot and its file forever), and drained if dropped early.
+/// its slot and its file forever).
 fn body_stream(state: &AppState, body: Body) -> ByteStream {
     let idle = state.limits.body_idle_timeout;
     let counter = state.metrics.bytes_in.clone();
-    let frames = UnreadBody {
-        frames: Some(body.into_data_stream()),
-        idle,
-    };
-    Box::pin(futures_util::stream::unfold(frames, move |mut body| {
-        let counter = counter.clone();
-        async move {
-            let frames = body.frames.as_mut()?;
-            match tokio::time::timeout(idle, frames.next()).await {
-                Ok(Some(Ok(chunk))) => {
-                    counter.inc_by(chunk.len() as u64);
-                    Some((Ok(chunk), body))
-                }
-                Ok(Some(Err(e))) => {
-                    body.frames = None;
-                    Some((Err(std::io::Error::other(e)), body))
-                }
-                Ok(None) => {
-                    drop(body.frames.take()); // fully read: nothing to drain
-                    None
-                }
-                Err(_) => {
-                    body.frames = None;
-                    Some((
+    Box::pin(futures_util::stream::unfold(
+        Some(body.into_data_stream()),
+        move |frames| {
+            let counter = counter.clone();
+            async move {
+                let mut frames = frames?;
+                match tokio::time::timeout(idle, frames.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        counter.inc_by(chunk.len() as u64);
+                        Some((Ok(chunk), Some(frames)))
+                    }
+                    Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+                    Ok(None) => None,
+                    Err(_) => Some((
                         Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             format!("client sent nothing for {}s", idle.as_secs()),
                         )),
-                        body,
-                    ))
+                        None,
+                    )),
                 }
             }
-        }
-    }))
+        },
+    ))
 }
 
 /// A request body that may be dropped before its end (a size limit, a digest
@@ -242,6 +232,24 @@ fn body_stream(state: &AppState, body: Body) -> ByteStream {
 struct UnreadBody {
     frames: Option<axum::body::BodyDataStream>,
     idle: std::time::Duration,
+}
+
+impl futures_util::Stream for UnreadBody {
+    type Item = Result<bytes::Bytes, axum::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let Some(frames) = self.frames.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let next = std::pin::Pin::new(frames).poll_next(cx);
+        if matches!(next, std::task::Poll::Ready(None)) {
+            self.frames = None; // fully read: nothing to drain
+        }
+        next
+    }
 }
 
 impl Drop for UnreadBody {
@@ -262,12 +270,6 @@ impl Drop for UnreadBody {
             }
         });
     }
-}
-
-/// Whether the request carries content. Asked of the body itself: HTTP/2
-/// requests may stream without Content-Length or Transfer-Encoding.
-fn has_body(body: &Body) -> bool {
-    !http_body::Body::is_end_stream(body)
 }
 
 fn blob_location(name: &RepositoryName, digest: &Digest) -> String {
@@ -335,17 +337,13 @@ fn accepted_types(headers: &HeaderMap) -> Vec<String> {
 impl Ctx<'_> {
     /// Admits a request that streams blob content in: within the size limit
     /// (when announced) and within the concurrent upload limit (429 past it).
-    /// The returned permit is held until the content is stored. An announced
-    /// body over the limit is drained (up to a cap) before the refusal, so the
-    /// client, still sending, can read it.
+    /// The returned permit is held until the content is stored. (A refused
+    /// body is drained in the background when dropped; see `UnreadBody`.)
     async fn admit_upload(&self, body: Body) -> Result<(OwnedSemaphorePermit, Body), ApiError> {
         let limit = self.state.registry.limits().max_blob_bytes;
         if let Some(n) = content_length(self.headers)?
             && n > limit
         {
-            if n <= limit.saturating_add(DRAIN_CAP) {
-                drain(body, n).await;
-            }
             return Err(berth_registry::RegistryError::TooLarge { limit }.into());
         }
         let permit = self
@@ -502,12 +500,12 @@ impl Ctx<'_> {
                 if let Some(n) = content_length(self.headers)?
                     && n > limit
                 {
-                    if n <= limit + DRAIN_CAP {
-                        drain(body, n).await;
-                    }
                     return Err(too_large());
                 }
-                let bytes = read_bounded(body, limit).await?.ok_or_else(too_large)?;
+                let idle = self.state.limits.body_idle_timeout;
+                let bytes = read_bounded(body, limit, idle)
+                    .await?
+                    .ok_or_else(too_large)?;
                 let content_type = header_str(self.headers, &header::CONTENT_TYPE);
                 let outcome = registry
                     .put_manifest(&name, &reference, content_type, bytes)
@@ -677,7 +675,7 @@ impl Ctx<'_> {
                         .message("the digest query parameter is required to complete an upload")
                 })?;
                 let digest = parse_digest(digest)?;
-                let (final_chunk, _slot) = if has_body(&body) {
+                let (final_chunk, _slot) = if self.has_body {
                     let (slot, body) = self.admit_upload(body).await.map_err(add_location)?;
                     let (range, len) = chunk(self.headers).map_err(add_location)?;
                     (
@@ -711,30 +709,34 @@ impl Ctx<'_> {
     }
 }
 
-/// Reads a body of at most `limit` bytes. `None` if it is longer (the excess
-/// is drained up to a cap, so the client can read the answer).
-async fn read_bounded(body: Body, limit: u64) -> Result<Option<bytes::Bytes>, ApiError> {
-    use futures_util::StreamExt;
+/// Reads a body of at most `limit` bytes. `None` if it is longer (dropping
+/// the rest, which `UnreadBody` drains). A client idle for `idle` fails it.
+async fn read_bounded(
+    body: Body,
+    limit: u64,
+    idle: std::time::Duration,
+) -> Result<Option<bytes::Bytes>, ApiError> {
     let mut stream = body.into_data_stream();
     let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(idle, stream.next())
+            .await
+            .map_err(|_| {
+                ApiError::new(ErrorCode::ManifestInvalid)
+                    .message(format!("client sent nothing for {}s", idle.as_secs()))
+            })?;
+        let Some(chunk) = next else {
+            return Ok(Some(buf.freeze()));
+        };
         let chunk = chunk.map_err(|e| {
             ApiError::new(ErrorCode::ManifestInvalid)
                 .message(format!("reading the request body failed: {e}"))
         })?;
         if (buf.len() + chunk.len()) as u64 > limit {
-            let mut seen = (buf.len() + chunk.len()) as u64;
-            while seen <= limit + DRAIN_CAP {
-                match stream.next().await {
-                    Some(Ok(c)) => seen += c.len() as u64,
-                    _ => break,
-                }
-            }
             return Ok(None);
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(Some(buf.freeze()))
 }
 
 fn json_page(body: serde_json::Value, link: Option<String>) -> Response {

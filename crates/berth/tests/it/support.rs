@@ -483,7 +483,17 @@ impl Registry {
                 .unwrap_or_else(|e| panic!("failed to spawn {BIN}: {e}"));
             self.child = Some(child);
             match self.wait_ready(Duration::from_secs(15)).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    // In the etcd pass the embedded database must not exist:
+                    // otherwise the pass would silently test redb again.
+                    if !etcd_metadata_args(&self.data_dir).is_empty() {
+                        assert!(
+                            !self.data_dir.join("meta.redb").exists(),
+                            "BERTH_IT_ETCD is set but berth created meta.redb"
+                        );
+                    }
+                    return;
+                }
                 Err(e) => {
                     last_err = e;
                     let exited = self.exit_status.is_some();

@@ -167,6 +167,14 @@ impl FsBlobStore {
         map.entry(id.to_string()).or_default().clone()
     }
 
+    /// Deletes an upload's data; the caller holds the upload's lock.
+    async fn remove_upload_file(&self, id: &str) -> Result<(), StoreError> {
+        let path = self.upload_path(id)?;
+        tokio::task::spawn_blocking(move || not_found_to_none(fs::remove_file(path))).await??;
+        self.forget_upload(id);
+        Ok(())
+    }
+
     fn forget_upload(&self, id: &str) {
         let mut map = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(id);
@@ -662,8 +670,8 @@ impl BlobStore for FsBlobStore {
                     // The upload's content is now unknown: it must never be
                     // committed. Drop it; the client starts over.
                     tracing::error!(upload = id, error = %io, "could not roll back a failed chunk; discarding the upload");
-                    drop(hash_state);
-                    self.delete_upload(id).await?;
+                    *hash_state = None;
+                    self.remove_upload_file(id).await?;
                 }
                 Err(e)
             }
@@ -703,7 +711,7 @@ impl BlobStore for FsBlobStore {
         // The upload's lock stays held through the rename: a chunk racing the
         // commit must not append to a file that was just verified.
         if &computed != expected {
-            self.delete_upload(id).await?;
+            self.remove_upload_file(id).await?;
             return Err(PutError::DigestMismatch {
                 expected: expected.clone(),
                 computed,
@@ -733,10 +741,10 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn delete_upload(&self, id: &str) -> Result<(), StoreError> {
-        let path = self.upload_path(id)?;
-        tokio::task::spawn_blocking(move || not_found_to_none(fs::remove_file(path))).await??;
-        self.forget_upload(id);
-        Ok(())
+        // Under the upload's lock: never delete the file under a running chunk.
+        let slot = self.upload_slot(id);
+        let _guard = slot.lock().await;
+        self.remove_upload_file(id).await
     }
 
     async fn list_uploads(&self) -> Result<Vec<String>, StoreError> {
