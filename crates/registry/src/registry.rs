@@ -513,11 +513,19 @@ impl Registry {
     }
 
     pub async fn open_uploads(&self) -> Result<usize> {
-        Ok(self
-            .meta
-            .scan(keys::UPLOAD_PREFIX.as_bytes(), None, usize::MAX)
-            .await?
-            .len())
+        let mut count = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let batch = self
+                .meta
+                .scan(keys::UPLOAD_PREFIX.as_bytes(), after.as_deref(), 1000)
+                .await?;
+            let Some(last) = batch.last() else {
+                return Ok(count);
+            };
+            after = Some(last.key.clone());
+            count += batch.len();
+        }
     }
 
     // ---- manifests ---------------------------------------------------------
@@ -846,9 +854,11 @@ impl Registry {
         let mut out = Vec::new();
         let mut after = last.map(|d| keys::referrer(name, subject, d).into_bytes());
         loop {
+            // Small batches: a referrer record may carry 16 KiB of annotations
+            // and etcd answers at most 4 MiB per response.
             let batch = self
                 .meta
-                .scan(prefix.as_bytes(), after.as_deref(), 256)
+                .scan(prefix.as_bytes(), after.as_deref(), 64)
                 .await?;
             let Some(last_kv) = batch.last() else {
                 return Ok((out, false));
