@@ -222,6 +222,15 @@ impl Registry {
 
     /// Makes a stored blob visible in `name`.
     async fn commit_link(&self, name: &RepositoryName, digest: &Digest, size: u64) -> Result<()> {
+        // An identical link is left alone: rewriting it would change its
+        // version and make concurrent manifest pushes that guard on it retry.
+        if self
+            .link(name, digest)
+            .await?
+            .is_some_and(|l| l.size == size)
+        {
+            return Ok(());
+        }
         let txn = Txn::new()
             .put(keys::link(name, digest), encode(&LinkRecord { size }))
             .put(keys::blob(digest), encode(&BlobRecord { size }));

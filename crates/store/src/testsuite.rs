@@ -384,28 +384,41 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
         5
     );
 
-    // A chunk racing the commit either makes it into a commit that then fails
-    // verification, or finds the upload gone: a committed blob always matches.
+    // A chunk racing the commit, in both orders. First come, first served
+    // under the upload's lock: a chunk that wins makes the commit fail
+    // verification; a commit that wins leaves the chunk no upload. Either way
+    // an installed blob is exactly the verified bytes.
     let exact = Digest::sha256_of(b"exact");
-    let late_chunk = store.append_upload(
-        id5,
-        5,
-        None,
-        stream_of(vec![vec![9u8; 2_000_000]]),
-        u64::MAX,
-    );
-    let commit = store.commit_upload(id5, &exact);
-    let (appended, committed) = tokio::join!(late_chunk, commit);
-    match (&appended, &committed) {
-        (Err(PutError::UploadUnknown), Ok(5)) => {
-            let read = store.read(&exact, None).await.unwrap().unwrap();
-            assert_eq!(collect(read.stream).await.unwrap(), b"exact");
+    for chunk_first in [true, false] {
+        let id = if chunk_first {
+            "2f1d0b8e-0000-4000-8000-000000000006"
+        } else {
+            "2f1d0b8e-0000-4000-8000-000000000007"
+        };
+        store.create_upload(id).await.unwrap();
+        store
+            .append_upload(id, 0, None, stream_of(vec![b"exact".to_vec()]), u64::MAX)
+            .await
+            .unwrap();
+        let late_chunk =
+            store.append_upload(id, 5, None, stream_of(vec![vec![9u8; 2_000_000]]), u64::MAX);
+        let commit = store.commit_upload(id, &exact);
+        let (appended, committed) = if chunk_first {
+            tokio::join!(late_chunk, commit)
+        } else {
+            let (c, a) = tokio::join!(commit, late_chunk);
+            (a, c)
+        };
+        match (chunk_first, &appended, &committed) {
+            (true, Ok(2_000_005), Err(PutError::DigestMismatch { .. })) => {}
+            (false, Err(PutError::UploadUnknown), Ok(5)) => {
+                let read = store.read(&exact, None).await.unwrap().unwrap();
+                assert_eq!(collect(read.stream).await.unwrap(), b"exact");
+            }
+            other => panic!("append and commit raced badly: {other:?}"),
         }
-        (Ok(_), Err(PutError::DigestMismatch { .. })) => {
-            assert!(store.stat(&exact).await.unwrap().is_none());
-        }
-        other => panic!("append and commit raced badly: {other:?}"),
     }
+    store.delete(&exact).await.unwrap();
 
     // Cancelled uploads and deletes.
     let id4 = "2f1d0b8e-0000-4000-8000-000000000004";

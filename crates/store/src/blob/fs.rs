@@ -98,7 +98,16 @@ struct UploadHash {
     hash: ContentHash,
 }
 
-type UploadSlot = Arc<tokio::sync::Mutex<Option<UploadHash>>>;
+/// What the store knows about an upload in progress, behind its lock.
+#[derive(Default)]
+struct UploadState {
+    hash: Option<UploadHash>,
+    /// A failed chunk could not be rolled back (nor its data deleted): the
+    /// upload's bytes are unknown and it must never be committed.
+    poisoned: bool,
+}
+
+type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
 
 pub struct FsBlobStore {
     root: PathBuf,
@@ -291,6 +300,98 @@ fn page_size() -> u64 {
         n if n > 0 => n as u64,
         _ => 4096,
     })
+}
+
+/// Appends one chunk to the upload file at `path`; the caller passes the
+/// upload's locked state. See `BlobStore::append_upload`.
+async fn append_locked(
+    mut state: tokio::sync::OwnedMutexGuard<UploadState>,
+    path: PathBuf,
+    offset: u64,
+    expected_len: Option<u64>,
+    body: ByteStream,
+    max_total: u64,
+) -> Result<u64, PutError> {
+    if state.poisoned {
+        return Err(PutError::UploadUnknown);
+    }
+    let opened = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || {
+            not_found_to_none(OpenOptions::new().append(true).open(path).and_then(|f| {
+                let len = f.metadata()?.len();
+                Ok((f, len))
+            }))
+        }
+    })
+    .await
+    .map_err(StoreError::from)?
+    .map_err(StoreError::Io)?;
+    let Some((file, current)) = opened else {
+        return Err(PutError::UploadUnknown);
+    };
+    if offset != current {
+        return Err(PutError::OffsetMismatch {
+            current,
+            requested: offset,
+        });
+    }
+    let hasher = state
+        .hash
+        .as_ref()
+        .filter(|h| h.size == current)
+        .map(|h| h.hash.clone());
+    let outcome = async {
+        let (file, hasher, written) = write_stream(file, hasher, body, current, max_total).await?;
+        if let Some(expected) = expected_len
+            && expected != written
+        {
+            return Err(PutError::LengthMismatch {
+                expected,
+                received: written,
+            });
+        }
+        // Only a synced chunk may be acknowledged. After a failed fsync the
+        // kernel may already have dropped the dirty pages, so the chunk is
+        // rolled back below and never retried over the same data.
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(StoreError::from)?
+            .map_err(StoreError::Io)?;
+        Ok((hasher, written))
+    }
+    .await;
+    match outcome {
+        Ok((hasher, written)) => {
+            let size = current + written;
+            state.hash = hasher.map(|hash| UploadHash { size, hash });
+            Ok(size)
+        }
+        Err(e) => {
+            // Roll the file back so a failed chunk leaves no trace and the
+            // client can resume from the offset it last saw acknowledged.
+            let rolled_back = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || -> io::Result<()> {
+                    let file = OpenOptions::new().write(true).open(path)?;
+                    file.set_len(current)?;
+                    file.sync_all()
+                }
+            })
+            .await
+            .map_err(StoreError::from)?;
+            if let Err(io) = rolled_back {
+                // The upload's content is now unknown: it must never be
+                // committed. Poison it and try to drop its data; the client
+                // starts over.
+                tracing::error!(upload = %path.display(), error = %io, "could not roll back a failed chunk; discarding the upload");
+                state.hash = None;
+                state.poisoned = true;
+                let _ = tokio::task::spawn_blocking(move || fs::remove_file(path)).await;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Maps `len` bytes of `file` at `pos` and returns them as `Bytes` that own the
@@ -581,7 +682,7 @@ impl BlobStore for FsBlobStore {
             sync_dir(&dir)
         })
         .await??;
-        *self.upload_slot(id).lock().await = Some(UploadHash {
+        self.upload_slot(id).lock().await.hash = Some(UploadHash {
             size: 0,
             hash: ContentHash::new(Algorithm::Sha256),
         });
@@ -604,84 +705,28 @@ impl BlobStore for FsBlobStore {
         max_total: u64,
     ) -> Result<u64, PutError> {
         let path = self.upload_path(id)?;
-        let slot = self.upload_slot(id);
-        let mut hash_state = slot.lock().await;
-        let opened = tokio::task::spawn_blocking(move || {
-            not_found_to_none(OpenOptions::new().append(true).open(path).and_then(|f| {
-                let len = f.metadata()?.len();
-                Ok((f, len))
-            }))
-        })
-        .await
-        .map_err(StoreError::from)?
-        .map_err(StoreError::Io)?;
-        let Some((file, current)) = opened else {
-            return Err(PutError::UploadUnknown);
-        };
-        if offset != current {
-            return Err(PutError::OffsetMismatch {
-                current,
-                requested: offset,
-            });
-        }
-        let hasher = hash_state
-            .as_ref()
-            .filter(|h| h.size == current)
-            .map(|h| h.hash.clone());
-        let outcome = async {
-            let (file, hasher, written) =
-                write_stream(file, hasher, body, current, max_total).await?;
-            if let Some(expected) = expected_len
-                && expected != written
-            {
-                return Err(PutError::LengthMismatch {
-                    expected,
-                    received: written,
-                });
-            }
-            // Only a synced chunk may be acknowledged. After a failed fsync the
-            // kernel may already have dropped the dirty pages, so the chunk is
-            // rolled back below and never retried over the same data.
-            tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .map_err(StoreError::from)?
-                .map_err(StoreError::Io)?;
-            Ok((hasher, written))
-        }
-        .await;
-        match outcome {
-            Ok((hasher, written)) => {
-                let size = current + written;
-                *hash_state = hasher.map(|hash| UploadHash { size, hash });
-                Ok(size)
-            }
-            Err(e) => {
-                // Roll the file back so a failed chunk leaves no trace and the
-                // client can resume from the offset it last saw acknowledged.
-                let path = self.upload_path(id)?;
-                let rolled_back = tokio::task::spawn_blocking(move || -> io::Result<()> {
-                    let file = OpenOptions::new().write(true).open(path)?;
-                    file.set_len(current)?;
-                    file.sync_all()
-                })
-                .await
-                .map_err(StoreError::from)?;
-                if let Err(io) = rolled_back {
-                    // The upload's content is now unknown: it must never be
-                    // committed. Drop it; the client starts over.
-                    tracing::error!(upload = id, error = %io, "could not roll back a failed chunk; discarding the upload");
-                    *hash_state = None;
-                    self.remove_upload_file(id).await?;
-                }
-                Err(e)
-            }
-        }
+        // The chunk runs in a task of its own that holds the upload's lock: if
+        // the request is cancelled (a client reset, a shutdown), the write is
+        // still completed or rolled back before the next chunk may start.
+        let state = self.upload_slot(id).lock_owned().await;
+        let chunk = tokio::spawn(append_locked(
+            state,
+            path,
+            offset,
+            expected_len,
+            body,
+            max_total,
+        ));
+        chunk.await.map_err(StoreError::from)?
     }
 
     async fn commit_upload(&self, id: &str, expected: &Digest) -> Result<u64, PutError> {
         let path = self.upload_path(id)?;
         let slot = self.upload_slot(id);
         let hash_state = slot.lock().await;
+        if hash_state.poisoned {
+            return Err(PutError::UploadUnknown);
+        }
         let size = match tokio::task::spawn_blocking({
             let path = path.clone();
             move || not_found_to_none(fs::metadata(path))
@@ -694,6 +739,7 @@ impl BlobStore for FsBlobStore {
             None => return Err(PutError::UploadUnknown),
         };
         let cached = hash_state
+            .hash
             .as_ref()
             .filter(|h| h.size == size && h.hash.digest.algorithm() == expected.algorithm())
             .map(|h| h.hash.clone().finish());
@@ -773,7 +819,7 @@ impl BlobStore for FsBlobStore {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn passes_the_blobstore_suite() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path(), FsOptions::default()).unwrap();

@@ -50,7 +50,10 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
         // A connection that broke mid-call surfaces as `Unknown` with a
         // transport message; it is as retryable as a refused connection.
         Error::GRpcStatus(status) => match i32::from(status.code()) {
-            GRPC_CANCELLED | GRPC_DEADLINE_EXCEEDED | GRPC_UNAVAILABLE => true,
+            GRPC_CANCELLED
+            | GRPC_DEADLINE_EXCEEDED
+            | GRPC_RESOURCE_EXHAUSTED
+            | GRPC_UNAVAILABLE => true,
             GRPC_UNKNOWN => status.message().contains("transport"),
             _ => false,
         },
@@ -68,6 +71,7 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
 const GRPC_CANCELLED: i32 = 1;
 const GRPC_UNKNOWN: i32 = 2;
 const GRPC_DEADLINE_EXCEEDED: i32 = 4;
+const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_UNAVAILABLE: i32 = 14;
 
 /// The smallest key greater than every key starting with `prefix` (etcd's
@@ -85,9 +89,19 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 impl EtcdMetaStore {
     pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
+        // Without a prefix the registry would own the whole keyspace, and the
+        // range arithmetic needs a non-empty key.
+        if options.prefix.is_empty() {
+            return Err(StoreError::Database(
+                "the etcd key prefix must not be empty".into(),
+            ));
+        }
         let connect = ConnectOptions::new()
             .with_timeout(options.request_timeout)
-            .with_connect_timeout(options.connect_timeout);
+            .with_connect_timeout(options.connect_timeout)
+            // Notice a half-open connection in seconds, not at TCP's pace.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
         let client = Client::connect(options.endpoints, Some(connect))
             .await
             .map_err(etcd_err)?;
