@@ -4,7 +4,16 @@
 //! transaction comparing `mod_revision` (or `create_revision == 0` for
 //! "absent"). Every key lives under a prefix, so one etcd cluster can hold
 //! several registries.
+//!
+//! **Reads survive the loss of quorum.** A read is first tried linearizable
+//! (through the quorum). If etcd cannot answer that way, the store serves
+//! reads for a few seconds as *serializable* reads: any surviving member
+//! answers from its own copy, possibly slightly behind. That is what lets
+//! pulls go on when two of three members are gone; content is addressed by
+//! digest, so the worst a stale read does is resolve a tag to its previous
+//! manifest. Writes always need the quorum and fail fast without it.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,8 +49,27 @@ impl EtcdOptions {
 }
 
 pub struct EtcdMetaStore {
+    /// All endpoints: writes and linearizable reads.
     client: Client,
+    /// One client per endpoint, for serializable reads: the balanced client
+    /// keeps sending to dead endpoints, so the fallback picks its own.
+    members: Vec<Client>,
+    /// The member that last answered a serializable read.
+    preferred_member: AtomicUsize,
+    /// Until when (ms since the epoch) reads skip the quorum.
+    degraded_until_ms: AtomicU64,
     prefix: Vec<u8>,
+}
+
+/// How long a linearizable read may take before the store falls back.
+const LINEARIZABLE_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long reads stay serializable after the quorum failed to answer.
+const DEGRADED_WINDOW: Duration = Duration::from_secs(5);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn etcd_err(e: etcd_client::Error) -> StoreError {
@@ -65,6 +93,15 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
     } else {
         StoreError::Database(e.to_string())
     }
+}
+
+/// Attempts on other endpoints after a connection was refused.
+const CONNECT_RETRIES: usize = 4;
+
+/// Whether the call failed before reaching any server.
+fn never_connected(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    text.contains("tcp connect error") || text.contains("Connection refused")
 }
 
 /// gRPC status codes (the etcd client does not re-export tonic's `Code`).
@@ -102,13 +139,88 @@ impl EtcdMetaStore {
             // Notice a half-open connection in seconds, not at TCP's pace.
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
-        let client = Client::connect(options.endpoints, Some(connect))
+        let client = Client::connect(&options.endpoints, Some(connect.clone()))
             .await
             .map_err(etcd_err)?;
+        let mut members = Vec::new();
+        for endpoint in &options.endpoints {
+            let single = connect
+                .clone()
+                .with_timeout(LINEARIZABLE_READ_TIMEOUT)
+                .with_connect_timeout(LINEARIZABLE_READ_TIMEOUT);
+            members.push(
+                Client::connect([endpoint], Some(single))
+                    .await
+                    .map_err(etcd_err)?,
+            );
+        }
         Ok(Self {
             client,
+            members,
+            preferred_member: AtomicUsize::new(0),
+            degraded_until_ms: AtomicU64::new(0),
             prefix: options.prefix.into_bytes(),
         })
+    }
+
+    /// A read: through the quorum when it answers, else from any member.
+    async fn read(
+        &self,
+        key: Vec<u8>,
+        options: GetOptions,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        if now_ms() >= self.degraded_until_ms.load(Ordering::Relaxed) {
+            let attempt = tokio::time::timeout(LINEARIZABLE_READ_TIMEOUT, async {
+                let mut attempts = 0;
+                loop {
+                    let mut client = self.client.clone();
+                    match client.get(key.clone(), Some(options.clone())).await {
+                        Err(e) if attempts < CONNECT_RETRIES && never_connected(&e) => {
+                            attempts += 1
+                        }
+                        other => break other,
+                    }
+                }
+            })
+            .await;
+            let error = match attempt {
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) => match etcd_err(e) {
+                    StoreError::Unavailable(why) => why,
+                    other => return Err(other),
+                },
+                Err(_) => "linearizable read timed out".to_string(),
+            };
+            tracing::warn!(error = %error, "etcd quorum not answering; serving reads from any member");
+            self.degraded_until_ms.store(
+                now_ms() + DEGRADED_WINDOW.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        self.serializable_read(key, options).await
+    }
+
+    async fn serializable_read(
+        &self,
+        key: Vec<u8>,
+        options: GetOptions,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let options = options.with_serializable();
+        let count = self.members.len();
+        let first = self.preferred_member.load(Ordering::Relaxed);
+        let mut last_error = StoreError::Unavailable("no etcd endpoint".into());
+        for i in 0..count {
+            let index = (first + i) % count;
+            let mut member = self.members[index].clone();
+            match member.get(key.clone(), Some(options.clone())).await {
+                Ok(resp) => {
+                    self.preferred_member.store(index, Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                Err(e) => last_error = etcd_err(e),
+            }
+        }
+        Err(last_error)
     }
 
     fn full_key(&self, key: &[u8]) -> Vec<u8> {
@@ -134,11 +246,7 @@ impl EtcdMetaStore {
 #[async_trait]
 impl MetaStore for EtcdMetaStore {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        let mut client = self.client.clone();
-        let resp = client
-            .get(self.full_key(key), None)
-            .await
-            .map_err(etcd_err)?;
+        let resp = self.read(self.full_key(key), GetOptions::new()).await?;
         Ok(resp.kvs().first().map(|kv| self.to_key_value(kv)))
     }
 
@@ -169,8 +277,7 @@ impl MetaStore for EtcdMetaStore {
             .with_range(end)
             .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .with_sort(SortTarget::Key, SortOrder::Ascend);
-        let mut client = self.client.clone();
-        let resp = client.get(start, Some(options)).await.map_err(etcd_err)?;
+        let resp = self.read(start, options).await?;
         Ok(resp.kvs().iter().map(|kv| self.to_key_value(kv)).collect())
     }
 
@@ -200,11 +307,19 @@ impl MetaStore for EtcdMetaStore {
                 Op::Delete(key) => TxnOp::delete(self.full_key(key), None),
             })
             .collect();
-        let mut client = self.client.clone();
-        let resp = client
-            .txn(EtcdTxn::new().when(compares).and_then(ops))
-            .await
-            .map_err(etcd_err)?;
+        let txn = EtcdTxn::new().when(compares).and_then(ops);
+        // The balanced client keeps picking endpoints that refuse
+        // connections. A request that never connected was never delivered,
+        // so retrying it (even a compare-and-swap) is safe.
+        let mut attempts = 0;
+        let resp = loop {
+            let mut client = self.client.clone();
+            match client.txn(txn.clone()).await {
+                Ok(resp) => break resp,
+                Err(e) if attempts < CONNECT_RETRIES && never_connected(&e) => attempts += 1,
+                Err(e) => return Err(etcd_err(e)),
+            }
+        };
         Ok(resp.succeeded())
     }
 
@@ -386,5 +501,184 @@ mod etcd_tests {
             store.check_health().await,
             Err(StoreError::Unavailable(_))
         ));
+    }
+}
+
+/// A three-member etcd cluster on loopback, for quorum-loss tests.
+#[cfg(test)]
+mod quorum_tests {
+    use std::net::TcpListener;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::Txn;
+
+    struct Member {
+        name: String,
+        client_url: String,
+        peer_url: String,
+        child: Option<Child>,
+    }
+
+    struct Cluster {
+        members: Vec<Member>,
+        initial_cluster: String,
+        dir: tempfile::TempDir,
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port")
+    }
+
+    impl Cluster {
+        fn start() -> Option<Cluster> {
+            if Command::new("etcd").arg("--version").output().is_err() {
+                assert!(
+                    std::env::var_os("BERTH_REQUIRE_ETCD").is_none(),
+                    "etcd is not installed but BERTH_REQUIRE_ETCD is set"
+                );
+                eprintln!("SKIPPED: etcd is not installed");
+                return None;
+            }
+            let members: Vec<Member> = (0..3)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client_url: format!("http://127.0.0.1:{}", free_port()),
+                    peer_url: format!("http://127.0.0.1:{}", free_port()),
+                    child: None,
+                })
+                .collect();
+            let initial_cluster = members
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.peer_url))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut cluster = Cluster {
+                members,
+                initial_cluster,
+                dir: tempfile::tempdir().expect("temp dir"),
+            };
+            for i in 0..3 {
+                cluster.start_member(i);
+            }
+            Some(cluster)
+        }
+
+        fn start_member(&mut self, i: usize) {
+            let m = &mut self.members[i];
+            let child = Command::new("etcd")
+                .args(["--name", &m.name, "--data-dir"])
+                .arg(self.dir.path().join(&m.name))
+                .args(["--listen-client-urls", &m.client_url])
+                .args(["--advertise-client-urls", &m.client_url])
+                .args(["--listen-peer-urls", &m.peer_url])
+                .args(["--initial-advertise-peer-urls", &m.peer_url])
+                .args(["--initial-cluster", &self.initial_cluster])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--heartbeat-interval", "100", "--election-timeout", "500"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn etcd");
+            m.child = Some(child);
+        }
+
+        fn kill_member(&mut self, i: usize) {
+            if let Some(mut child) = self.members[i].child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+
+        fn endpoints(&self) -> Vec<String> {
+            self.members.iter().map(|m| m.client_url.clone()).collect()
+        }
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            for i in 0..self.members.len() {
+                self.kill_member(i);
+            }
+        }
+    }
+
+    /// Runs `f` until it succeeds or `limit` passes.
+    async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = Instant::now() + limit;
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "did not succeed in {limit:?}: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_survive_the_loss_of_quorum_and_writes_resume_with_it() {
+        let Some(mut cluster) = Cluster::start() else {
+            return;
+        };
+        let store = EtcdMetaStore::connect(EtcdOptions::new(cluster.endpoints(), "/berth/quorum/"))
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(30), || {
+            store.commit(Txn::new().put("tag/a", "v1"))
+        })
+        .await;
+        assert!(store.commit(Txn::new().put("tag/b", "v2")).await.unwrap());
+
+        // Two of three members die: no quorum.
+        cluster.kill_member(1);
+        cluster.kill_member(2);
+
+        // Reads go on, served by the survivor.
+        for _ in 0..5 {
+            let kv = tokio::time::timeout(Duration::from_secs(10), store.get(b"tag/a"))
+                .await
+                .expect("a read without quorum must not hang")
+                .expect("a read without quorum must be served");
+            assert_eq!(kv.unwrap().value, b"v1");
+            let all = store
+                .scan(b"tag/", None, 10)
+                .await
+                .expect("scan without quorum");
+            assert_eq!(all.len(), 2);
+        }
+        // Writes fail, fast and retryably; readiness reports the lost quorum.
+        let write = tokio::time::timeout(
+            Duration::from_secs(30),
+            store.commit(Txn::new().put("tag/a", "v3")),
+        )
+        .await
+        .expect("a write without quorum must not hang");
+        assert!(
+            matches!(write, Err(StoreError::Unavailable(_))),
+            "{write:?}"
+        );
+        assert!(store.check_health().await.is_err());
+
+        // One member returns: quorum is back, and so are writes, untouched.
+        cluster.start_member(1);
+        eventually(Duration::from_secs(60), || {
+            store.commit(Txn::new().put("tag/a", "v3"))
+        })
+        .await;
+        eventually(Duration::from_secs(30), || store.check_health()).await;
+        assert_eq!(store.get(b"tag/a").await.unwrap().unwrap().value, b"v3");
     }
 }
