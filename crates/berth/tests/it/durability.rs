@@ -130,17 +130,8 @@ fn streaming_request(
         .req(method, url)
         .header("content-type", "application/octet-stream")
         .body(reqwest::Body::wrap_stream(stream));
-    let handle = tokio::spawn(async move {
-        let resp = rb.send().await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await?;
-        Ok(Resp {
-            status,
-            headers,
-            body,
-        })
-    });
+    // Sent once: a streamed body cannot be replayed.
+    let handle = tokio::spawn(try_send_once(rb));
     (tx, handle)
 }
 

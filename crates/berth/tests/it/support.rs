@@ -288,7 +288,7 @@ pub async fn try_send(rb: RequestBuilder) -> Result<Resp, reqwest::Error> {
     }
 }
 
-async fn try_send_once(rb: RequestBuilder) -> Result<Resp, reqwest::Error> {
+pub async fn try_send_once(rb: RequestBuilder) -> Result<Resp, reqwest::Error> {
     let resp = rb.send().await?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();

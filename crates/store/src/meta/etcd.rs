@@ -347,166 +347,9 @@ mod tests {
     }
 }
 
-/// Real etcd servers for tests, started on loopback and killed on drop.
+/// Tests against real etcd servers, started on loopback and killed on drop.
 #[cfg(test)]
 mod etcd_tests {
-    use std::net::TcpListener;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    use super::*;
-    use crate::Txn;
-
-    struct Etcd {
-        child: Child,
-        endpoint: String,
-        _dir: tempfile::TempDir,
-    }
-
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free loopback port")
-    }
-
-    impl Etcd {
-        /// A single-member etcd, or `None` (test skipped) when etcd is not
-        /// installed and `BERTH_REQUIRE_ETCD` is unset.
-        async fn start() -> Option<Etcd> {
-            if Command::new("etcd").arg("--version").output().is_err() {
-                assert!(
-                    std::env::var_os("BERTH_REQUIRE_ETCD").is_none(),
-                    "etcd is not installed but BERTH_REQUIRE_ETCD is set"
-                );
-                eprintln!(
-                    "SKIPPED: etcd is not installed (set BERTH_REQUIRE_ETCD to fail instead)"
-                );
-                return None;
-            }
-            let dir = tempfile::tempdir().expect("temp dir");
-            let (client, peer) = (free_port(), free_port());
-            let endpoint = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = Command::new("etcd")
-                .args(["--name", "t", "--data-dir"])
-                .arg(dir.path().join("etcd"))
-                .args([
-                    "--listen-client-urls",
-                    &endpoint,
-                    "--advertise-client-urls",
-                    &endpoint,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer_url,
-                    "--initial-advertise-peer-urls",
-                    &peer_url,
-                ])
-                .args(["--initial-cluster", &format!("t={peer_url}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn etcd");
-            let etcd = Etcd {
-                child,
-                endpoint,
-                _dir: dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Ok(store) = EtcdMetaStore::connect(etcd.options("/probe/")).await
-                    && store.check_health().await.is_ok()
-                {
-                    return Some(etcd);
-                }
-                assert!(Instant::now() < deadline, "etcd did not become ready");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-
-        fn options(&self, prefix: &str) -> EtcdOptions {
-            EtcdOptions::new(vec![self.endpoint.clone()], prefix)
-        }
-
-        fn kill(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    impl Drop for Etcd {
-        fn drop(&mut self) {
-            self.kill();
-        }
-    }
-
-    #[tokio::test]
-    async fn passes_the_metastore_suite() {
-        let Some(etcd) = Etcd::start().await else {
-            return;
-        };
-        let store = EtcdMetaStore::connect(etcd.options("/berth/suite/"))
-            .await
-            .unwrap();
-        crate::testsuite::metastore_suite(&store).await;
-    }
-
-    #[tokio::test]
-    async fn prefixes_isolate_registries_sharing_one_etcd() {
-        let Some(etcd) = Etcd::start().await else {
-            return;
-        };
-        let a = EtcdMetaStore::connect(etcd.options("/berth/a/"))
-            .await
-            .unwrap();
-        let b = EtcdMetaStore::connect(etcd.options("/berth/b/"))
-            .await
-            .unwrap();
-        assert!(a.commit(Txn::new().put("k", "from a")).await.unwrap());
-        assert!(b.get(b"k").await.unwrap().is_none());
-        assert!(
-            b.commit(Txn::new().require_absent("k").put("k", "from b"))
-                .await
-                .unwrap()
-        );
-        assert_eq!(a.get(b"k").await.unwrap().unwrap().value, b"from a");
-        let all_of_a = a.scan(b"", None, 100).await.unwrap();
-        assert_eq!(all_of_a.len(), 1);
-        assert_eq!(all_of_a[0].key, b"k");
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_etcd_fails_fast_as_unavailable() {
-        let Some(mut etcd) = Etcd::start().await else {
-            return;
-        };
-        let store = EtcdMetaStore::connect(etcd.options("/berth/down/"))
-            .await
-            .unwrap();
-        assert!(store.commit(Txn::new().put("k", "v")).await.unwrap());
-        etcd.kill();
-        // Bounded only to catch a hang; the client's own timeout is 3 s.
-        let outcome = tokio::time::timeout(
-            Duration::from_secs(30),
-            store.commit(Txn::new().put("k", "w")),
-        )
-        .await
-        .expect("a write to a dead etcd must not hang");
-        assert!(
-            matches!(outcome, Err(StoreError::Unavailable(_))),
-            "{outcome:?}"
-        );
-        assert!(matches!(
-            store.check_health().await,
-            Err(StoreError::Unavailable(_))
-        ));
-    }
-}
-
-/// A three-member etcd cluster on loopback, for quorum-loss tests.
-#[cfg(test)]
-mod quorum_tests {
     use std::net::TcpListener;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
@@ -521,6 +364,7 @@ mod quorum_tests {
         child: Option<Child>,
     }
 
+    /// An etcd cluster of one or more members.
     struct Cluster {
         members: Vec<Member>,
         initial_cluster: String,
@@ -535,16 +379,20 @@ mod quorum_tests {
     }
 
     impl Cluster {
-        fn start() -> Option<Cluster> {
+        /// `size` members, ready to serve; `None` (test skipped) when etcd is
+        /// not installed and `BERTH_REQUIRE_ETCD` is unset.
+        async fn start(size: usize) -> Option<Cluster> {
             if Command::new("etcd").arg("--version").output().is_err() {
                 assert!(
                     std::env::var_os("BERTH_REQUIRE_ETCD").is_none(),
                     "etcd is not installed but BERTH_REQUIRE_ETCD is set"
                 );
-                eprintln!("SKIPPED: etcd is not installed");
+                eprintln!(
+                    "SKIPPED: etcd is not installed (set BERTH_REQUIRE_ETCD to fail instead)"
+                );
                 return None;
             }
-            let members: Vec<Member> = (0..3)
+            let members: Vec<Member> = (0..size)
                 .map(|i| Member {
                     name: format!("m{i}"),
                     client_url: format!("http://127.0.0.1:{}", free_port()),
@@ -562,9 +410,13 @@ mod quorum_tests {
                 initial_cluster,
                 dir: tempfile::tempdir().expect("temp dir"),
             };
-            for i in 0..3 {
+            for i in 0..size {
                 cluster.start_member(i);
             }
+            let probe = EtcdMetaStore::connect(cluster.options("/probe/"))
+                .await
+                .ok()?;
+            eventually(Duration::from_secs(30), || probe.check_health()).await;
             Some(cluster)
         }
 
@@ -578,7 +430,6 @@ mod quorum_tests {
                 .args(["--listen-peer-urls", &m.peer_url])
                 .args(["--initial-advertise-peer-urls", &m.peer_url])
                 .args(["--initial-cluster", &self.initial_cluster])
-                .args(["--initial-cluster-state", "new"])
                 .args(["--heartbeat-interval", "100", "--election-timeout", "500"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -594,8 +445,9 @@ mod quorum_tests {
             }
         }
 
-        fn endpoints(&self) -> Vec<String> {
-            self.members.iter().map(|m| m.client_url.clone()).collect()
+        fn options(&self, prefix: &str) -> EtcdOptions {
+            let endpoints = self.members.iter().map(|m| m.client_url.clone()).collect();
+            EtcdOptions::new(endpoints, prefix)
         }
     }
 
@@ -628,18 +480,82 @@ mod quorum_tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_survive_the_loss_of_quorum_and_writes_resume_with_it() {
-        let Some(mut cluster) = Cluster::start() else {
+    #[tokio::test]
+    async fn passes_the_metastore_suite() {
+        let Some(etcd) = Cluster::start(1).await else {
             return;
         };
-        let store = EtcdMetaStore::connect(EtcdOptions::new(cluster.endpoints(), "/berth/quorum/"))
+        let store = EtcdMetaStore::connect(etcd.options("/berth/suite/"))
             .await
             .unwrap();
-        eventually(Duration::from_secs(30), || {
-            store.commit(Txn::new().put("tag/a", "v1"))
-        })
-        .await;
+        crate::testsuite::metastore_suite(&store).await;
+    }
+
+    #[tokio::test]
+    async fn prefixes_isolate_registries_sharing_one_etcd() {
+        let Some(etcd) = Cluster::start(1).await else {
+            return;
+        };
+        let a = EtcdMetaStore::connect(etcd.options("/berth/a/"))
+            .await
+            .unwrap();
+        let b = EtcdMetaStore::connect(etcd.options("/berth/b/"))
+            .await
+            .unwrap();
+        assert!(a.commit(Txn::new().put("k", "from a")).await.unwrap());
+        assert!(b.get(b"k").await.unwrap().is_none());
+        assert!(
+            b.commit(Txn::new().require_absent("k").put("k", "from b"))
+                .await
+                .unwrap()
+        );
+        assert_eq!(a.get(b"k").await.unwrap().unwrap().value, b"from a");
+        let all_of_a = a.scan(b"", None, 100).await.unwrap();
+        assert_eq!(all_of_a.len(), 1);
+        assert_eq!(all_of_a[0].key, b"k");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_etcd_fails_fast_as_unavailable() {
+        let Some(mut etcd) = Cluster::start(1).await else {
+            return;
+        };
+        let store = EtcdMetaStore::connect(etcd.options("/berth/down/"))
+            .await
+            .unwrap();
+        assert!(store.commit(Txn::new().put("k", "v")).await.unwrap());
+        etcd.kill_member(0);
+        // Bounded only to catch a hang; the client's own timeout is 3 s.
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(30),
+            store.commit(Txn::new().put("k", "w")),
+        )
+        .await
+        .expect("a write to a dead etcd must not hang");
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        assert!(matches!(
+            store.check_health().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        // And so do reads, once no member is left to serve them.
+        assert!(matches!(
+            store.get(b"k").await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_survive_the_loss_of_quorum_and_writes_resume_with_it() {
+        let Some(mut cluster) = Cluster::start(3).await else {
+            return;
+        };
+        let store = EtcdMetaStore::connect(cluster.options("/berth/quorum/"))
+            .await
+            .unwrap();
+        assert!(store.commit(Txn::new().put("tag/a", "v1")).await.unwrap());
         assert!(store.commit(Txn::new().put("tag/b", "v2")).await.unwrap());
 
         // Two of three members die: no quorum.
