@@ -26,6 +26,8 @@ pub enum RegistryError {
     TooLarge { limit: u64 },
     /// A chunk did not start where the upload ends; the client should resume
     /// from `size`.
+    #[error("requested range not satisfiable for a blob of {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
     #[error("chunk must start at offset {size}")]
     RangeMismatch { size: u64 },
     #[error("storage failure: {0}")]
@@ -51,6 +53,7 @@ impl RegistryError {
                 ErrorCode::SizeInvalid
             }
             RegistryError::RangeMismatch { .. } => ErrorCode::BlobUploadInvalid,
+            RegistryError::RangeNotSatisfiable { .. } => ErrorCode::RangeInvalid,
             RegistryError::Store(_) | RegistryError::CorruptRecord(_) => return None,
         })
     }

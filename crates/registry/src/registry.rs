@@ -173,14 +173,21 @@ impl Registry {
         }
     }
 
+    /// Opens a blob visible in the repository, whole or the part a `Range`
+    /// header asks for (returned with the stream; `None` for the whole blob).
     pub async fn read_blob(
         &self,
         name: &RepositoryName,
         digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<BlobRead> {
+        range_header: Option<&str>,
+    ) -> Result<(BlobRead, Option<ByteRange>)> {
         let recorded = self.stat_blob(name, digest).await?;
-        match self.blobs.read(digest, range).await? {
+        let range = match range_header {
+            None => None,
+            Some(h) => berth_oci::range::parse_range_header(h, recorded)
+                .map_err(|_| RegistryError::RangeNotSatisfiable { size: recorded })?,
+        };
+        let read = match self.blobs.read(digest, range).await? {
             // A file of the wrong length is damaged at rest (an empty one
             // would even pass verification): never serve it as the blob.
             Some(read) if read.size != recorded => {
@@ -200,7 +207,8 @@ impl Registry {
                 tracing::error!(repository = %name, %digest, "blob is linked but its bytes are missing");
                 Err(RegistryError::BlobUnknown(digest.clone()))
             }
-        }
+        }?;
+        Ok((read, range))
     }
 
     pub async fn delete_blob(&self, name: &RepositoryName, digest: &Digest) -> Result<()> {

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use berth_oci::range::{parse_content_range, parse_range_header};
-use berth_oci::{Digest, ErrorCode, RangeError, Reference, RepositoryName, media_type};
+use berth_oci::range::parse_content_range;
+use berth_oci::{Digest, ErrorCode, Reference, RepositoryName, media_type};
 use berth_store::ByteStream;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
@@ -502,8 +502,7 @@ impl Ctx<'_> {
                 {
                     return Err(too_large());
                 }
-                let idle = self.state.limits.body_idle_timeout;
-                let bytes = read_bounded(body, limit, idle)
+                let bytes = read_bounded(self.state, body, limit)
                     .await?
                     .ok_or_else(too_large)?;
                 let content_type = header_str(self.headers, &header::CONTENT_TYPE);
@@ -541,7 +540,6 @@ impl Ctx<'_> {
         let registry = &self.state.registry;
         match *self.method {
             Method::GET | Method::HEAD => {
-                let size = registry.stat_blob(&name, &digest).await?;
                 let mut headers = vec![
                     (header::CONTENT_TYPE, media_type::OCTET_STREAM.to_string()),
                     (DOCKER_CONTENT_DIGEST, digest.to_string()),
@@ -549,20 +547,12 @@ impl Ctx<'_> {
                     (header::ETAG, format!("\"{digest}\"")),
                 ];
                 if *self.method == Method::HEAD {
+                    let size = registry.stat_blob(&name, &digest).await?;
                     headers.push((header::CONTENT_LENGTH, size.to_string()));
                     return Ok(with_headers(StatusCode::OK, headers, Body::empty()));
                 }
-                let range = match header_str(self.headers, &header::RANGE) {
-                    None => None,
-                    Some(h) => match parse_range_header(h, size) {
-                        Ok(r) => r,
-                        Err(RangeError::Unsatisfiable | RangeError::Malformed) => {
-                            return Err(ApiError::new(ErrorCode::RangeInvalid)
-                                .header(header::CONTENT_RANGE, format!("bytes */{size}")));
-                        }
-                    },
-                };
-                let read = registry.read_blob(&name, &digest, range).await?;
+                let range_header = header_str(self.headers, &header::RANGE);
+                let (read, range) = registry.read_blob(&name, &digest, range_header).await?;
                 let status = match range {
                     Some(r) => {
                         headers.push((
@@ -710,12 +700,14 @@ impl Ctx<'_> {
 }
 
 /// Reads a body of at most `limit` bytes. `None` if it is longer (dropping
-/// the rest, which `UnreadBody` drains). A client idle for `idle` fails it.
+/// the rest, which `UnreadBody` drains). Counted in the request-bytes metric;
+/// a client idle for the body idle timeout fails it.
 async fn read_bounded(
+    state: &AppState,
     body: Body,
     limit: u64,
-    idle: std::time::Duration,
 ) -> Result<Option<bytes::Bytes>, ApiError> {
+    let idle = state.limits.body_idle_timeout;
     let mut stream = body.into_data_stream();
     let mut buf = bytes::BytesMut::new();
     loop {
@@ -732,6 +724,7 @@ async fn read_bounded(
             ApiError::new(ErrorCode::ManifestInvalid)
                 .message(format!("reading the request body failed: {e}"))
         })?;
+        state.metrics.bytes_in.inc_by(chunk.len() as u64);
         if (buf.len() + chunk.len()) as u64 > limit {
             return Ok(None);
         }

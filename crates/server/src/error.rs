@@ -107,6 +107,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::TooLarge { limit } => err
                 .status(StatusCode::PAYLOAD_TOO_LARGE)
                 .detail(serde_json::json!({ "limit": limit })),
+            RegistryError::RangeNotSatisfiable { size } => {
+                err.header(header::CONTENT_RANGE, format!("bytes */{size}"))
+            }
             RegistryError::RangeMismatch { size } => err
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(header::RANGE, crate::headers::upload_range(size)),

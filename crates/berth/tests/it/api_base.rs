@@ -110,6 +110,43 @@ async fn request_counter_increases_with_traffic() {
 }
 
 #[tokio::test]
+async fn byte_counters_count_blob_and_manifest_bodies_both_ways() {
+    let reg = Registry::start().await;
+    let sums = |text: &str| {
+        (
+            metric_sum(text, "berth_http_request_body_bytes_total"),
+            metric_sum(text, "berth_http_response_body_bytes_total"),
+        )
+    };
+    let (in_before, out_before) = sums(&reg.get("/metrics").await.text());
+    let image = Image::oci(fresh_seed(), 2, 50_000);
+    image.push(&reg, "metrics/bytes", Some("v1")).await;
+    let pushed = image.manifest.len()
+        + image.config.len()
+        + image.layers.iter().map(Vec::len).sum::<usize>();
+    let pulled = reg.get("/v2/metrics/bytes/manifests/v1").await.body.len()
+        + reg
+            .get(&format!(
+                "/v2/metrics/bytes/blobs/{}",
+                sha256_digest(&image.layers[0])
+            ))
+            .await
+            .body
+            .len();
+    let (in_after, out_after) = sums(&reg.get("/metrics").await.text());
+    assert!(
+        in_after - in_before >= pushed as f64,
+        "request bytes grew by {} for {pushed} pushed",
+        in_after - in_before
+    );
+    assert!(
+        out_after - out_before >= pulled as f64,
+        "response bytes grew by {} for {pulled} pulled",
+        out_after - out_before
+    );
+}
+
+#[tokio::test]
 async fn every_response_carries_a_unique_x_request_id() {
     let reg = Registry::start().await;
     let data = random_bytes(fresh_seed(), 64);
