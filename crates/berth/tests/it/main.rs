@@ -6,6 +6,7 @@ mod support;
 mod api_base;
 mod blobs;
 mod concurrency;
+mod disk_full;
 mod durability;
 mod errors;
 mod limits;
