@@ -33,6 +33,45 @@ pub struct ServeArgs {
     /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` [default: redb].
     #[arg(long, env = "BERTH_METADATA")]
     pub metadata: Option<String>,
+    /// etcd user name, when etcd authentication is on.
+    #[arg(long, env = "BERTH_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// etcd password (prefer the environment variable).
+    #[arg(long, env = "BERTH_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA certificate (PEM) for TLS to etcd; turns endpoints to https.
+    #[arg(long, env = "BERTH_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, with --etcd-key-file.
+    #[arg(long, env = "BERTH_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "BERTH_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// Blob engine: `fs` (files in the data directory) or
+    /// `s3://BUCKET[/PREFIX]`, configured by the standard AWS variables
+    /// (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY) [default: fs].
+    #[arg(long, env = "BERTH_STORAGE")]
+    pub storage: Option<String>,
+    /// Seconds one object-storage request may take before it is retried or
+    /// fails [default: 10].
+    #[arg(long, env = "BERTH_STORAGE_TIMEOUT_SECS")]
+    pub storage_timeout_secs: Option<u64>,
+    /// With S3 storage, answer blob GETs with a redirect to a pre-signed URL
+    /// valid this many seconds; 0 serves the bytes through Berth [default: 0].
+    #[arg(long, env = "BERTH_STORAGE_REDIRECT_SECS")]
+    pub storage_redirect_secs: Option<u64>,
+    /// This node's name in its cluster [default: HOSTNAME-PORT].
+    #[arg(long, env = "BERTH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This node's zone (shown by `berth cluster status`) [default: none].
+    #[arg(long, env = "BERTH_ZONE")]
+    pub zone: Option<String>,
+    /// URL at which other nodes and operators reach this node
+    /// [default: http://LISTEN].
+    #[arg(long, env = "BERTH_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Largest manifest accepted, in bytes [default: 4194304].
     #[arg(long, env = "BERTH_MAX_MANIFEST_BYTES")]
     pub max_manifest_bytes: Option<u64>,
@@ -77,6 +116,17 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     metadata: Option<String>,
+    etcd_user: Option<String>,
+    etcd_password: Option<String>,
+    etcd_ca_file: Option<PathBuf>,
+    etcd_cert_file: Option<PathBuf>,
+    etcd_key_file: Option<PathBuf>,
+    storage: Option<String>,
+    storage_timeout_secs: Option<u64>,
+    storage_redirect_secs: Option<u64>,
+    node_name: Option<String>,
+    zone: Option<String>,
+    advertise_url: Option<String>,
     max_manifest_bytes: Option<u64>,
     max_blob_bytes: Option<u64>,
     upload_ttl_secs: Option<u64>,
@@ -137,11 +187,66 @@ impl Metadata {
     }
 }
 
+/// Where blobs live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// Files under the data directory.
+    Fs,
+    /// An S3-compatible bucket, with a key prefix (empty or ending in `/`).
+    S3 { bucket: String, prefix: String },
+}
+
+impl Storage {
+    /// Parses `fs` or `s3://BUCKET[/PREFIX]`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        if s == "fs" {
+            return Ok(Storage::Fs);
+        }
+        let invalid = |why: &str| ConfigError::Storage(format!("{s:?}: {why}"));
+        let Some(rest) = s.strip_prefix("s3://") else {
+            return Err(invalid("expected `fs` or `s3://BUCKET[/PREFIX]`"));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        // S3's bucket naming rules.
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid_bucket {
+            return Err(invalid("not a valid bucket name"));
+        }
+        let prefix = prefix.trim_matches('/');
+        Ok(Storage::S3 {
+            bucket: bucket.to_string(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+        })
+    }
+}
+
+/// How this node connects to etcd, beyond the endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAccess {
+    pub user: Option<(String, String)>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub metadata: Metadata,
+    pub etcd: EtcdAccess,
+    pub storage: Storage,
+    pub storage_timeout: Duration,
+    pub storage_redirect: Option<Duration>,
+    pub node_name: String,
+    pub zone: String,
+    pub advertise_url: String,
     pub max_manifest_bytes: u64,
     pub max_blob_bytes: u64,
     pub upload_ttl: Duration,
@@ -171,6 +276,18 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("invalid metadata engine {0}")]
     Metadata(String),
+    #[error("invalid storage engine {0}")]
+    Storage(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "berth".into())
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -197,11 +314,69 @@ impl ServeConfig {
                 Ok(Duration::from_secs(v))
             }
         };
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000)));
+        let etcd_user = args.etcd_user.or(file.etcd_user);
+        let etcd_password = args.etcd_password.or(file.etcd_password);
+        let user = match (etcd_user, etcd_password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "etcd_user and etcd_password go together".into(),
+                ));
+            }
+        };
+        let client_cert = match (
+            args.etcd_cert_file.or(file.etcd_cert_file),
+            args.etcd_key_file.or(file.etcd_key_file),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "etcd_cert_file and etcd_key_file go together".into(),
+                ));
+            }
+        };
         let config = ServeConfig {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000))),
+            listen,
+            etcd: EtcdAccess {
+                user,
+                ca_file: args.etcd_ca_file.or(file.etcd_ca_file),
+                client_cert,
+            },
+            storage: Storage::parse(
+                args.storage
+                    .as_deref()
+                    .or(file.storage.as_deref())
+                    .unwrap_or("fs"),
+            )?,
+            storage_timeout: secs(
+                "storage_timeout_secs",
+                args.storage_timeout_secs
+                    .or(file.storage_timeout_secs)
+                    .unwrap_or(10),
+            )?,
+            storage_redirect: match args
+                .storage_redirect_secs
+                .or(file.storage_redirect_secs)
+                .unwrap_or(0)
+            {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            node_name: args
+                .node_name
+                .or(file.node_name)
+                .unwrap_or_else(|| format!("{}-{}", hostname(), listen.port())),
+            zone: args.zone.or(file.zone).unwrap_or_default(),
+            advertise_url: args
+                .advertise_url
+                .or(file.advertise_url)
+                .unwrap_or_else(|| format!("http://{listen}")),
             data_dir: args
                 .data_dir
                 .or(file.data_dir)
@@ -273,6 +448,18 @@ impl ServeConfig {
         if config.max_blob_bytes == 0 {
             return Err(ConfigError::Zero("max_blob_bytes"));
         }
+        let name_ok = !config.node_name.is_empty()
+            && config.node_name.len() <= 64
+            && config
+                .node_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(ConfigError::Invalid(format!(
+                "node name {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+                config.node_name
+            )));
+        }
         Ok(config)
     }
 }
@@ -322,6 +509,28 @@ mod tests {
         );
         for bad in ["", "postgres://x", "etcd://", "etcd:///p", "etcd://h:1//"] {
             assert!(Metadata::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn storage_engines_parse() {
+        assert_eq!(Storage::parse("fs").unwrap(), Storage::Fs);
+        assert_eq!(
+            Storage::parse("s3://berth-blobs").unwrap(),
+            Storage::S3 {
+                bucket: "berth-blobs".into(),
+                prefix: String::new()
+            }
+        );
+        assert_eq!(
+            Storage::parse("s3://berth-blobs/eu/prod/").unwrap(),
+            Storage::S3 {
+                bucket: "berth-blobs".into(),
+                prefix: "eu/prod/".into()
+            }
+        );
+        for bad in ["", "s3://", "s3://A_B", "gs://x", "s3://ab"] {
+            assert!(Storage::parse(bad).is_err(), "{bad:?}");
         }
     }
 

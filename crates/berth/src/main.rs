@@ -1,5 +1,7 @@
 //! `berth`: a highly available OCI container registry.
 
+mod admin;
+mod cluster;
 mod config;
 mod serve;
 
@@ -22,20 +24,102 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the registry (embedded engines: local files and redb).
+    /// Run the registry (embedded engines by default: local files and redb).
     Serve(ServeArgs),
+    /// Inspect a cluster (etcd metadata).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Act on one node of a cluster.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Nodes and their readiness, etcd members and leader, storage health.
+    /// Exits 0 only if everything is healthy.
+    Status(ServeArgs),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Drain a node: it stops taking traffic (`/readyz` fails), finishes its
+    /// requests, leaves the cluster and exits.
+    Drain {
+        /// The node's name (see `berth cluster status`).
+        name: String,
+        /// Seconds to wait for the node to leave.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+        #[command(flatten)]
+        config: ServeArgs,
+    },
+}
+
+/// Resolves configuration or explains why it is invalid.
+fn resolve(args: ServeArgs) -> Result<ServeConfig, ExitCode> {
+    ServeConfig::resolve(args).map_err(|e| {
+        eprintln!("berth: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Runs an operator command on a small runtime.
+fn run_admin<F: std::future::Future<Output = Result<bool, admin::AdminError>>>(
+    f: impl FnOnce() -> F,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Cluster {
+            command: ClusterCommand::Status(args),
+        } => match resolve(args) {
+            Ok(config) => run_admin(|| async move { admin::cluster_status(&config).await }),
+            Err(code) => code,
+        },
+        Command::Node {
+            command:
+                NodeCommand::Drain {
+                    name,
+                    wait_secs,
+                    config,
+                },
+        } => match resolve(config) {
+            Ok(config) => run_admin(|| async move {
+                admin::drain_node(&config, &name, std::time::Duration::from_secs(wait_secs))
+                    .await
+                    .map(|()| true)
+            }),
+            Err(code) => code,
+        },
         Command::Serve(args) => {
-            let config = match ServeConfig::resolve(args) {
+            let config = match resolve(args) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("berth: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             serve::init_logging(config.log_format);
             match serve::run(config) {

@@ -6,11 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use berth_registry::{Limits, Registry};
 use berth_server::{AppState, Metrics, RequestLimits, ServeOptions};
 use berth_store::blob::fs::FsOptions;
-use berth_store::meta::etcd::EtcdOptions;
-use berth_store::{EtcdMetaStore, FsBlobStore, MetaStore, RedbMetaStore};
+use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
+use berth_store::{
+    BlobStore, EtcdMetaStore, FsBlobStore, MetaStore, RedbMetaStore, S3BlobStore, S3Options,
+};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, Metadata, ServeConfig};
+use crate::cluster::{Node, NodeRecord};
+use crate::config::{LogFormat, Metadata, ServeConfig, Storage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -35,6 +38,95 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("drain timed out with requests still in flight")]
     DrainTimeout,
+    #[error("cannot join the cluster: {0}")]
+    Cluster(crate::cluster::ClusterError),
+}
+
+/// Opens the configured metadata engine.
+pub async fn open_metadata(config: &ServeConfig) -> Result<Arc<dyn MetaStore>, ServeError> {
+    Ok(match &config.metadata {
+        Metadata::Redb => {
+            let path = config.data_dir.join("meta.redb");
+            Arc::new(
+                RedbMetaStore::open(&path).map_err(|source| ServeError::Store {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            )
+        }
+        Metadata::Etcd { endpoints, prefix } => Arc::new(
+            EtcdMetaStore::connect(etcd_options(config, endpoints, prefix)?)
+                .await
+                .map_err(|source| ServeError::Store {
+                    path: format!("etcd {}", endpoints.join(",")),
+                    source,
+                })?,
+        ),
+    })
+}
+
+pub fn etcd_options(
+    config: &ServeConfig,
+    endpoints: &[String],
+    prefix: &str,
+) -> Result<EtcdOptions, ServeError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServeError::DataDir {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let mut endpoints = endpoints.to_vec();
+    let mut options = EtcdOptions::new(Vec::new(), prefix);
+    options.user = config.etcd.user.clone();
+    if let Some(ca) = &config.etcd.ca_file {
+        for endpoint in &mut endpoints {
+            if let Some(rest) = endpoint.strip_prefix("http://") {
+                *endpoint = format!("https://{rest}");
+            }
+        }
+        let client = match &config.etcd.client_cert {
+            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            None => None,
+        };
+        options.tls = Some(EtcdTls {
+            ca_pem: read(ca)?,
+            client,
+        });
+    }
+    options.endpoints = endpoints;
+    Ok(options)
+}
+
+/// Opens the configured blob engine.
+pub fn open_blobs(config: &ServeConfig) -> Result<Arc<dyn BlobStore>, ServeError> {
+    Ok(match &config.storage {
+        Storage::Fs => Arc::new(
+            FsBlobStore::open(
+                &config.data_dir,
+                FsOptions {
+                    verify_reads: config.verify_blob_reads,
+                },
+            )
+            .map_err(|source| ServeError::Store {
+                path: config.data_dir.display().to_string(),
+                source,
+            })?,
+        ),
+        Storage::S3 { bucket, prefix } => {
+            let mut options = S3Options::new(bucket.clone());
+            options.prefix = prefix.clone();
+            options.request_timeout = config.storage_timeout;
+            options.verify_reads = config.verify_blob_reads;
+            options.redirect_ttl = config.storage_redirect;
+            Arc::new(
+                S3BlobStore::from_env(options).map_err(|source| ServeError::Store {
+                    path: format!("s3://{bucket}/{prefix}"),
+                    source,
+                })?,
+            )
+        }
+    })
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -63,33 +155,11 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         path: shown.clone(),
         source,
     })?;
-    let store_err = |source| ServeError::Store {
-        path: shown.clone(),
-        source,
-    };
-    let meta: Arc<dyn MetaStore> = match &config.metadata {
-        Metadata::Redb => {
-            Arc::new(RedbMetaStore::open(&data_dir.join("meta.redb")).map_err(store_err)?)
-        }
-        Metadata::Etcd { endpoints, prefix } => Arc::new(
-            EtcdMetaStore::connect(EtcdOptions::new(endpoints.clone(), prefix.clone()))
-                .await
-                .map_err(|source| ServeError::Store {
-                    path: format!("etcd {}", endpoints.join(",")),
-                    source,
-                })?,
-        ),
-    };
-    let blobs = FsBlobStore::open(
-        &data_dir,
-        FsOptions {
-            verify_reads: config.verify_blob_reads,
-        },
-    )
-    .map_err(store_err)?;
+    let meta = open_metadata(&config).await?;
+    let blobs = open_blobs(&config)?;
     let registry = Arc::new(Registry::new(
-        meta,
-        Arc::new(blobs),
+        meta.clone(),
+        blobs,
         Limits {
             max_manifest_bytes: config.max_manifest_bytes,
             max_blob_bytes: config.max_blob_bytes,
@@ -99,15 +169,19 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         },
     ));
 
-    // Uploads interrupted by a crash: keep live sessions (clients resume
-    // them), drop expired ones and any data without a session.
+    // An embedded node recovers from a crash before serving: it keeps live
+    // upload sessions (clients resume them), drops expired ones and any data
+    // without a session at once, since redb's lock proves it is alone with
+    // its stores. In a cluster, the leader of the expiry job does this.
     let ttl_ms = config.upload_ttl.as_millis() as u64;
-    let expired = registry
-        .expire_uploads(ttl_ms, true)
-        .await
-        .map_err(ServeError::Recovery)?;
-    if expired > 0 {
-        tracing::info!(expired, "expired stale upload sessions at startup");
+    if config.metadata == Metadata::Redb {
+        let expired = registry
+            .expire_uploads(ttl_ms, 0)
+            .await
+            .map_err(ServeError::Recovery)?;
+        if expired > 0 {
+            tracing::info!(expired, "expired stale upload sessions at startup");
+        }
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -128,19 +202,35 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     };
     let app = berth_server::router(state);
 
+    let node = Node::join(
+        meta.clone(),
+        NodeRecord {
+            name: config.node_name.clone(),
+            zone: config.zone.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            address: config.advertise_url.clone(),
+            started_ms: berth_registry::now_ms(),
+            lease: 0,
+            drain_requested: false,
+        },
+    )
+    .await
+    .map_err(ServeError::Cluster)?;
+    let maintainer = tokio::spawn(node.clone().maintain());
     let reaper = tokio::spawn({
         let registry = registry.clone();
-        let interval = config.upload_reap_interval;
-        async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                if let Err(e) = registry.expire_uploads(ttl_ms, false).await {
-                    tracing::warn!(error = %e, "upload expiry failed; will retry");
+        node.clone()
+            .run_as_leader("upload-expiry", config.upload_reap_interval, move || {
+                let registry = registry.clone();
+                async move {
+                    if let Err(e) = registry
+                        .expire_uploads(ttl_ms, berth_registry::ORPHAN_GRACE_MS)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "upload expiry failed; will retry");
+                    }
                 }
-            }
-        }
+            })
     });
 
     let local = listener.local_addr().unwrap_or(config.listen);
@@ -150,19 +240,30 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             format!("etcd {} under {prefix}", endpoints.join(","))
         }
     };
+    let storage = match &config.storage {
+        Storage::Fs => format!(
+            "files in {}",
+            std::path::absolute(&data_dir)
+                .unwrap_or(data_dir.clone())
+                .display()
+        ),
+        Storage::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+    };
     tracing::info!(
-        "berth {} listening on http://{local}, data in {}, metadata in {metadata}",
+        node = %node.name(),
+        "berth {} listening on http://{local}, blobs in {storage}, metadata in {metadata}",
         env!("CARGO_PKG_VERSION"),
-        std::path::absolute(&data_dir)
-            .unwrap_or(data_dir.clone())
-            .display()
     );
     ready.store(true, Ordering::Release);
 
     let shutdown = {
         let ready = ready.clone();
+        let node = node.clone();
         async move {
-            shutdown_signal().await;
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = node.drain_requested() => {}
+            }
             ready.store(false, Ordering::Release);
             tracing::info!("draining: no new connections, finishing in-flight requests");
         }
@@ -178,6 +279,8 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     )
     .await;
     reaper.abort();
+    maintainer.abort();
+    node.leave().await;
     if drained {
         tracing::info!("drained; exiting");
         Ok(())

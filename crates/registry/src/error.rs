@@ -64,10 +64,10 @@ impl RegistryError {
                 format!("provided digest {expected} does not match content digest {computed}"),
             ),
             PutError::TooLarge { limit } => RegistryError::TooLarge { limit },
-            PutError::OffsetMismatch { current, .. } => {
-                RegistryError::RangeMismatch { size: current }
+            // A part named by the session is gone: the upload cannot complete.
+            PutError::PartMissing(part) => {
+                RegistryError::BlobUploadInvalid(format!("upload data {part} is missing"))
             }
-            PutError::UploadUnknown => RegistryError::BlobUploadUnknown,
             PutError::LengthMismatch { expected, received } => RegistryError::SizeInvalid(format!(
                 "chunk was announced as {expected} bytes but {received} arrived"
             )),

@@ -13,4 +13,7 @@ mod registry;
 
 pub use error::RegistryError;
 pub use records::{ManifestRecord, UploadRecord};
-pub use registry::{Limits, ManifestContent, Page, PutManifestOutcome, Registry, UploadStatus};
+pub use registry::{
+    Limits, MAX_UPLOAD_PARTS, ManifestContent, ORPHAN_GRACE_MS, Page, PutManifestOutcome, Registry,
+    UploadStatus, now_ms,
+};

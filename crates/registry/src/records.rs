@@ -1,6 +1,7 @@
 //! Metadata records, stored as JSON so that an operator can read them.
 
 use berth_oci::Digest;
+use berth_store::UploadPart;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,14 @@ pub struct UploadRecord {
     pub repository: String,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// Bytes received so far: the sum of `parts`.
+    #[serde(default)]
+    pub size: u64,
+    /// The chunks received, in order. A chunk becomes part of the upload
+    /// only when a compare-and-swap on this record adds it, which is what
+    /// decides races between chunks sent to different nodes.
+    #[serde(default)]
+    pub parts: Vec<UploadPart>,
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -4,7 +4,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use berth_oci::{
     ByteRange, Descriptor, Digest, Manifest, ManifestKind, Reference, RepositoryName, Tag,
 };
-use berth_store::{BlobRead, BlobStore, ByteStream, KeyValue, MetaStore, PutError, Txn};
+use berth_store::{
+    BlobRead, BlobStore, ByteStream, KeyValue, MetaStore, PutError, Txn, UploadPart,
+};
 use bytes::Bytes;
 
 use crate::RegistryError;
@@ -75,6 +77,14 @@ pub fn now_ms() -> u64 {
 /// Attempts for a transaction that lost a compare-and-swap race before the
 /// registry reports the conflict as a storage failure.
 const TXN_ATTEMPTS: usize = 16;
+
+/// Most chunks one upload may have. Each is a part in the session record
+/// (about 150 bytes), which must stay well inside etcd's request size limit.
+pub const MAX_UPLOAD_PARTS: usize = 4096;
+
+/// Age after which upload data without a session is removed while other
+/// nodes may be creating sessions.
+pub const ORPHAN_GRACE_MS: u64 = 15 * 60 * 1000;
 
 /// Weighs cached manifests by their size.
 #[derive(Clone)]
@@ -211,6 +221,20 @@ impl Registry {
         Ok((read, range))
     }
 
+    /// A URL where the storage serves the blob directly, when configured,
+    /// for a blob visible in the repository.
+    pub async fn blob_redirect(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Option<String>> {
+        let Some(url) = self.blobs.redirect_url(digest).await? else {
+            return Ok(None);
+        };
+        self.stat_blob(name, digest).await?;
+        Ok(Some(url))
+    }
+
     pub async fn delete_blob(&self, name: &RepositoryName, digest: &Digest) -> Result<()> {
         let key = keys::link(name, digest);
         let Some(seen) = self.meta.get(key.as_bytes()).await? else {
@@ -291,24 +315,23 @@ impl Registry {
 
     pub async fn start_upload(&self, name: &RepositoryName) -> Result<String> {
         let id = uuid::Uuid::new_v4().to_string();
-        self.blobs.create_upload(&id).await?;
         let now = now_ms();
         let record = UploadRecord {
             repository: name.to_string(),
             created_ms: now,
             updated_ms: now,
+            size: 0,
+            parts: Vec::new(),
         };
-        let committed = self
+        let created = self
             .meta
             .commit(
                 Txn::new()
                     .require_absent(keys::upload(&id))
                     .put(keys::upload(&id), encode(&record)),
             )
-            .await;
-        if !matches!(committed, Ok(true)) {
-            let _ = self.blobs.delete_upload(&id).await;
-            committed?;
+            .await?;
+        if !created {
             return Err(RegistryError::BlobUploadInvalid(
                 "upload id collision".into(),
             ));
@@ -316,7 +339,11 @@ impl Registry {
         Ok(id)
     }
 
-    async fn upload_record(&self, name: &RepositoryName, id: &str) -> Result<KeyValue> {
+    async fn upload_session(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+    ) -> Result<(KeyValue, UploadRecord)> {
         if uuid::Uuid::parse_str(id).is_err() {
             return Err(RegistryError::BlobUploadUnknown);
         }
@@ -329,23 +356,23 @@ impl Registry {
         if record.repository != name.as_str() {
             return Err(RegistryError::BlobUploadUnknown);
         }
-        Ok(kv)
+        Ok((kv, record))
     }
 
     pub async fn upload_status(&self, name: &RepositoryName, id: &str) -> Result<UploadStatus> {
-        self.upload_record(name, id).await?;
-        let size = self
-            .blobs
-            .upload_size(id)
-            .await?
-            .ok_or(RegistryError::BlobUploadUnknown)?;
-        Ok(UploadStatus { size })
+        let (_, record) = self.upload_session(name, id).await?;
+        Ok(UploadStatus { size: record.size })
     }
 
     /// Appends a chunk. `range` is the client's `Content-Range`, if sent: it
     /// must start at the current size (else `RangeMismatch`), and its length
     /// must agree with `content_length` when both are given. A chunk that is
-    /// not as long as announced is rolled back (`SIZE_INVALID`).
+    /// not as long as announced is discarded (`SIZE_INVALID`).
+    ///
+    /// The chunk is stored as a new part first, then added to the session by
+    /// compare-and-swap; of two chunks racing for one offset (from clients
+    /// on different nodes) exactly one is recorded and the other's part is
+    /// deleted.
     pub async fn append_upload(
         &self,
         name: &RepositoryName,
@@ -354,13 +381,9 @@ impl Registry {
         content_length: Option<u64>,
         body: ByteStream,
     ) -> Result<UploadStatus> {
-        let kv = self.upload_record(name, id).await?;
-        let current = self
-            .blobs
-            .upload_size(id)
-            .await?
-            .ok_or(RegistryError::BlobUploadUnknown)?;
-        let (offset, expected_len) = match range {
+        let (kv, record) = self.upload_session(name, id).await?;
+        let current = record.size;
+        let expected_len = match range {
             Some(r) => {
                 if r.start != current {
                     return Err(RegistryError::RangeMismatch { size: current });
@@ -373,30 +396,88 @@ impl Registry {
                         r.len()
                     )));
                 }
-                (r.start, Some(r.len()))
+                Some(r.len())
             }
-            None => (current, content_length),
+            None => content_length,
         };
+        if record.parts.len() >= MAX_UPLOAD_PARTS {
+            return Err(RegistryError::BlobUploadInvalid(format!(
+                "an upload may have at most {MAX_UPLOAD_PARTS} chunks"
+            )));
+        }
         // Mark the session active before a possibly long transfer, so that
         // expiry never removes a session while it is receiving.
-        self.touch_upload(&kv).await?;
-        let size = self
+        self.touch_upload(&kv, &record).await?;
+        let limit = self.limits.max_blob_bytes;
+        let part = self
             .blobs
-            .append_upload(id, offset, expected_len, body, self.limits.max_blob_bytes)
+            .write_part(id, expected_len, body, limit.saturating_sub(current))
             .await
-            .map_err(RegistryError::from_put)?;
-        Ok(UploadStatus { size })
+            .map_err(|e| match e {
+                PutError::TooLarge { .. } => RegistryError::TooLarge { limit },
+                e => RegistryError::from_put(e),
+            })?;
+        if part.size == 0 {
+            self.blobs.delete_part(id, &part).await?;
+            return Ok(UploadStatus { size: current });
+        }
+        match self.record_part(id, current, &part).await {
+            Ok(size) => Ok(UploadStatus { size }),
+            Err(e) => {
+                // Rejected for sure: the part is nobody's. (After a storage
+                // error the commit may have applied, so the part stays; it
+                // goes with the upload.)
+                if !matches!(e, RegistryError::Store(_)) {
+                    self.blobs.delete_part(id, &part).await?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds a written part to the session if the session still ends at
+    /// `offset`. Returns the new size.
+    async fn record_part(&self, id: &str, offset: u64, part: &UploadPart) -> Result<u64> {
+        let key = keys::upload(id);
+        for _ in 0..TXN_ATTEMPTS {
+            let kv = self
+                .meta
+                .get(key.as_bytes())
+                .await?
+                .ok_or(RegistryError::BlobUploadUnknown)?;
+            let mut record: UploadRecord = decode(&kv.key, &kv.value)?;
+            if record.size != offset {
+                return Err(RegistryError::RangeMismatch { size: record.size });
+            }
+            record.size += part.size;
+            record.parts.push(part.clone());
+            record.updated_ms = now_ms();
+            let recorded = self
+                .meta
+                .commit(
+                    Txn::new()
+                        .require_version(key.clone(), kv.version)
+                        .put(key.clone(), encode(&record)),
+                )
+                .await?;
+            if recorded {
+                return Ok(record.size);
+            }
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Database(
+            "upload session kept changing".into(),
+        )))
     }
 
     /// Refreshes the session's activity time, at most every minute (each
     /// refresh is a durable write) and at least four times per TTL.
-    async fn touch_upload(&self, kv: &KeyValue) -> Result<()> {
-        let mut record: UploadRecord = decode(&kv.key, &kv.value)?;
+    async fn touch_upload(&self, kv: &KeyValue, record: &UploadRecord) -> Result<()> {
         let now = now_ms();
         let interval = (self.limits.upload_ttl_ms / 4).min(60_000);
         if now.saturating_sub(record.updated_ms) < interval {
             return Ok(());
         }
+        let mut record = record.clone();
         record.updated_ms = now;
         let touched = self
             .meta
@@ -427,24 +508,15 @@ impl Registry {
     ) -> Result<u64> {
         if let Some((range, len, body)) = final_chunk {
             self.append_upload(name, id, range, len, body).await?;
-        } else {
-            self.upload_record(name, id).await?;
         }
+        let (_, record) = self.upload_session(name, id).await?;
         let session = keys::upload(id);
-        let size = match self.blobs.commit_upload(id, digest).await {
+        let size = match self.blobs.commit_parts(id, &record.parts, digest).await {
             Ok(size) => size,
-            // A retry after an earlier attempt moved the verified data into
-            // the store but could not commit the metadata: finish that commit.
-            Err(PutError::UploadUnknown) => match self.blobs.stat(digest).await? {
-                Some(size) => size,
-                None => {
-                    self.meta.commit(Txn::new().delete(session)).await?;
-                    return Err(RegistryError::BlobUploadUnknown);
-                }
-            },
-            Err(e @ PutError::DigestMismatch { .. }) => {
-                // The data is gone (discarded or never there): so is the session.
+            Err(e @ (PutError::DigestMismatch { .. } | PutError::PartMissing(_))) => {
+                // The content is proven wrong or gone: so is the session.
                 self.meta.commit(Txn::new().delete(session)).await?;
+                self.discard_upload_data(id).await;
                 return Err(RegistryError::from_put(e));
             }
             Err(e) => return Err(RegistryError::from_put(e)),
@@ -455,11 +527,20 @@ impl Registry {
             .put(keys::blob(digest), encode(&BlobRecord { size }));
         let txn = self.ensure_repo(name, txn).await?;
         self.meta.commit(txn).await?;
+        self.discard_upload_data(id).await;
         Ok(size)
     }
 
+    /// Deletes an ended upload's parts. A failure only leaves data that the
+    /// expiry job removes later, so it is logged, not returned.
+    async fn discard_upload_data(&self, id: &str) {
+        if let Err(e) = self.blobs.delete_upload(id).await {
+            tracing::warn!(upload = %id, error = %e, "could not delete the data of an ended upload");
+        }
+    }
+
     pub async fn cancel_upload(&self, name: &RepositoryName, id: &str) -> Result<()> {
-        let kv = self.upload_record(name, id).await?;
+        let (kv, _) = self.upload_session(name, id).await?;
         self.meta
             .commit(
                 Txn::new()
@@ -472,9 +553,13 @@ impl Registry {
     }
 
     /// Expires upload sessions idle for longer than `ttl_ms`, and removes
-    /// upload data that no session refers to (left by a crash). Returns how
-    /// many sessions were expired.
-    pub async fn expire_uploads(&self, ttl_ms: u64, reconcile_orphans: bool) -> Result<usize> {
+    /// upload data that no session refers to (left by a crash) once it is
+    /// older than `orphan_grace_ms`. Returns how many sessions were expired.
+    ///
+    /// The grace period protects a session created after the scan of
+    /// sessions, whose first part is already stored; only a process that is
+    /// alone with its stores (an embedded node at startup) may pass zero.
+    pub async fn expire_uploads(&self, ttl_ms: u64, orphan_grace_ms: u64) -> Result<usize> {
         let now = now_ms();
         let mut expired = 0;
         let mut after: Option<Vec<u8>> = None;
@@ -488,18 +573,14 @@ impl Registry {
             after = Some(last.key.clone());
             for kv in batch {
                 let id = String::from_utf8_lossy(&kv.key[keys::UPLOAD_PREFIX.len()..]).into_owned();
-                let record: UploadRecord = match decode(&kv.key, &kv.value) {
-                    Ok(r) => r,
+                let (repository, updated_ms) = match decode::<UploadRecord>(&kv.key, &kv.value) {
+                    Ok(r) => (r.repository, r.updated_ms),
                     Err(e) => {
                         tracing::warn!(error = %e, "dropping unreadable upload record");
-                        UploadRecord {
-                            repository: String::new(),
-                            created_ms: 0,
-                            updated_ms: 0,
-                        }
+                        (String::new(), 0)
                     }
                 };
-                if now.saturating_sub(record.updated_ms) > ttl_ms {
+                if now.saturating_sub(updated_ms) > ttl_ms {
                     let removed = self
                         .meta
                         .commit(
@@ -511,19 +592,19 @@ impl Registry {
                     if removed {
                         self.blobs.delete_upload(&id).await?;
                         expired += 1;
-                        tracing::info!(upload = %id, repository = %record.repository, "expired idle upload session");
+                        tracing::info!(upload = %id, %repository, "expired idle upload session");
                     }
                 } else {
                     live.insert(id);
                 }
             }
         }
-        if reconcile_orphans {
-            for id in self.blobs.list_uploads().await? {
-                if !live.contains(&id) {
-                    tracing::info!(upload = %id, "removing upload data without a session");
-                    self.blobs.delete_upload(&id).await?;
-                }
+        for upload in self.blobs.list_uploads().await? {
+            if !live.contains(&upload.id)
+                && now.saturating_sub(upload.modified_ms) >= orphan_grace_ms
+            {
+                tracing::info!(upload = %upload.id, "removing upload data without a session");
+                self.blobs.delete_upload(&upload.id).await?;
             }
         }
         Ok(expired)

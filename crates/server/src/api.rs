@@ -551,6 +551,18 @@ impl Ctx<'_> {
                     headers.push((header::CONTENT_LENGTH, size.to_string()));
                     return Ok(with_headers(StatusCode::OK, headers, Body::empty()));
                 }
+                if let Some(url) = registry.blob_redirect(&name, &digest).await? {
+                    // The storage serves the bytes (and the Range) itself.
+                    return Ok(with_headers(
+                        StatusCode::TEMPORARY_REDIRECT,
+                        vec![
+                            (header::LOCATION, url),
+                            (DOCKER_CONTENT_DIGEST, digest.to_string()),
+                            (header::CONTENT_LENGTH, "0".into()),
+                        ],
+                        Body::empty(),
+                    ));
+                }
                 let range_header = header_str(self.headers, &header::RANGE);
                 let (read, range) = registry.read_blob(&name, &digest, range_header).await?;
                 let status = match range {

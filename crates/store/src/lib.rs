@@ -12,8 +12,15 @@ pub mod blob;
 pub mod meta;
 pub mod testsuite;
 
-pub use blob::{BlobRead, BlobStore, ByteStream, PutError, fs::FsBlobStore};
-pub use meta::{Compare, KeyValue, MetaStore, Op, Txn, etcd::EtcdMetaStore, redb::RedbMetaStore};
+pub use blob::{
+    BlobRead, BlobStore, ByteStream, PutError, StoredUpload, UploadPart,
+    fs::FsBlobStore,
+    s3::{S3BlobStore, S3Options},
+};
+pub use meta::{
+    Compare, KeyValue, LeaseId, MetaStore, Op, Txn, etcd::EtcdMetaStore, etcd::MemberStatus,
+    redb::RedbMetaStore,
+};
 
 /// A failure of the storage engine itself (disk, database), as opposed to a
 /// problem with what the client sent.

@@ -176,6 +176,61 @@ pub async fn metastore_suite(store: &dyn MetaStore) {
         results.into_iter().filter(|r| *r.as_ref().unwrap()).count(),
         1
     );
+
+    lease_suite(store).await;
+}
+
+/// Leases: leased keys live while the lease is kept alive and vanish when it
+/// is revoked or lapses; leadership is a create-if-absent on a leased key.
+async fn lease_suite(store: &dyn MetaStore) {
+    let ttl = std::time::Duration::from_secs(2);
+    let lease = store.grant_lease(ttl).await.unwrap();
+    let leader = Txn::new()
+        .require_absent("leader/job")
+        .put_leased("leader/job", "node-a", lease);
+    assert!(store.commit(leader).await.unwrap());
+    let rival = store.grant_lease(ttl).await.unwrap();
+    assert!(
+        !store
+            .commit(Txn::new().require_absent("leader/job").put_leased(
+                "leader/job",
+                "node-b",
+                rival
+            ))
+            .await
+            .unwrap(),
+        "a held leadership cannot be taken"
+    );
+    assert!(store.keep_lease_alive(lease).await.unwrap());
+    store.revoke_lease(lease).await.unwrap();
+    assert!(store.get(b"leader/job").await.unwrap().is_none());
+    assert!(!store.keep_lease_alive(lease).await.unwrap());
+    // The rival takes over; left alone, its lease lapses and the key goes.
+    assert!(
+        store
+            .commit(Txn::new().require_absent("leader/job").put_leased(
+                "leader/job",
+                "node-b",
+                rival
+            ))
+            .await
+            .unwrap()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // Asking about the lease is what lets the embedded engine notice.
+        let alive = store.keep_lease_alive(rival.wrapping_add(7)).await.unwrap();
+        assert!(!alive, "an unknown lease is not alive");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if store.get(b"leader/job").await.unwrap().is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a lapsed lease must release its keys"
+        );
+    }
+    assert!(!store.keep_lease_alive(rival).await.unwrap());
 }
 
 pub async fn blobstore_suite(store: &dyn BlobStore) {
@@ -251,180 +306,132 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
     );
     assert!(store.read_small(&digest, 10).await.is_err());
 
-    // Uploads: chunks at the right offset, durable size, commit verifies.
+    // Uploads: parts hashed on the way, committed in the order given.
+    store.delete(&digest).await.unwrap();
     let id = "2f1d0b8e-0000-4000-8000-000000000001";
-    store.create_upload(id).await.unwrap();
-    assert_eq!(store.upload_size(id).await.unwrap(), Some(0));
-    assert_eq!(
-        store
-            .append_upload(id, 0, None, stream_of(vec![data[..100].to_vec()]), u64::MAX)
-            .await
-            .unwrap(),
-        100
-    );
-    let err = store
-        .append_upload(id, 50, None, stream_of(vec![vec![1]]), u64::MAX)
+    let first = store
+        .write_part(id, None, stream_of(vec![data[..100].to_vec()]), u64::MAX)
         .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PutError::OffsetMismatch {
-                current: 100,
-                requested: 50
-            }
-        ),
-        "{err:?}"
-    );
-    // A failed chunk leaves the upload as it was.
+        .unwrap();
+    assert_eq!(first.size, 100);
+    assert_eq!(first.sha256, Digest::sha256_of(&data[..100]));
+    // A failed chunk, or one over its limit, leaves nothing.
     let err = store
-        .append_upload(
-            id,
-            100,
-            None,
-            failing_stream(data[100..5000].to_vec()),
-            u64::MAX,
-        )
+        .write_part(id, None, failing_stream(data[100..5000].to_vec()), u64::MAX)
         .await
         .unwrap_err();
     assert!(matches!(err, PutError::Body(_)), "{err:?}");
-    assert_eq!(store.upload_size(id).await.unwrap(), Some(100));
     let err = store
-        .append_upload(id, 100, None, stream_of(vec![data[100..].to_vec()]), 1000)
+        .write_part(id, None, stream_of(vec![data[100..].to_vec()]), 1000)
         .await
         .unwrap_err();
     assert!(matches!(err, PutError::TooLarge { .. }), "{err:?}");
-    assert_eq!(store.upload_size(id).await.unwrap(), Some(100));
+    let rest = store
+        .write_part(id, None, stream_of(vec![data[100..].to_vec()]), u64::MAX)
+        .await
+        .unwrap();
+    assert_ne!(first.name, rest.name);
+    let listed = store.list_uploads().await.unwrap();
+    assert!(listed.iter().any(|u| u.id == id && u.modified_ms > 0));
+    // The wrong order does not verify and installs nothing.
+    let err = store
+        .commit_parts(id, &[rest.clone(), first.clone()], &digest)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PutError::DigestMismatch { .. }), "{err:?}");
+    assert!(store.stat(&digest).await.unwrap().is_none());
     assert_eq!(
         store
-            .append_upload(
-                id,
-                100,
-                None,
-                stream_of(vec![data[100..].to_vec()]),
-                u64::MAX
-            )
+            .commit_parts(id, &[first.clone(), rest.clone()], &digest)
             .await
             .unwrap(),
         data.len() as u64
     );
+    let read = store.read(&digest, None).await.unwrap().unwrap();
+    assert_eq!(collect(read.stream).await.unwrap(), data);
+    // Parts stay until the upload is deleted; a deleted part is missing.
+    store.delete_part(id, &first).await.unwrap();
+    let err = store
+        .commit_parts(id, &[first.clone(), rest.clone()], &digest)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PutError::Store(_)), "{err:?}");
+    store.delete_upload(id).await.unwrap();
+    store.delete_upload(id).await.unwrap();
     assert!(
-        store
+        !store
             .list_uploads()
             .await
             .unwrap()
-            .contains(&id.to_string())
+            .iter()
+            .any(|u| u.id == id)
     );
-    assert_eq!(
-        store.commit_upload(id, &digest).await.unwrap(),
-        data.len() as u64
-    );
-    assert_eq!(store.upload_size(id).await.unwrap(), None);
-    assert!(matches!(
-        store.commit_upload(id, &digest).await,
-        Err(PutError::UploadUnknown)
-    ));
 
-    // A mismatching commit discards the upload and stores nothing.
-    let id2 = "2f1d0b8e-0000-4000-8000-000000000002";
-    store.create_upload(id2).await.unwrap();
-    store
-        .append_upload(id2, 0, None, stream_of(vec![b"hello".to_vec()]), u64::MAX)
+    // One part whose own digest matches is installed without a re-read; a
+    // second commit of the same content is harmless.
+    let single = "2f1d0b8e-0000-4000-8000-000000000002";
+    let whole = store
+        .write_part(
+            single,
+            Some(5),
+            stream_of(vec![b"exact".to_vec()]),
+            u64::MAX,
+        )
         .await
         .unwrap();
-    let err = store.commit_upload(id2, &wrong).await.unwrap_err();
-    assert!(matches!(err, PutError::DigestMismatch { .. }), "{err:?}");
+    let exact = Digest::sha256_of(b"exact");
+    for _ in 0..2 {
+        assert_eq!(
+            store
+                .commit_parts(single, std::slice::from_ref(&whole), &exact)
+                .await
+                .unwrap(),
+            5
+        );
+    }
+    store.delete_upload(single).await.unwrap();
+    let read = store.read(&exact, None).await.unwrap().unwrap();
+    assert_eq!(collect(read.stream).await.unwrap(), b"exact");
+    store.delete(&exact).await.unwrap();
+    let err = store
+        .commit_parts(single, std::slice::from_ref(&whole), &exact)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PutError::PartMissing(_) | PutError::Store(_)),
+        "{err:?}"
+    );
+
+    // A mismatching single part installs nothing.
+    let err = store
+        .commit_parts(single, std::slice::from_ref(&whole), &wrong)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PutError::DigestMismatch { .. } | PutError::Store(_)),
+        "{err:?}"
+    );
     assert!(store.stat(&wrong).await.unwrap().is_none());
-    assert_eq!(store.upload_size(id2).await.unwrap(), None);
 
     // Empty blobs are blobs too.
     let empty = Digest::sha256_of(b"");
     let id3 = "2f1d0b8e-0000-4000-8000-000000000003";
-    store.create_upload(id3).await.unwrap();
-    assert_eq!(store.commit_upload(id3, &empty).await.unwrap(), 0);
+    assert_eq!(store.commit_parts(id3, &[], &empty).await.unwrap(), 0);
     assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
     let read = store.read(&empty, None).await.unwrap().unwrap();
     assert!(collect(read.stream).await.unwrap().is_empty());
 
     // A chunk shorter or longer than announced leaves no trace.
     let id5 = "2f1d0b8e-0000-4000-8000-000000000005";
-    store.create_upload(id5).await.unwrap();
-    let err = store
-        .append_upload(
-            id5,
-            0,
-            Some(10),
-            stream_of(vec![b"short".to_vec()]),
-            u64::MAX,
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PutError::LengthMismatch {
-                expected: 10,
-                received: 5
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(store.upload_size(id5).await.unwrap(), Some(0));
-    assert_eq!(
-        store
-            .append_upload(
-                id5,
-                0,
-                Some(5),
-                stream_of(vec![b"exact".to_vec()]),
-                u64::MAX
-            )
+    for (announced, body) in [(10, b"short".to_vec()), (3, b"longer".to_vec())] {
+        let err = store
+            .write_part(id5, Some(announced), stream_of(vec![body]), u64::MAX)
             .await
-            .unwrap(),
-        5
-    );
-
-    // A chunk racing the commit, in both orders. First come, first served
-    // under the upload's lock: a chunk that wins makes the commit fail
-    // verification; a commit that wins leaves the chunk no upload. Either way
-    // an installed blob is exactly the verified bytes.
-    let exact = Digest::sha256_of(b"exact");
-    for chunk_first in [true, false] {
-        let id = if chunk_first {
-            "2f1d0b8e-0000-4000-8000-000000000006"
-        } else {
-            "2f1d0b8e-0000-4000-8000-000000000007"
-        };
-        store.create_upload(id).await.unwrap();
-        store
-            .append_upload(id, 0, None, stream_of(vec![b"exact".to_vec()]), u64::MAX)
-            .await
-            .unwrap();
-        let late_chunk =
-            store.append_upload(id, 5, None, stream_of(vec![vec![9u8; 2_000_000]]), u64::MAX);
-        let commit = store.commit_upload(id, &exact);
-        let (appended, committed) = if chunk_first {
-            tokio::join!(late_chunk, commit)
-        } else {
-            let (c, a) = tokio::join!(commit, late_chunk);
-            (a, c)
-        };
-        match (chunk_first, &appended, &committed) {
-            (true, Ok(2_000_005), Err(PutError::DigestMismatch { .. })) => {}
-            (false, Err(PutError::UploadUnknown), Ok(5)) => {
-                let read = store.read(&exact, None).await.unwrap().unwrap();
-                assert_eq!(collect(read.stream).await.unwrap(), b"exact");
-            }
-            other => panic!("append and commit raced badly: {other:?}"),
-        }
+            .unwrap_err();
+        assert!(matches!(err, PutError::LengthMismatch { .. }), "{err:?}");
     }
-    store.delete(&exact).await.unwrap();
+    store.delete_upload(id5).await.unwrap();
 
-    // Cancelled uploads and deletes.
-    let id4 = "2f1d0b8e-0000-4000-8000-000000000004";
-    store.create_upload(id4).await.unwrap();
-    store.delete_upload(id4).await.unwrap();
-    assert_eq!(store.upload_size(id4).await.unwrap(), None);
     assert!(store.list().await.unwrap().contains(&digest));
     store.delete(&digest).await.unwrap();
     store.delete(&digest).await.unwrap();

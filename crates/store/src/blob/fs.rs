@@ -1,10 +1,11 @@
 //! The embedded blob engine: files under a data directory.
 //!
-//! Layout: `blobs/<alg>/<2 hex>/<encoded>` for committed blobs, `uploads/<id>`
-//! for upload sessions and `tmp/` for monolithic writes in flight. A blob
-//! reaches its final path only by `rename` after its bytes were fsynced and
-//! verified, and the directory is fsynced after the rename, so a crash at any
-//! point leaves either the whole verified blob or nothing under `blobs/`.
+//! Layout: `blobs/<alg>/<2 hex>/<encoded>` for committed blobs,
+//! `uploads/<id>/<part>` for the chunks of upload sessions and `tmp/` for
+//! writes in flight. A blob or part reaches its final path only by `rename`
+//! (or a hard link) after its bytes were fsynced and verified, and the
+//! directory is fsynced after, so a crash at any point leaves either the whole
+//! verified file or nothing under `blobs/` and `uploads/`.
 //!
 //! Reads are verified too. The content digest (SHA-256) was checked on the way
 //! in; what a read must catch is corruption at rest, for which a fast
@@ -13,20 +14,19 @@
 //! attribute of the blob file, fsynced with it. A blob without the attribute
 //! (a filesystem without xattrs) is verified against its digest instead.
 
-use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use berth_oci::{Algorithm, ByteRange, Digest, Hasher};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{BlobRead, BlobStore, ByteStream, PutError};
+use super::{BlobRead, BlobStore, ByteStream, PutError, StoredUpload, UploadPart};
 use crate::StoreError;
 
 /// Size of the file windows that feed a response. They are mapped, not
@@ -91,29 +91,9 @@ fn load_checksum(file: &File) -> Option<u128> {
     Some(u128::from_be_bytes(value.try_into().ok()?))
 }
 
-/// Hash state of an upload, valid while `size` equals the file's length.
-/// Lost on restart; the commit then re-hashes the file.
-struct UploadHash {
-    size: u64,
-    hash: ContentHash,
-}
-
-/// What the store knows about an upload in progress, behind its lock.
-#[derive(Default)]
-struct UploadState {
-    hash: Option<UploadHash>,
-    /// A failed chunk could not be rolled back (nor its data deleted): the
-    /// upload's bytes are unknown and it must never be committed.
-    poisoned: bool,
-}
-
-type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
-
 pub struct FsBlobStore {
     root: PathBuf,
     options: FsOptions,
-    /// One lock per active upload serializes its chunks and keeps its hash.
-    uploads: Mutex<HashMap<String, UploadSlot>>,
     tmp_counter: AtomicU64,
 }
 
@@ -142,12 +122,21 @@ impl FsBlobStore {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
-        fs::create_dir_all(root.join("uploads"))?;
+        let uploads = root.join("uploads");
+        fs::create_dir_all(&uploads)?;
+        // Uploads of the format before parts (one file per upload) cannot be
+        // continued; their sessions fail and clients start them again.
+        for entry in fs::read_dir(&uploads)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                tracing::warn!(upload = ?entry.file_name(), "discarding upload data of an older format");
+                fs::remove_file(entry.path())?;
+            }
+        }
         sync_dir(root)?;
         Ok(Self {
             root: root.to_path_buf(),
             options,
-            uploads: Mutex::new(HashMap::new()),
             tmp_counter: AtomicU64::new(0),
         })
     }
@@ -171,23 +160,99 @@ impl FsBlobStore {
         Ok(self.root.join("uploads").join(id))
     }
 
-    fn upload_slot(&self, id: &str) -> UploadSlot {
-        let mut map = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(id.to_string()).or_default().clone()
+    fn part_path(&self, upload: &str, part: &str) -> Result<PathBuf, StoreError> {
+        if !valid_upload_id(part) {
+            return Err(StoreError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "invalid upload part name",
+            )));
+        }
+        Ok(self.upload_path(upload)?.join(part))
     }
 
-    /// Deletes an upload's data; the caller holds the upload's lock.
-    async fn remove_upload_file(&self, id: &str) -> Result<(), StoreError> {
-        let path = self.upload_path(id)?;
-        tokio::task::spawn_blocking(move || not_found_to_none(fs::remove_file(path))).await??;
-        self.forget_upload(id);
-        Ok(())
+    fn tmp_path(&self, label: &str) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{}-{label}-{n}", std::process::id()))
     }
 
-    fn forget_upload(&self, id: &str) {
-        let mut map = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(id);
+    /// Streams `body` into a new file under `tmp/`, hashing it, and syncs it
+    /// with its checksum attribute. The caller moves it into place; on error
+    /// nothing is left behind.
+    async fn write_synced_tmp(
+        &self,
+        label: &str,
+        algorithm: Algorithm,
+        expected_len: Option<u64>,
+        body: ByteStream,
+        max: u64,
+    ) -> Result<SyncedTmp, PutError> {
+        let tmp = self.tmp_path(label);
+        let file = {
+            let tmp = tmp.clone();
+            tokio::task::spawn_blocking(move || File::create(tmp))
+                .await
+                .map_err(StoreError::from)?
+                .map_err(StoreError::Io)?
+        };
+        let result: Result<SyncedTmp, PutError> = async {
+            let (file, hasher, size) =
+                write_stream(file, Some(ContentHash::new(algorithm)), body, 0, max).await?;
+            if let Some(expected) = expected_len
+                && expected != size
+            {
+                return Err(PutError::LengthMismatch {
+                    expected,
+                    received: size,
+                });
+            }
+            let Some((digest, checksum)) = hasher.map(ContentHash::finish) else {
+                return Err(PutError::Store(StoreError::Task("hash state lost".into())));
+            };
+            tokio::task::spawn_blocking(move || {
+                store_checksum(&file, checksum);
+                file.sync_all()
+            })
+            .await
+            .map_err(StoreError::from)?
+            .map_err(StoreError::Io)?;
+            Ok(SyncedTmp {
+                path: tmp.clone(),
+                digest,
+                size,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
     }
+}
+
+/// A fully written and synced file in `tmp/`, and what it hashed to.
+struct SyncedTmp {
+    path: PathBuf,
+    digest: Digest,
+    size: u64,
+}
+
+/// Moves a synced file to `target` and makes the rename durable.
+async fn install(from: PathBuf, target: PathBuf) -> Result<(), StoreError> {
+    let result = tokio::task::spawn_blocking({
+        let from = from.clone();
+        move || -> io::Result<()> {
+            let dir = target.parent().unwrap_or(Path::new("."));
+            fs::rename(&from, &target)?;
+            sync_dir(dir)
+        }
+    })
+    .await?;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&from).await;
+    }
+    Ok(result?)
 }
 
 /// Streams `body` into `file` (from its current position) through `hasher`,
@@ -280,19 +345,6 @@ async fn write_stream(
     Ok((file, hasher, received))
 }
 
-fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u128)> {
-    let mut file = File::open(path)?;
-    let mut hasher = ContentHash::new(algorithm);
-    let mut buf = vec![0u8; 1024 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hasher.finish());
-        }
-        hasher.update(&buf[..n]);
-    }
-}
-
 fn page_size() -> u64 {
     static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     // SAFETY: sysconf has no preconditions.
@@ -300,98 +352,6 @@ fn page_size() -> u64 {
         n if n > 0 => n as u64,
         _ => 4096,
     })
-}
-
-/// Appends one chunk to the upload file at `path`; the caller passes the
-/// upload's locked state. See `BlobStore::append_upload`.
-async fn append_locked(
-    mut state: tokio::sync::OwnedMutexGuard<UploadState>,
-    path: PathBuf,
-    offset: u64,
-    expected_len: Option<u64>,
-    body: ByteStream,
-    max_total: u64,
-) -> Result<u64, PutError> {
-    if state.poisoned {
-        return Err(PutError::UploadUnknown);
-    }
-    let opened = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || {
-            not_found_to_none(OpenOptions::new().append(true).open(path).and_then(|f| {
-                let len = f.metadata()?.len();
-                Ok((f, len))
-            }))
-        }
-    })
-    .await
-    .map_err(StoreError::from)?
-    .map_err(StoreError::Io)?;
-    let Some((file, current)) = opened else {
-        return Err(PutError::UploadUnknown);
-    };
-    if offset != current {
-        return Err(PutError::OffsetMismatch {
-            current,
-            requested: offset,
-        });
-    }
-    let hasher = state
-        .hash
-        .as_ref()
-        .filter(|h| h.size == current)
-        .map(|h| h.hash.clone());
-    let outcome = async {
-        let (file, hasher, written) = write_stream(file, hasher, body, current, max_total).await?;
-        if let Some(expected) = expected_len
-            && expected != written
-        {
-            return Err(PutError::LengthMismatch {
-                expected,
-                received: written,
-            });
-        }
-        // Only a synced chunk may be acknowledged. After a failed fsync the
-        // kernel may already have dropped the dirty pages, so the chunk is
-        // rolled back below and never retried over the same data.
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(StoreError::from)?
-            .map_err(StoreError::Io)?;
-        Ok((hasher, written))
-    }
-    .await;
-    match outcome {
-        Ok((hasher, written)) => {
-            let size = current + written;
-            state.hash = hasher.map(|hash| UploadHash { size, hash });
-            Ok(size)
-        }
-        Err(e) => {
-            // Roll the file back so a failed chunk leaves no trace and the
-            // client can resume from the offset it last saw acknowledged.
-            let rolled_back = tokio::task::spawn_blocking({
-                let path = path.clone();
-                move || -> io::Result<()> {
-                    let file = OpenOptions::new().write(true).open(path)?;
-                    file.set_len(current)?;
-                    file.sync_all()
-                }
-            })
-            .await
-            .map_err(StoreError::from)?;
-            if let Err(io) = rolled_back {
-                // The upload's content is now unknown: it must never be
-                // committed. Poison it and try to drop its data; the client
-                // starts over.
-                tracing::error!(upload = %path.display(), error = %io, "could not roll back a failed chunk; discarding the upload");
-                state.hash = None;
-                state.poisoned = true;
-                let _ = tokio::task::spawn_blocking(move || fs::remove_file(path)).await;
-            }
-            Err(e)
-        }
-    }
 }
 
 /// Maps `len` bytes of `file` at `pos` and returns them as `Bytes` that own the
@@ -590,59 +550,24 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn put(&self, expected: &Digest, body: ByteStream, max: u64) -> Result<u64, PutError> {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!(
-            "{}-{}-{n}",
-            std::process::id(),
-            expected.encoded()
-        ));
-        let file = {
-            let tmp = tmp.clone();
-            tokio::task::spawn_blocking(move || File::create(tmp))
-                .await
-                .map_err(StoreError::from)?
-                .map_err(StoreError::Io)?
-        };
-        let result: Result<u64, PutError> = async {
-            let (file, hasher, size) = write_stream(
-                file,
-                Some(ContentHash::new(expected.algorithm())),
+        let written = self
+            .write_synced_tmp(
+                &expected.encoded()[..16],
+                expected.algorithm(),
+                None,
                 body,
-                0,
                 max,
             )
             .await?;
-            let Some((computed, checksum)) = hasher.map(ContentHash::finish) else {
-                return Err(PutError::Store(StoreError::Task("hash state lost".into())));
-            };
-            if &computed != expected {
-                return Err(PutError::DigestMismatch {
-                    expected: expected.clone(),
-                    computed,
-                });
-            }
-            let tmp = tmp.clone();
-            let digest = expected.clone();
-            let installed: io::Result<()> = tokio::task::spawn_blocking({
-                let this_path = self.blob_path(&digest);
-                move || {
-                    store_checksum(&file, checksum);
-                    file.sync_all()?;
-                    drop(file);
-                    fs::rename(&tmp, &this_path)?;
-                    sync_dir(this_path.parent().unwrap_or(Path::new(".")))
-                }
-            })
-            .await
-            .map_err(StoreError::from)?;
-            installed.map_err(StoreError::Io)?;
-            Ok(size)
+        if &written.digest != expected {
+            let _ = tokio::fs::remove_file(&written.path).await;
+            return Err(PutError::DigestMismatch {
+                expected: expected.clone(),
+                computed: written.digest,
+            });
         }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
+        install(written.path, self.blob_path(expected)).await?;
+        Ok(written.size)
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
@@ -673,135 +598,128 @@ impl BlobStore for FsBlobStore {
         .await?
     }
 
-    async fn create_upload(&self, id: &str) -> Result<(), StoreError> {
-        let path = self.upload_path(id)?;
-        let dir = self.root.join("uploads");
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let f = OpenOptions::new().write(true).create_new(true).open(path)?;
-            f.sync_all()?;
-            sync_dir(&dir)
-        })
-        .await??;
-        self.upload_slot(id).lock().await.hash = Some(UploadHash {
-            size: 0,
-            hash: ContentHash::new(Algorithm::Sha256),
-        });
-        Ok(())
-    }
-
-    async fn upload_size(&self, id: &str) -> Result<Option<u64>, StoreError> {
-        let path = self.upload_path(id)?;
-        let meta =
-            tokio::task::spawn_blocking(move || not_found_to_none(fs::metadata(path))).await??;
-        Ok(meta.map(|m| m.len()))
-    }
-
-    async fn append_upload(
+    async fn write_part(
         &self,
-        id: &str,
-        offset: u64,
+        upload: &str,
         expected_len: Option<u64>,
         body: ByteStream,
-        max_total: u64,
-    ) -> Result<u64, PutError> {
-        let path = self.upload_path(id)?;
-        // The chunk runs in a task of its own that holds the upload's lock: if
-        // the request is cancelled (a client reset, a shutdown), the write is
-        // still completed or rolled back before the next chunk may start.
-        let state = self.upload_slot(id).lock_owned().await;
-        let chunk = tokio::spawn(append_locked(
-            state,
-            path,
-            offset,
-            expected_len,
-            body,
-            max_total,
-        ));
-        chunk.await.map_err(StoreError::from)?
-    }
-
-    async fn commit_upload(&self, id: &str, expected: &Digest) -> Result<u64, PutError> {
-        let path = self.upload_path(id)?;
-        let slot = self.upload_slot(id);
-        let hash_state = slot.lock().await;
-        if hash_state.poisoned {
-            return Err(PutError::UploadUnknown);
-        }
-        let size = match tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || not_found_to_none(fs::metadata(path))
-        })
-        .await
-        .map_err(StoreError::from)?
-        .map_err(StoreError::Io)?
-        {
-            Some(m) => m.len(),
-            None => return Err(PutError::UploadUnknown),
-        };
-        let cached = hash_state
-            .hash
-            .as_ref()
-            .filter(|h| h.size == size && h.hash.digest.algorithm() == expected.algorithm())
-            .map(|h| h.hash.clone().finish());
-        let (computed, checksum) = match cached {
-            Some(d) => d,
-            None => {
-                let path = path.clone();
-                let alg = expected.algorithm();
-                tokio::task::spawn_blocking(move || hash_file(&path, alg))
-                    .await
-                    .map_err(StoreError::from)?
-                    .map_err(StoreError::Io)?
+        max: u64,
+    ) -> Result<UploadPart, PutError> {
+        let name = uuid::Uuid::new_v4().simple().to_string();
+        let target = self.part_path(upload, &name)?;
+        let written = self
+            .write_synced_tmp("part", Algorithm::Sha256, expected_len, body, max)
+            .await?;
+        let dir = self.upload_path(upload)?;
+        let uploads = self.root.join("uploads");
+        let created = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            if !dir.exists() {
+                fs::create_dir_all(&dir)?;
+                sync_dir(&uploads)?;
             }
-        };
-        // The upload's lock stays held through the rename: a chunk racing the
-        // commit must not append to a file that was just verified.
-        if &computed != expected {
-            self.remove_upload_file(id).await?;
-            return Err(PutError::DigestMismatch {
-                expected: expected.clone(),
-                computed,
-            });
-        }
-        let installed = tokio::task::spawn_blocking({
-            let target = self.blob_path(expected);
-            let uploads_dir = self.root.join("uploads");
-            move || -> io::Result<()> {
-                // Chunks were synced as they arrived; the checksum attribute
-                // and the rename are what must now reach the disk.
-                let file = File::open(&path)?;
-                store_checksum(&file, checksum);
-                file.sync_all()?;
-                drop(file);
-                fs::rename(&path, &target)?;
-                sync_dir(target.parent().unwrap_or(Path::new(".")))?;
-                sync_dir(&uploads_dir)
-            }
+            Ok(())
         })
         .await
         .map_err(StoreError::from)?;
-        drop(hash_state);
-        self.forget_upload(id);
-        installed.map_err(StoreError::Io)?;
-        Ok(size)
+        if let Err(e) = created {
+            let _ = tokio::fs::remove_file(&written.path).await;
+            return Err(StoreError::Io(e).into());
+        }
+        install(written.path, target).await?;
+        Ok(UploadPart {
+            name,
+            size: written.size,
+            sha256: written.digest,
+        })
     }
 
-    async fn delete_upload(&self, id: &str) -> Result<(), StoreError> {
-        // Under the upload's lock: never delete the file under a running chunk.
-        let slot = self.upload_slot(id);
-        let _guard = slot.lock().await;
-        self.remove_upload_file(id).await
+    async fn commit_parts(
+        &self,
+        upload: &str,
+        parts: &[UploadPart],
+        expected: &Digest,
+    ) -> Result<u64, PutError> {
+        if let [part] = parts
+            && &part.sha256 == expected
+        {
+            // Verified when written: link it into place, no second read.
+            let source = self.part_path(upload, &part.name)?;
+            let target = self.blob_path(expected);
+            let name = part.name.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), PutError> {
+                match fs::hard_link(&source, &target) {
+                    Ok(()) => {}
+                    // Content-addressed: an existing blob has these bytes.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(PutError::PartMissing(name));
+                    }
+                    Err(e) => return Err(StoreError::Io(e).into()),
+                }
+                sync_dir(target.parent().unwrap_or(Path::new("."))).map_err(StoreError::Io)?;
+                Ok(())
+            })
+            .await
+            .map_err(StoreError::from)??;
+            return Ok(part.size);
+        }
+        let mut paths = Vec::with_capacity(parts.len());
+        for part in parts {
+            paths.push((self.part_path(upload, &part.name)?, part.name.clone()));
+        }
+        let body: ByteStream = Box::pin(
+            futures_util::stream::iter(paths)
+                .then(|(path, name)| async move {
+                    match tokio::fs::File::open(&path).await {
+                        Ok(file) => Ok(tokio_util::io::ReaderStream::with_capacity(
+                            file,
+                            WRITE_BATCH,
+                        )),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("upload part {name} is missing"),
+                        )),
+                        Err(e) => Err(e),
+                    }
+                })
+                .try_flatten(),
+        );
+        match self.put(expected, body, u64::MAX).await {
+            Err(PutError::Body(e)) => Err(PutError::Store(StoreError::Io(e))),
+            other => other,
+        }
     }
 
-    async fn list_uploads(&self) -> Result<Vec<String>, StoreError> {
+    async fn delete_part(&self, upload: &str, part: &UploadPart) -> Result<(), StoreError> {
+        let path = self.part_path(upload, &part.name)?;
+        tokio::task::spawn_blocking(move || not_found_to_none(fs::remove_file(path))).await??;
+        Ok(())
+    }
+
+    async fn delete_upload(&self, upload: &str) -> Result<(), StoreError> {
+        let path = self.upload_path(upload)?;
+        tokio::task::spawn_blocking(move || not_found_to_none(fs::remove_dir_all(path))).await??;
+        Ok(())
+    }
+
+    async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StoreError> {
         let dir = self.root.join("uploads");
-        tokio::task::spawn_blocking(move || -> Result<Vec<String>, StoreError> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<StoredUpload>, StoreError> {
             let mut out = Vec::new();
             for entry in fs::read_dir(dir)? {
-                let name = entry?.file_name().to_string_lossy().into_owned();
-                if valid_upload_id(&name) {
-                    out.push(name);
+                let entry = entry?;
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if !valid_upload_id(&id) {
+                    continue;
                 }
+                // A part arriving renames into the directory, which updates
+                // the directory's modification time.
+                let modified_ms = entry
+                    .metadata()?
+                    .modified()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                out.push(StoredUpload { id, modified_ms });
             }
             Ok(out)
         })
@@ -896,22 +814,18 @@ mod tests {
         let data = vec![3u8; 1_500_000];
         let digest = Digest::sha256_of(&data);
         let id = "2f1d0b8e-0000-4000-8000-0000000000aa";
-        store.create_upload(id).await.unwrap();
         let first: ByteStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from(
             data[..700_000].to_vec(),
         ))]));
-        store
-            .append_upload(id, 0, None, first, u64::MAX)
-            .await
-            .unwrap();
+        let first = store.write_part(id, None, first, u64::MAX).await.unwrap();
         let rest: ByteStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from(
             data[700_000..].to_vec(),
         ))]));
+        let rest = store.write_part(id, None, rest, u64::MAX).await.unwrap();
         store
-            .append_upload(id, 700_000, None, rest, u64::MAX)
+            .commit_parts(id, &[first, rest], &digest)
             .await
             .unwrap();
-        store.commit_upload(id, &digest).await.unwrap();
         let stored = load_checksum(&File::open(store.blob_path(&digest)).unwrap());
         assert_eq!(stored, Some(xxhash_rust::xxh3::xxh3_128(&data)));
         let read = store.read(&digest, None).await.unwrap().unwrap();

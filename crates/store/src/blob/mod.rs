@@ -2,6 +2,7 @@
 //! visible only when complete, durable and matching their digest.
 
 pub mod fs;
+pub mod s3;
 
 use std::io;
 use std::pin::Pin;
@@ -22,16 +23,34 @@ pub struct BlobRead {
     pub stream: ByteStream,
 }
 
+/// One stored chunk of an upload. Recorded in the upload session, which is
+/// the truth about which parts form the upload.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadPart {
+    /// Engine-chosen, unique within the upload.
+    pub name: String,
+    pub size: u64,
+    /// SHA-256 of this part alone: a blob uploaded in one part is verified
+    /// by it without being read again.
+    pub sha256: Digest,
+}
+
+/// Upload data found in the store.
+#[derive(Clone, Debug)]
+pub struct StoredUpload {
+    pub id: String,
+    /// Milliseconds since the epoch of the newest part.
+    pub modified_ms: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PutError {
     #[error("content digest {computed} does not match {expected}")]
     DigestMismatch { expected: Digest, computed: Digest },
     #[error("content exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64 },
-    #[error("upload is at offset {current}, a chunk must start there (got {requested})")]
-    OffsetMismatch { current: u64, requested: u64 },
-    #[error("upload unknown")]
-    UploadUnknown,
+    #[error("upload part {0} is missing")]
+    PartMissing(String),
     #[error("chunk was announced as {expected} bytes but {received} arrived")]
     LengthMismatch { expected: u64, received: u64 },
     #[error("reading the request body failed: {0}")]
@@ -68,33 +87,49 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Every stored blob (for garbage collection and audits).
     async fn list(&self) -> Result<Vec<Digest>, StoreError>;
 
-    /// Starts an empty upload area for session `id`.
-    async fn create_upload(&self, id: &str) -> Result<(), StoreError>;
-
-    /// Bytes received so far by an upload, `None` if it does not exist.
-    async fn upload_size(&self, id: &str) -> Result<Option<u64>, StoreError>;
-
-    /// Appends a chunk that must start at `offset` (the current size) and, when
-    /// `expected_len` is given, be exactly that long. The chunk is durable when
-    /// this returns; a failed chunk leaves no trace. Appends and the commit of
-    /// one upload are serialized. Returns the new size.
-    async fn append_upload(
+    /// Stores one chunk of upload `upload` as a new part, hashing it on the
+    /// way. The part is durable when this returns, under a name no other
+    /// call will choose; a failed chunk leaves nothing visible. It must be
+    /// exactly `expected_len` bytes when that is given, and at most `max`.
+    ///
+    /// Parts are not ordered or counted here: which parts make up an upload,
+    /// and in what order, is decided by the caller (the upload session in the
+    /// MetaStore, updated by compare-and-swap). So chunks of one upload may be
+    /// written by different nodes, and a part that lost a race is deleted.
+    async fn write_part(
         &self,
-        id: &str,
-        offset: u64,
+        upload: &str,
         expected_len: Option<u64>,
         body: ByteStream,
-        max_total: u64,
+        max: u64,
+    ) -> Result<UploadPart, PutError>;
+
+    /// Verifies the concatenation of `parts` against `expected` and installs
+    /// it as that blob. Returns the size. A single part whose own digest is
+    /// `expected` is installed without reading it again. The parts stay until
+    /// `delete_upload`.
+    async fn commit_parts(
+        &self,
+        upload: &str,
+        parts: &[UploadPart],
+        expected: &Digest,
     ) -> Result<u64, PutError>;
 
-    /// Verifies the upload against `expected` and moves it into the store.
-    /// On a mismatch the upload's data is discarded. Returns the size.
-    async fn commit_upload(&self, id: &str, expected: &Digest) -> Result<u64, PutError>;
+    /// Deletes one part (one that lost a race to be recorded).
+    async fn delete_part(&self, upload: &str, part: &UploadPart) -> Result<(), StoreError>;
 
-    async fn delete_upload(&self, id: &str) -> Result<(), StoreError>;
+    /// Deletes every part of an upload.
+    async fn delete_upload(&self, upload: &str) -> Result<(), StoreError>;
 
-    /// Ids of every upload area (to reconcile with upload sessions).
-    async fn list_uploads(&self) -> Result<Vec<String>, StoreError>;
+    /// Every upload with stored parts, and when it was last written (for
+    /// removing data whose session is gone).
+    async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StoreError>;
+
+    /// Where a client may fetch the blob directly (a pre-signed URL), when
+    /// the engine is configured to redirect reads.
+    async fn redirect_url(&self, _digest: &Digest) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
 
     async fn check_health(&self) -> Result<(), StoreError>;
 }

@@ -22,7 +22,7 @@ use etcd_client::{
     Txn as EtcdTxn, TxnOp,
 };
 
-use super::{Compare, KeyValue, MetaStore, Op, Txn};
+use super::{Compare, KeyValue, LeaseId, MetaStore, Op, Txn};
 use crate::StoreError;
 
 #[derive(Clone, Debug)]
@@ -35,6 +35,19 @@ pub struct EtcdOptions {
     /// fails only after about 11 s, on the server's own timeout.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// etcd authentication: user name and password.
+    pub user: Option<(String, String)>,
+    /// TLS to the members (use `https://` endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM material for TLS to etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// The CA that signed the members' certificates.
+    pub ca_pem: Vec<u8>,
+    /// A client certificate and key, when the members require one.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl EtcdOptions {
@@ -44,7 +57,30 @@ impl EtcdOptions {
             prefix: prefix.into(),
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(3),
+            user: None,
+            tls: None,
         }
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
+        let mut connect = ConnectOptions::new()
+            .with_timeout(self.request_timeout)
+            .with_connect_timeout(self.connect_timeout)
+            // Notice a half-open connection in seconds, not at TCP's pace.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if let Some((user, password)) = &self.user {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &self.tls {
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.client {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(config);
+        }
+        connect
     }
 }
 
@@ -133,12 +169,7 @@ impl EtcdMetaStore {
                 "the etcd key prefix must not be empty".into(),
             ));
         }
-        let connect = ConnectOptions::new()
-            .with_timeout(options.request_timeout)
-            .with_connect_timeout(options.connect_timeout)
-            // Notice a half-open connection in seconds, not at TCP's pace.
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
+        let connect = options.connect_options();
         let client = Client::connect(&options.endpoints, Some(connect.clone()))
             .await
             .map_err(etcd_err)?;
@@ -304,6 +335,11 @@ impl MetaStore for EtcdMetaStore {
             .iter()
             .map(|op| match op {
                 Op::Put(key, value) => TxnOp::put(self.full_key(key), value.clone(), None),
+                Op::PutLeased(key, value, lease) => TxnOp::put(
+                    self.full_key(key),
+                    value.clone(),
+                    Some(etcd_client::PutOptions::new().with_lease(*lease)),
+                ),
                 Op::Delete(key) => TxnOp::delete(self.full_key(key), None),
             })
             .collect();
@@ -332,6 +368,95 @@ impl MetaStore for EtcdMetaStore {
             .await
             .map_err(etcd_err)?;
         Ok(())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+        let mut client = self.client.clone();
+        let resp = client.lease_grant(secs, None).await.map_err(etcd_err)?;
+        Ok(resp.id())
+    }
+
+    async fn keep_lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        let gone = |e: &etcd_client::Error| matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m.contains("not found"));
+        let mut client = self.client.clone();
+        let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
+            Ok(pair) => pair,
+            Err(e) if gone(&e) => return Ok(false),
+            Err(e) => return Err(etcd_err(e)),
+        };
+        keeper.keep_alive().await.map_err(etcd_err)?;
+        let message = match responses.message().await {
+            Err(e) if gone(&e) => return Ok(false),
+            other => other.map_err(etcd_err)?,
+        };
+        match message {
+            // etcd answers an expired or unknown lease with a TTL of zero.
+            Some(resp) => Ok(resp.ttl() > 0),
+            None => Err(StoreError::Unavailable(
+                "etcd closed the lease keep-alive stream".into(),
+            )),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        match client.lease_revoke(lease).await {
+            Ok(_) => Ok(()),
+            // Already expired: its keys are gone, which is what was asked.
+            Err(etcd_client::Error::GRpcStatus(status))
+                if status.message().contains("not found") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(etcd_err(e)),
+        }
+    }
+}
+
+/// What `berth cluster status` shows about one etcd member.
+#[derive(Clone, Debug)]
+pub struct MemberStatus {
+    pub name: String,
+    pub endpoint: String,
+    /// Whether the member answered a status call.
+    pub reachable: bool,
+    pub is_leader: bool,
+    pub raft_term: u64,
+}
+
+impl EtcdMetaStore {
+    /// The members of the etcd cluster, which of them answer, and which
+    /// one leads. `options` are those the store was opened with.
+    pub async fn members(&self, options: &EtcdOptions) -> Result<Vec<MemberStatus>, StoreError> {
+        let mut client = self.client.clone();
+        let list = client.member_list().await.map_err(etcd_err)?;
+        let mut out = Vec::new();
+        for member in list.members() {
+            let endpoint = member.client_urls().first().cloned().unwrap_or_default();
+            let status = match Client::connect(
+                [endpoint.as_str()],
+                Some(
+                    options
+                        .connect_options()
+                        .with_timeout(LINEARIZABLE_READ_TIMEOUT)
+                        .with_connect_timeout(LINEARIZABLE_READ_TIMEOUT),
+                ),
+            )
+            .await
+            {
+                Ok(mut single) => single.status().await.ok(),
+                Err(_) => None,
+            };
+            out.push(MemberStatus {
+                name: member.name().to_string(),
+                endpoint,
+                reachable: status.is_some(),
+                is_leader: status.as_ref().is_some_and(|s| s.leader() == member.id()),
+                raft_term: status.as_ref().map_or(0, |s| s.raft_term()),
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -4,6 +4,8 @@
 pub mod etcd;
 pub mod redb;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::StoreError;
@@ -28,8 +30,15 @@ pub enum Compare {
 #[derive(Clone, Debug)]
 pub enum Op {
     Put(Vec<u8>, Vec<u8>),
+    /// A put whose key is deleted when the lease expires or is revoked.
+    PutLeased(Vec<u8>, Vec<u8>, LeaseId),
     Delete(Vec<u8>),
 }
+
+/// A lease: keys written with it live only while its holder keeps it alive
+/// (etcd's lease). Node registrations and leadership of once-per-region jobs
+/// hang on one, so they vanish on their own when a node dies.
+pub type LeaseId = i64;
 
 /// An atomic transaction: all `ops` apply if all `compares` hold, else none.
 #[derive(Clone, Debug, Default)]
@@ -67,6 +76,17 @@ impl Txn {
         self
     }
 
+    pub fn put_leased(
+        mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        lease: LeaseId,
+    ) -> Self {
+        self.ops
+            .push(Op::PutLeased(key.into(), value.into(), lease));
+        self
+    }
+
     pub fn delete(mut self, key: impl Into<Vec<u8>>) -> Self {
         self.ops.push(Op::Delete(key.into()));
         self
@@ -96,4 +116,15 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Whether the store can serve reads and writes now (for `/readyz`).
     async fn check_health(&self) -> Result<(), StoreError>;
+
+    /// Grants a lease that expires `ttl` after it was granted or last kept
+    /// alive (whole seconds, at least 2, as etcd requires).
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+
+    /// Extends a lease by its TTL. `Ok(false)` if it has already expired or
+    /// was revoked: its keys are gone.
+    async fn keep_lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError>;
+
+    /// Ends a lease now, deleting its keys.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
 }

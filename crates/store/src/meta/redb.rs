@@ -1,21 +1,30 @@
 //! The embedded metadata engine: one redb file, fsynced on every commit.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Compare, KeyValue, MetaStore, Op, Txn};
+use super::{Compare, KeyValue, LeaseId, MetaStore, Op, Txn};
 use crate::StoreError;
 
 /// Values are stored as an 8-byte big-endian version followed by the payload.
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const SYSTEM: TableDefinition<&str, u64> = TableDefinition::new("system");
 const REVISION: &str = "revision";
+/// Keys written under a lease, and the lease. Leases live in this process
+/// only (it alone holds the database), so these keys are deleted at open.
+const LEASED: TableDefinition<&[u8], i64> = TableDefinition::new("leased");
 
 pub struct RedbMetaStore {
     db: Arc<Database>,
+    /// Live leases: id, TTL and deadline.
+    leases: Mutex<HashMap<LeaseId, (Duration, Instant)>>,
+    next_lease: AtomicI64,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -45,11 +54,74 @@ impl RedbMetaStore {
         let db = Database::create(path).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         {
-            txn.open_table(KV).map_err(db_err)?;
+            let mut kv = txn.open_table(KV).map_err(db_err)?;
             txn.open_table(SYSTEM).map_err(db_err)?;
+            let mut leased = txn.open_table(LEASED).map_err(db_err)?;
+            let stale: Vec<Vec<u8>> = leased
+                .iter()
+                .map_err(db_err)?
+                .map(|entry| entry.map(|(k, _)| k.value().to_vec()))
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?;
+            for key in stale {
+                kv.remove(key.as_slice()).map_err(db_err)?;
+                leased.remove(key.as_slice()).map_err(db_err)?;
+            }
         }
         txn.commit().map_err(db_err)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            leases: Mutex::new(HashMap::new()),
+            next_lease: AtomicI64::new(1),
+        })
+    }
+
+    /// Deletes the keys of leases whose deadline passed.
+    fn expire_leases(&self) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let expired: Vec<LeaseId> = {
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let expired = leases
+                .iter()
+                .filter(|(_, (_, deadline))| *deadline <= now)
+                .map(|(id, _)| *id)
+                .collect::<Vec<_>>();
+            for id in &expired {
+                leases.remove(id);
+            }
+            expired
+        };
+        for lease in expired {
+            Self::delete_lease_keys(&self.db, lease)?;
+        }
+        Ok(())
+    }
+
+    fn delete_lease_keys(db: &Database, lease: LeaseId) -> Result<(), StoreError> {
+        let mut write = db.begin_write().map_err(db_err)?;
+        write
+            .set_durability(Durability::Immediate)
+            .map_err(db_err)?;
+        {
+            let mut kv = write.open_table(KV).map_err(db_err)?;
+            let mut leased = write.open_table(LEASED).map_err(db_err)?;
+            let keys: Vec<Vec<u8>> = leased
+                .iter()
+                .map_err(db_err)?
+                .filter_map(|entry| match entry {
+                    Ok((k, v)) if v.value() == lease => Some(Ok(k.value().to_vec())),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?;
+            for key in keys {
+                kv.remove(key.as_slice()).map_err(db_err)?;
+                leased.remove(key.as_slice()).map_err(db_err)?;
+            }
+        }
+        write.commit().map_err(db_err)?;
+        Ok(())
     }
 
     fn get_blocking(db: &Database, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
@@ -121,19 +193,29 @@ impl RedbMetaStore {
                 .map_or(0, |v| v.value())
                 + 1;
             system.insert(REVISION, revision).map_err(db_err)?;
+            let mut leased = write.open_table(LEASED).map_err(db_err)?;
             let mut buf = Vec::new();
             for op in &txn.ops {
                 match op {
-                    Op::Put(key, value) => {
+                    Op::Put(key, value) | Op::PutLeased(key, value, _) => {
                         buf.clear();
                         buf.extend_from_slice(&revision.to_be_bytes());
                         buf.extend_from_slice(value);
                         table
                             .insert(key.as_slice(), buf.as_slice())
                             .map_err(db_err)?;
+                        match op {
+                            Op::PutLeased(_, _, lease) => {
+                                leased.insert(key.as_slice(), *lease).map_err(db_err)?;
+                            }
+                            _ => {
+                                leased.remove(key.as_slice()).map_err(db_err)?;
+                            }
+                        }
                     }
                     Op::Delete(key) => {
                         table.remove(key.as_slice()).map_err(db_err)?;
+                        leased.remove(key.as_slice()).map_err(db_err)?;
                     }
                 }
             }
@@ -170,6 +252,21 @@ impl MetaStore for RedbMetaStore {
         if txn.ops.is_empty() && txn.compares.is_empty() {
             return Ok(true);
         }
+        let leases: Vec<LeaseId> = txn
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutLeased(_, _, lease) => Some(*lease),
+                _ => None,
+            })
+            .collect();
+        if !leases.is_empty() {
+            self.expire_leases()?;
+            let live = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(dead) = leases.iter().find(|l| !live.contains_key(l)) {
+                return Err(StoreError::Database(format!("lease {dead} not found")));
+            }
+        }
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || Self::commit_blocking(&db, txn)).await?
     }
@@ -182,6 +279,39 @@ impl MetaStore for RedbMetaStore {
             Ok(())
         })
         .await?
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let ttl = ttl.max(Duration::from_secs(2));
+        let id = self.next_lease.fetch_add(1, Ordering::Relaxed);
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (ttl, Instant::now() + ttl));
+        Ok(id)
+    }
+
+    async fn keep_lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        // Writes only when a lease has lapsed, which a live process keeping
+        // its leases alive never sees.
+        self.expire_leases()?;
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(match leases.get_mut(&lease) {
+            Some((ttl, deadline)) => {
+                *deadline = Instant::now() + *ttl;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lease);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || Self::delete_lease_keys(&db, lease)).await?
     }
 }
 

@@ -1,0 +1,601 @@
+//! The cluster blob engine: an S3-compatible bucket, through `object_store`.
+//!
+//! Layout: `<prefix>blobs/<alg>/<encoded>` for committed blobs and
+//! `<prefix>uploads/<id>/<part>` for the chunks of upload sessions.
+//!
+//! S3 stores such as Garage have no conditional writes and no rename, so
+//! nothing here decides a race: blob keys are content-addressed (two writers
+//! of one key write the same bytes), part keys are unique per write, and the
+//! MetaStore decides which parts form an upload. What S3 does give is an
+//! invisible multipart upload: a blob's bytes are streamed into one, hashed
+//! on the way, and the upload is completed (made visible under the blob's
+//! key) only if the digest matches; otherwise it is aborted. Small blobs are
+//! buffered up to one part and written with a single PUT after the check.
+//!
+//! Every request has a short timeout and idempotent ones are retried, so a
+//! hung storage node costs a client seconds, not minutes. Reads are fetched
+//! in windows, each its own bounded request, which also keeps memory
+//! constant for any blob size.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_oci::{Algorithm, ByteRange, Digest, Hasher};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+
+use super::{BlobRead, BlobStore, ByteStream, PutError, StoredUpload, UploadPart};
+use crate::StoreError;
+
+/// Size of one multipart part, and the most a small blob is buffered.
+const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts of one write in flight at once: with one filling, at most
+/// `(PART_CONCURRENCY + 1) * PART_SIZE` of a write is in memory.
+const PART_CONCURRENCY: usize = 2;
+/// Bytes fetched per read request. One window is prefetched while the
+/// previous one is sent.
+const READ_WINDOW: u64 = 4 * 1024 * 1024;
+/// Attempts for one read window; windows are idempotent.
+const READ_ATTEMPTS: usize = 3;
+/// A single-request copy is limited to 5 GiB on AWS S3; a larger part is
+/// rewritten instead.
+const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct S3Options {
+    pub bucket: String,
+    /// Prefix of every key, so one bucket can hold several registries.
+    pub prefix: String,
+    /// Bound on one request (a part, a read window, a metadata call).
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Retries of a failed idempotent request, within `request_timeout * 3`.
+    pub max_retries: usize,
+    /// Verify every whole-blob read against its digest.
+    pub verify_reads: bool,
+    /// Answer blob GETs with a redirect to a URL signed for this long.
+    pub redirect_ttl: Option<Duration>,
+}
+
+impl S3Options {
+    pub fn new(bucket: impl Into<String>) -> Self {
+        Self {
+            bucket: bucket.into(),
+            prefix: String::new(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            max_retries: 3,
+            verify_reads: true,
+            redirect_ttl: None,
+        }
+    }
+}
+
+pub struct S3BlobStore {
+    store: Arc<AmazonS3>,
+    prefix: String,
+    options: S3Options,
+}
+
+fn unavailable(e: object_store::Error) -> StoreError {
+    StoreError::Unavailable(format!("object storage: {e}"))
+}
+
+fn is_not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. })
+}
+
+impl S3BlobStore {
+    /// Connects with the standard AWS variables (`AWS_ENDPOINT_URL`,
+    /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
+    /// A plain-HTTP endpoint is allowed when the endpoint says `http://`.
+    pub fn from_env(options: S3Options) -> Result<Self, StoreError> {
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .unwrap_or_default();
+        let allow_http = endpoint.starts_with("http://")
+            || std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true");
+        // `with_client_options` replaces every client option, allow-http
+        // included, so it is set here.
+        let client = ClientOptions::new()
+            .with_allow_http(allow_http)
+            .with_timeout(options.request_timeout)
+            .with_connect_timeout(options.connect_timeout);
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+            },
+            max_retries: options.max_retries,
+            retry_timeout: options.request_timeout * 3,
+        };
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&options.bucket)
+            .with_client_options(client)
+            .with_retry(retry);
+        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            builder = builder.with_region("us-east-1");
+        }
+        let store = builder
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("object storage configuration: {e}")))?;
+        let mut prefix = options.prefix.trim_matches('/').to_string();
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        Ok(Self {
+            store: Arc::new(store),
+            prefix,
+            options,
+        })
+    }
+
+    fn blob_key(&self, digest: &Digest) -> Path {
+        Path::from(format!(
+            "{}blobs/{}/{}",
+            self.prefix,
+            digest.algorithm().as_str(),
+            digest.encoded()
+        ))
+    }
+
+    fn uploads_root(&self) -> String {
+        format!("{}uploads/", self.prefix)
+    }
+
+    fn upload_prefix(&self, upload: &str) -> Result<Path, StoreError> {
+        if !valid_name(upload) {
+            return Err(invalid("invalid upload id"));
+        }
+        Ok(Path::from(format!("{}{upload}", self.uploads_root())))
+    }
+
+    fn part_key(&self, upload: &str, part: &str) -> Result<Path, StoreError> {
+        if !valid_name(part) {
+            return Err(invalid("invalid upload part name"));
+        }
+        Ok(Path::from(format!(
+            "{}/{part}",
+            self.upload_prefix(upload)?
+        )))
+    }
+
+    /// Streams `body` to `key`, hashing it with `algorithm`. The object
+    /// becomes visible only if `accept` approves the digest; a failed or
+    /// refused write leaves nothing.
+    async fn write_object(
+        &self,
+        key: &Path,
+        algorithm: Algorithm,
+        expected_len: Option<u64>,
+        mut body: ByteStream,
+        max: u64,
+        accept: impl FnOnce(&Digest, u64) -> Result<(), PutError>,
+    ) -> Result<(Digest, u64), PutError> {
+        let mut hasher = algorithm.hasher();
+        let mut received: u64 = 0;
+        let mut buffered: Vec<Bytes> = Vec::new();
+        let mut buffered_len = 0usize;
+        let mut multipart: Option<WriteMultipart> = None;
+        let failure = loop {
+            let frame = match body.next().await {
+                None => break None,
+                Some(Err(e)) => break Some(PutError::Body(e)),
+                Some(Ok(frame)) => frame,
+            };
+            received += frame.len() as u64;
+            if received > max {
+                break Some(PutError::TooLarge { limit: max });
+            }
+            hasher.update(&frame);
+            match multipart.as_mut() {
+                Some(upload) => {
+                    if let Err(e) = upload.wait_for_capacity(PART_CONCURRENCY).await {
+                        break Some(unavailable(e).into());
+                    }
+                    upload.put(frame);
+                }
+                None => {
+                    buffered_len += frame.len();
+                    buffered.push(frame);
+                    if buffered_len >= PART_SIZE {
+                        let upload = match self.store.put_multipart(key).await {
+                            Ok(u) => u,
+                            Err(e) => break Some(unavailable(e).into()),
+                        };
+                        let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+                        for frame in buffered.drain(..) {
+                            upload.put(frame);
+                        }
+                        multipart = Some(upload);
+                    }
+                }
+            }
+        };
+        let checked = match failure {
+            Some(e) => Err(e),
+            None => match expected_len {
+                Some(expected) if expected != received => {
+                    Err(PutError::LengthMismatch { expected, received })
+                }
+                _ => {
+                    let digest = hasher.finish();
+                    accept(&digest, received).map(|()| digest)
+                }
+            },
+        };
+        let digest = match checked {
+            Ok(d) => d,
+            Err(e) => {
+                if let Some(upload) = multipart
+                    && let Err(abort) = upload.abort().await
+                {
+                    tracing::warn!(key = %key, error = %abort, "could not abort a multipart upload; the bucket's lifecycle rule must remove it");
+                }
+                return Err(e);
+            }
+        };
+        match multipart {
+            Some(upload) => {
+                upload.finish().await.map_err(unavailable)?;
+            }
+            None => {
+                let payload: PutPayload = buffered.into_iter().collect();
+                self.store.put(key, payload).await.map_err(unavailable)?;
+            }
+        }
+        Ok((digest, received))
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+        let prefix = Path::from(prefix);
+        self.store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// A whole object or a range of it as a stream of windows, each window one
+/// bounded, retried request, the next one prefetched.
+fn windowed(store: Arc<AmazonS3>, key: Path, range: Range<u64>) -> ByteStream {
+    let windows: Vec<Range<u64>> = (range.start..range.end)
+        .step_by(READ_WINDOW as usize)
+        .map(|start| start..(start + READ_WINDOW).min(range.end))
+        .collect();
+    Box::pin(
+        futures_util::stream::iter(windows)
+            .map(move |window| {
+                let store = store.clone();
+                let key = key.clone();
+                async move { fetch_window(&store, &key, window).await }
+            })
+            .buffered(2),
+    )
+}
+
+async fn fetch_window(
+    store: &AmazonS3,
+    key: &Path,
+    window: Range<u64>,
+) -> Result<Bytes, std::io::Error> {
+    let mut last = None;
+    for attempt in 0..READ_ATTEMPTS {
+        match store.get_range(key, window.clone()).await {
+            Ok(bytes) if bytes.len() as u64 == window.end - window.start => return Ok(bytes),
+            Ok(bytes) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "object storage returned {} bytes of a {}-byte window",
+                        bytes.len(),
+                        window.end - window.start
+                    ),
+                ));
+            }
+            Err(e) if is_not_found(&e) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, e));
+            }
+            Err(e) => last = Some(std::io::Error::other(e)),
+        }
+        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("read failed")))
+}
+
+fn valid_name(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn invalid(msg: &str) -> StoreError {
+    StoreError::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        msg.to_string(),
+    ))
+}
+
+/// Passes a stream through, withholding its last chunk until the whole has
+/// hashed to `digest`: a client never receives a complete corrupt blob.
+fn verified(stream: ByteStream, digest: Digest) -> ByteStream {
+    struct State {
+        inner: ByteStream,
+        hasher: Option<Hasher>,
+        pending: Option<Bytes>,
+        digest: Digest,
+    }
+    let state = State {
+        inner: stream,
+        hasher: Some(digest.algorithm().hasher()),
+        pending: None,
+        digest,
+    };
+    Box::pin(futures_util::stream::try_unfold(
+        state,
+        |mut state| async move {
+            loop {
+                match state.inner.next().await {
+                    Some(Ok(chunk)) => {
+                        if let Some(h) = state.hasher.as_mut() {
+                            h.update(&chunk);
+                        }
+                        if let Some(previous) = state.pending.replace(chunk) {
+                            return Ok(Some((previous, state)));
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        let Some(last) = state.pending.take() else {
+                            return Ok(None);
+                        };
+                        if let Some(h) = state.hasher.take()
+                            && h.finish() != state.digest
+                        {
+                            tracing::error!(digest = %state.digest, "stored blob is corrupt; refusing to serve it");
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("stored blob {} is corrupt", state.digest),
+                            ));
+                        }
+                        return Ok(Some((last, state)));
+                    }
+                }
+            }
+        },
+    ))
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        match self.store.head(&self.blob_key(digest)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn read(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<BlobRead>, StoreError> {
+        let key = self.blob_key(digest);
+        let Some(size) = self.stat(digest).await? else {
+            return Ok(None);
+        };
+        let (start, end) = match range {
+            Some(r) => (r.start.min(size), r.end.saturating_add(1).min(size)),
+            None => (0, size),
+        };
+        let stream = windowed(self.store.clone(), key, start..end);
+        let stream = if range.is_none() && self.options.verify_reads {
+            verified(stream, digest.clone())
+        } else {
+            stream
+        };
+        Ok(Some(BlobRead { size, stream }))
+    }
+
+    async fn read_small(&self, digest: &Digest, max: u64) -> Result<Option<Bytes>, StoreError> {
+        let result = match self.store.get(&self.blob_key(digest)).await {
+            Ok(r) => r,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        };
+        if result.meta.size > max {
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "blob {digest} is {} bytes, more than the {max} expected",
+                    result.meta.size
+                ),
+            )));
+        }
+        let bytes = result.bytes().await.map_err(unavailable)?;
+        if Digest::of(digest.algorithm(), &bytes) != *digest {
+            tracing::error!(%digest, "stored manifest is corrupt; refusing to serve it");
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("stored blob {digest} is corrupt"),
+            )));
+        }
+        Ok(Some(bytes))
+    }
+
+    async fn put(&self, expected: &Digest, body: ByteStream, max: u64) -> Result<u64, PutError> {
+        let key = self.blob_key(expected);
+        let (_, size) = self
+            .write_object(
+                &key,
+                expected.algorithm(),
+                None,
+                body,
+                max,
+                |computed, _| {
+                    if computed == expected {
+                        Ok(())
+                    } else {
+                        Err(PutError::DigestMismatch {
+                            expected: expected.clone(),
+                            computed: computed.clone(),
+                        })
+                    }
+                },
+            )
+            .await?;
+        Ok(size)
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
+        match self.store.delete(&self.blob_key(digest)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Digest>, StoreError> {
+        let root = format!("{}blobs/", self.prefix);
+        let mut out: Vec<Digest> = self
+            .list_keys(&root)
+            .await?
+            .into_iter()
+            .filter_map(|meta| {
+                let rest = meta.location.as_ref().strip_prefix(&root)?.to_string();
+                let (alg, encoded) = rest.split_once('/')?;
+                format!("{alg}:{encoded}").parse().ok()
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn write_part(
+        &self,
+        upload: &str,
+        expected_len: Option<u64>,
+        body: ByteStream,
+        max: u64,
+    ) -> Result<UploadPart, PutError> {
+        let name = uuid::Uuid::new_v4().simple().to_string();
+        let key = self.part_key(upload, &name)?;
+        let (sha256, size) = self
+            .write_object(&key, Algorithm::Sha256, expected_len, body, max, |_, _| {
+                Ok(())
+            })
+            .await?;
+        Ok(UploadPart { name, size, sha256 })
+    }
+
+    async fn commit_parts(
+        &self,
+        upload: &str,
+        parts: &[UploadPart],
+        expected: &Digest,
+    ) -> Result<u64, PutError> {
+        let target = self.blob_key(expected);
+        if let [part] = parts
+            && &part.sha256 == expected
+            && part.size <= MAX_COPY
+        {
+            // Verified when written: a server-side copy, no second transfer.
+            let source = self.part_key(upload, &part.name)?;
+            return match self.store.copy(&source, &target).await {
+                Ok(()) => Ok(part.size),
+                Err(e) if is_not_found(&e) => Err(PutError::PartMissing(part.name.clone())),
+                Err(e) => Err(unavailable(e).into()),
+            };
+        }
+        let mut keys = Vec::with_capacity(parts.len());
+        for part in parts {
+            keys.push((self.part_key(upload, &part.name)?, part.size));
+        }
+        let store = self.store.clone();
+        let body: ByteStream = Box::pin(
+            futures_util::stream::iter(keys)
+                .map(move |(key, size)| windowed(store.clone(), key, 0..size))
+                .flatten(),
+        );
+        match self.put(expected, body, u64::MAX).await {
+            Err(PutError::Body(e)) => Err(PutError::Store(StoreError::Unavailable(format!(
+                "reading upload parts: {e}"
+            )))),
+            other => other,
+        }
+    }
+
+    async fn delete_part(&self, upload: &str, part: &UploadPart) -> Result<(), StoreError> {
+        match self.store.delete(&self.part_key(upload, &part.name)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn delete_upload(&self, upload: &str) -> Result<(), StoreError> {
+        let prefix = format!("{}/", self.upload_prefix(upload)?);
+        for meta in self.list_keys(&prefix).await? {
+            match self.store.delete(&meta.location).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StoreError> {
+        let root = self.uploads_root();
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        for meta in self.list_keys(&root).await? {
+            let Some(rest) = meta.location.as_ref().strip_prefix(&root) else {
+                continue;
+            };
+            let Some((id, _)) = rest.split_once('/') else {
+                continue;
+            };
+            let modified = meta.last_modified.timestamp_millis().max(0) as u64;
+            let entry = newest.entry(id.to_string()).or_default();
+            *entry = (*entry).max(modified);
+        }
+        Ok(newest
+            .into_iter()
+            .map(|(id, modified_ms)| StoredUpload { id, modified_ms })
+            .collect())
+    }
+
+    async fn redirect_url(&self, digest: &Digest) -> Result<Option<String>, StoreError> {
+        let Some(ttl) = self.options.redirect_ttl else {
+            return Ok(None);
+        };
+        let url = self
+            .store
+            .signed_url(http::Method::GET, &self.blob_key(digest), ttl)
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(url.to_string()))
+    }
+
+    async fn check_health(&self) -> Result<(), StoreError> {
+        // A key that never exists: "not found" proves the bucket answers and
+        // the credentials work.
+        let probe = Path::from(format!("{}health-probe", self.prefix));
+        match self.store.head(&probe).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
