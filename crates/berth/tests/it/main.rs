@@ -14,6 +14,7 @@ mod manifests;
 mod memory;
 mod podman;
 mod referrers;
+mod s3_store;
 mod skopeo;
 mod tags_catalog;
 mod uploads;

@@ -469,11 +469,15 @@ impl Registry {
                 .arg(&self.data_dir)
                 .args(&self.opts.args)
                 .args(etcd_metadata_args(&self.data_dir))
+                .args(s3_storage_args(&self.data_dir))
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(log))
                 .stderr(Stdio::from(log2));
             if !self.opts.env.iter().any(|(k, _)| k == "BERTH_LOG") {
                 cmd.env("BERTH_LOG", "info");
+            }
+            for (k, v) in s3_env() {
+                cmd.env(k, v);
             }
             for (k, v) in &self.opts.env {
                 cmd.env(k, v);
@@ -1154,14 +1158,52 @@ pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
 /// etcd, under a prefix of its own derived from its data directory (so a
 /// restart on the same directory finds its metadata again). This is how the
 /// whole suite runs against the etcd engine.
+/// A name unique to one test registry, for etcd prefixes and S3 key prefixes.
+fn unique_name(data_dir: &Path) -> String {
+    data_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect::<String>()
+        .trim_matches('-')
+        .to_string()
+}
+
+/// With `BERTH_IT_S3=FILE` (an `s3.env` written by `scripts/garage.py`), the
+/// registry keeps its blobs in that bucket, under a prefix of its own.
+pub fn s3_env() -> Vec<(String, String)> {
+    let Ok(path) = std::env::var("BERTH_IT_S3") else {
+        return Vec::new();
+    };
+    if path.is_empty() {
+        return Vec::new();
+    }
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("BERTH_IT_S3={path}: {e}"));
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn s3_storage_args(data_dir: &Path) -> Vec<String> {
+    if s3_env().is_empty() {
+        return Vec::new();
+    }
+    vec![
+        "--storage".to_string(),
+        format!("s3://berth/berth-it/{}", unique_name(data_dir)),
+    ]
+}
+
+/// Whether blobs are in S3 (tests that inspect blob files skip then).
+pub fn blobs_in_s3() -> bool {
+    !s3_env().is_empty()
+}
+
 pub fn etcd_metadata_args(data_dir: &Path) -> Vec<String> {
     match std::env::var("BERTH_IT_ETCD") {
         Ok(endpoint) if !endpoint.is_empty() => {
-            let unique: String = data_dir
-                .to_string_lossy()
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-                .collect();
+            let unique = unique_name(data_dir);
             vec![
                 "--metadata".to_string(),
                 format!("etcd://{endpoint}/berth-it/{unique}"),

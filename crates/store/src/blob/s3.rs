@@ -100,11 +100,24 @@ impl S3BlobStore {
     /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
     /// A plain-HTTP endpoint is allowed when the endpoint says `http://`.
     pub fn from_env(options: S3Options) -> Result<Self, StoreError> {
-        let endpoint = std::env::var("AWS_ENDPOINT_URL")
-            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+        Self::from_vars(options, std::env::vars())
+    }
+
+    /// As `from_env`, with the variables given.
+    pub fn from_vars(
+        options: S3Options,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, StoreError> {
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .collect();
+        let var = |k: &str| vars.get(k).cloned();
+        let endpoint = var("AWS_ENDPOINT_URL")
+            .or_else(|| var("AWS_ENDPOINT"))
             .unwrap_or_default();
-        let allow_http = endpoint.starts_with("http://")
-            || std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true");
+        let allow_http =
+            endpoint.starts_with("http://") || var("AWS_ALLOW_HTTP").is_some_and(|v| v == "true");
         // `with_client_options` replaces every client option, allow-http
         // included, so it is set here.
         let client = ClientOptions::new()
@@ -120,11 +133,17 @@ impl S3BlobStore {
             max_retries: options.max_retries,
             retry_timeout: options.request_timeout * 3,
         };
-        let mut builder = AmazonS3Builder::from_env()
+        let mut builder = AmazonS3Builder::new();
+        for (key, value) in &vars {
+            if let Ok(config_key) = key.to_ascii_lowercase().parse() {
+                builder = builder.with_config(config_key, value);
+            }
+        }
+        let mut builder = builder
             .with_bucket_name(&options.bucket)
             .with_client_options(client)
             .with_retry(retry);
-        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+        if var("AWS_REGION").is_none() && var("AWS_DEFAULT_REGION").is_none() {
             builder = builder.with_region("us-east-1");
         }
         let store = builder
