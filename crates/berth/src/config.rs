@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` [default: redb].
     #[arg(long, env = "BERTH_METADATA")]
     pub metadata: Option<String>,
+    /// Seconds one etcd call may take before it fails (and a write gets
+    /// 503) [default: 3].
+    #[arg(long, env = "BERTH_ETCD_TIMEOUT_SECS")]
+    pub etcd_timeout_secs: Option<u64>,
     /// etcd user name, when etcd authentication is on.
     #[arg(long, env = "BERTH_ETCD_USER")]
     pub etcd_user: Option<String>,
@@ -116,6 +120,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     metadata: Option<String>,
+    etcd_timeout_secs: Option<u64>,
     etcd_user: Option<String>,
     etcd_password: Option<String>,
     etcd_ca_file: Option<PathBuf>,
@@ -230,6 +235,7 @@ impl Storage {
 /// How this node connects to etcd, beyond the endpoints.
 #[derive(Debug, Clone, Default)]
 pub struct EtcdAccess {
+    pub timeout: Duration,
     pub user: Option<(String, String)>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
@@ -344,6 +350,12 @@ impl ServeConfig {
         let config = ServeConfig {
             listen,
             etcd: EtcdAccess {
+                timeout: secs(
+                    "etcd_timeout_secs",
+                    args.etcd_timeout_secs
+                        .or(file.etcd_timeout_secs)
+                        .unwrap_or(3),
+                )?,
                 user,
                 ca_file: args.etcd_ca_file.or(file.etcd_ca_file),
                 client_cert,

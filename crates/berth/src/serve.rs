@@ -78,6 +78,7 @@ pub fn etcd_options(
     };
     let mut endpoints = endpoints.to_vec();
     let mut options = EtcdOptions::new(Vec::new(), prefix);
+    options.request_timeout = config.etcd.timeout;
     options.user = config.etcd.user.clone();
     if let Some(ca) = &config.etcd.ca_file {
         for endpoint in &mut endpoints {

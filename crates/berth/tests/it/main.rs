@@ -5,6 +5,7 @@ mod support;
 
 mod api_base;
 mod blobs;
+mod cluster;
 mod concurrency;
 mod disk_full;
 mod durability;
