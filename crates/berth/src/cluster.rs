@@ -72,8 +72,16 @@ pub struct Node {
     meta: Arc<dyn MetaStore>,
     record: NodeRecord,
     lease: AtomicI64,
+    /// When the lease surely still holds: the last successful keep-alive
+    /// plus the TTL, minus a margin for clock and network. Past it, this
+    /// node must act as if its lease were gone.
+    lease_valid_until: std::sync::Mutex<tokio::time::Instant>,
     drain_tx: watch::Sender<bool>,
 }
+
+/// A keep-alive must finish well inside the TTL to count.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 impl Node {
     /// Registers this node. A name still held by a live lease is refused
@@ -101,6 +109,9 @@ impl Node {
                     meta,
                     record,
                     lease: AtomicI64::new(lease),
+                    lease_valid_until: std::sync::Mutex::new(
+                        tokio::time::Instant::now() + LEASE_TTL - LEASE_MARGIN,
+                    ),
                     drain_tx,
                 }));
             }
@@ -120,6 +131,21 @@ impl Node {
         self.lease.load(Ordering::Acquire)
     }
 
+    fn lease_surely_held(&self) -> bool {
+        tokio::time::Instant::now()
+            < *self
+                .lease_valid_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease_renewed(&self, at: tokio::time::Instant) {
+        *self
+            .lease_valid_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = at + LEASE_TTL - LEASE_MARGIN;
+    }
+
     /// Resolves when a drain of this node was requested.
     pub async fn drain_requested(&self) {
         let mut rx = self.drain_tx.subscribe();
@@ -135,16 +161,24 @@ impl Node {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            match self.meta.keep_lease_alive(self.lease()).await {
-                Ok(true) => {}
-                Ok(false) => {
+            let sent = tokio::time::Instant::now();
+            let renewed =
+                tokio::time::timeout(KEEPALIVE_TIMEOUT, self.meta.keep_lease_alive(self.lease()))
+                    .await;
+            match renewed {
+                Ok(Ok(true)) => self.lease_renewed(sent),
+                Ok(Ok(false)) => {
                     tracing::warn!("cluster lease lapsed; registering again");
                     if let Err(e) = self.rejoin().await {
                         tracing::warn!(error = %e, "cannot register again yet");
                     }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot renew the cluster lease");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("renewing the cluster lease timed out");
                     continue;
                 }
             }
@@ -160,25 +194,56 @@ impl Node {
     }
 
     async fn rejoin(&self) -> Result<(), StoreError> {
+        let granted = tokio::time::Instant::now();
         let lease = self.meta.grant_lease(LEASE_TTL).await?;
         let mut record = self.record.clone();
         record.lease = lease;
+        // A drain asked for before the lease lapsed still stands.
+        record.drain_requested = *self.drain_tx.borrow();
         let key = node_key(&record.name);
-        // The old registration lapsed with its lease; take the name back.
-        self.meta
-            .commit(Txn::new().put_leased(key, encode(&record), lease))
+        // The old registration lapsed with its lease; take the name back,
+        // unless another node took it meanwhile.
+        let registered = self
+            .meta
+            .commit(
+                Txn::new()
+                    .require_absent(key.clone())
+                    .put_leased(key, encode(&record), lease),
+            )
             .await?;
+        if !registered {
+            let _ = self.meta.revoke_lease(lease).await;
+            return Err(StoreError::Database(format!(
+                "node name {} was taken by another node",
+                record.name
+            )));
+        }
         self.lease.store(lease, Ordering::Release);
+        self.lease_renewed(granted);
         Ok(())
     }
 
     /// Takes or confirms leadership of `job`. True while this node holds it.
     async fn campaign(&self, job: &str) -> Result<bool, StoreError> {
+        // A node that cannot prove its lease is alive must not act on it,
+        // even if a lagging etcd member still shows it as the leader.
+        if !self.lease_surely_held() {
+            return Ok(false);
+        }
         let key = leader_key(job);
         let lease = self.lease();
         match self.meta.get(key.as_bytes()).await? {
-            Some(kv) => Ok(serde_json::from_slice::<LeaderRecord>(&kv.value)
-                .is_ok_and(|r| r.node == self.record.name && r.lease == lease)),
+            Some(kv) => {
+                let mine = serde_json::from_slice::<LeaderRecord>(&kv.value)
+                    .is_ok_and(|r| r.node == self.record.name && r.lease == lease);
+                // The read may be served by a lagging member: confirm
+                // through the quorum with a compare-only transaction.
+                Ok(mine
+                    && self
+                        .meta
+                        .commit(Txn::new().require_version(key, kv.version))
+                        .await?)
+            }
             None => {
                 let record = LeaderRecord {
                     node: self.record.name.clone(),

@@ -99,7 +99,8 @@ pub struct ServeArgs {
     /// [default: 60].
     #[arg(long, env = "BERTH_BODY_IDLE_TIMEOUT_SECS")]
     pub body_idle_timeout_secs: Option<u64>,
-    /// Requests streaming blob content in at once; more get 429 [default: 512].
+    /// Requests streaming blob content in at once; more get 429 [default:
+    /// 512 with files, 64 with S3].
     #[arg(long, env = "BERTH_MAX_CONCURRENT_UPLOADS")]
     pub max_concurrent_uploads: Option<usize>,
     /// Seconds a client has to send request headers [default: 30].
@@ -347,6 +348,18 @@ impl ServeConfig {
                 ));
             }
         };
+        let storage = Storage::parse(
+            args.storage
+                .as_deref()
+                .or(file.storage.as_deref())
+                .unwrap_or("fs"),
+        )?;
+        // An upload into S3 may hold up to 24 MiB of parts in flight, one
+        // into files about 1 MiB.
+        let default_uploads = match storage {
+            Storage::Fs => 512,
+            Storage::S3 { .. } => 64,
+        };
         let config = ServeConfig {
             listen,
             etcd: EtcdAccess {
@@ -360,12 +373,7 @@ impl ServeConfig {
                 ca_file: args.etcd_ca_file.or(file.etcd_ca_file),
                 client_cert,
             },
-            storage: Storage::parse(
-                args.storage
-                    .as_deref()
-                    .or(file.storage.as_deref())
-                    .unwrap_or("fs"),
-            )?,
+            storage: storage.clone(),
             storage_timeout: secs(
                 "storage_timeout_secs",
                 args.storage_timeout_secs
@@ -442,7 +450,7 @@ impl ServeConfig {
             max_concurrent_uploads: args
                 .max_concurrent_uploads
                 .or(file.max_concurrent_uploads)
-                .unwrap_or(512),
+                .unwrap_or(default_uploads),
             shutdown_grace: secs(
                 "shutdown_grace_secs",
                 args.shutdown_grace_secs

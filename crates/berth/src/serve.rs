@@ -156,6 +156,11 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         path: shown.clone(),
         source,
     })?;
+    if matches!(config.metadata, Metadata::Etcd { .. }) && config.storage == Storage::Fs {
+        tracing::warn!(
+            "metadata in etcd but blobs in local files: only one node may use this metadata prefix; a cluster needs --storage s3://..."
+        );
+    }
     let meta = open_metadata(&config).await?;
     let blobs = open_blobs(&config)?;
     let registry = Arc::new(Registry::new(

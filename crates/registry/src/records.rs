@@ -65,6 +65,11 @@ pub struct UploadRecord {
     /// decides races between chunks sent to different nodes.
     #[serde(default)]
     pub parts: Vec<UploadPart>,
+    /// Set when the upload completed as this blob. The record stays a few
+    /// minutes so that a retried completing PUT (whose response was lost)
+    /// succeeds again; for everything else the session is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed: Option<Digest>,
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -79,8 +79,16 @@ pub fn now_ms() -> u64 {
 const TXN_ATTEMPTS: usize = 16;
 
 /// Most chunks one upload may have. Each is a part in the session record
-/// (about 150 bytes), which must stay well inside etcd's request size limit.
-pub const MAX_UPLOAD_PARTS: usize = 4096;
+/// (about 150 bytes) and each chunk rewrites the record, so the record must
+/// stay well inside etcd's request limit and its history small.
+pub const MAX_UPLOAD_PARTS: usize = 1024;
+
+/// How long the record of a completed upload answers a retried PUT.
+const COMPLETED_KEEP_MS: u64 = 10 * 60 * 1000;
+
+/// Upload records read per scan: at most 1024 parts each, so a batch stays
+/// under etcd's 4 MiB response limit.
+const UPLOAD_SCAN_BATCH: usize = 16;
 
 /// Age after which upload data without a session is removed while other
 /// nodes may be creating sessions.
@@ -322,6 +330,7 @@ impl Registry {
             updated_ms: now,
             size: 0,
             parts: Vec::new(),
+            completed: None,
         };
         let created = self
             .meta
@@ -339,7 +348,20 @@ impl Registry {
         Ok(id)
     }
 
+    /// The session of an upload in progress.
     async fn upload_session(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+    ) -> Result<(KeyValue, UploadRecord)> {
+        match self.upload_record(name, id).await? {
+            (_, record) if record.completed.is_some() => Err(RegistryError::BlobUploadUnknown),
+            found => Ok(found),
+        }
+    }
+
+    /// The session record, in progress or recently completed.
+    async fn upload_record(
         &self,
         name: &RepositoryName,
         id: &str,
@@ -446,6 +468,9 @@ impl Registry {
                 .await?
                 .ok_or(RegistryError::BlobUploadUnknown)?;
             let mut record: UploadRecord = decode(&kv.key, &kv.value)?;
+            if record.completed.is_some() {
+                return Err(RegistryError::BlobUploadUnknown);
+            }
             if record.size != offset {
                 return Err(RegistryError::RangeMismatch { size: record.size });
             }
@@ -507,28 +532,82 @@ impl Registry {
         final_chunk: Option<(Option<ByteRange>, Option<u64>, ByteStream)>,
     ) -> Result<u64> {
         if let Some((range, len, body)) = final_chunk {
-            self.append_upload(name, id, range, len, body).await?;
+            match self.append_upload(name, id, range, len, body).await {
+                Err(RegistryError::BlobUploadUnknown) => {
+                    return self.already_completed(name, id, digest).await;
+                }
+                other => {
+                    other?;
+                }
+            }
         }
-        let (_, record) = self.upload_session(name, id).await?;
-        let session = keys::upload(id);
+        let (kv, record) = self.upload_record(name, id).await?;
+        if record.completed.is_some() {
+            return self.already_completed(name, id, digest).await;
+        }
         let size = match self.blobs.commit_parts(id, &record.parts, digest).await {
             Ok(size) => size,
             Err(e @ (PutError::DigestMismatch { .. } | PutError::PartMissing(_))) => {
-                // The content is proven wrong or gone: so is the session.
-                self.meta.commit(Txn::new().delete(session)).await?;
+                if let Ok(size) = self.already_completed(name, id, digest).await {
+                    // A concurrent attempt of this same PUT (a client retry
+                    // on another node) completed it and removed the parts.
+                    return Ok(size);
+                }
+                // The content is proven wrong or gone: so is the session. The
+                // version guard keeps a session that changed meanwhile (or
+                // that a stale read showed incomplete) from being destroyed.
+                let ended = self
+                    .meta
+                    .commit(
+                        Txn::new()
+                            .require_version(kv.key.clone(), kv.version)
+                            .delete(kv.key.clone()),
+                    )
+                    .await?;
+                if !ended {
+                    return Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+                        "the upload changed while it was being completed; retry".into(),
+                    )));
+                }
                 self.discard_upload_data(id).await;
                 return Err(RegistryError::from_put(e));
             }
             Err(e) => return Err(RegistryError::from_put(e)),
         };
+        let completed = UploadRecord {
+            updated_ms: now_ms(),
+            size,
+            parts: Vec::new(),
+            completed: Some(digest.clone()),
+            ..record
+        };
         let txn = Txn::new()
-            .delete(session)
+            .put(kv.key.clone(), encode(&completed))
             .put(keys::link(name, digest), encode(&LinkRecord { size }))
             .put(keys::blob(digest), encode(&BlobRecord { size }));
         let txn = self.ensure_repo(name, txn).await?;
         self.meta.commit(txn).await?;
         self.discard_upload_data(id).await;
         Ok(size)
+    }
+
+    /// The answer to a completion of an upload that already completed: the
+    /// same success if it completed as this digest and the blob is still in
+    /// the repository, else the session is unknown.
+    async fn already_completed(
+        &self,
+        name: &RepositoryName,
+        id: &str,
+        digest: &Digest,
+    ) -> Result<u64> {
+        let (_, record) = self.upload_record(name, id).await?;
+        if record.completed.as_ref() != Some(digest) {
+            return Err(RegistryError::BlobUploadUnknown);
+        }
+        match self.link(name, digest).await? {
+            Some(link) => Ok(link.size),
+            None => Err(RegistryError::BlobUploadUnknown),
+        }
     }
 
     /// Deletes an ended upload's parts. A failure only leaves data that the
@@ -541,14 +620,9 @@ impl Registry {
 
     pub async fn cancel_upload(&self, name: &RepositoryName, id: &str) -> Result<()> {
         let (kv, _) = self.upload_session(name, id).await?;
-        self.meta
-            .commit(
-                Txn::new()
-                    .require_version(kv.key.clone(), kv.version)
-                    .delete(kv.key.clone()),
-            )
-            .await?;
-        self.blobs.delete_upload(id).await?;
+        // Unguarded: a chunk recorded meanwhile is cancelled with the rest.
+        self.meta.commit(Txn::new().delete(kv.key.clone())).await?;
+        self.discard_upload_data(id).await;
         Ok(())
     }
 
@@ -567,20 +641,26 @@ impl Registry {
         loop {
             let batch = self
                 .meta
-                .scan(keys::UPLOAD_PREFIX.as_bytes(), after.as_deref(), 1000)
+                .scan(
+                    keys::UPLOAD_PREFIX.as_bytes(),
+                    after.as_deref(),
+                    UPLOAD_SCAN_BATCH,
+                )
                 .await?;
             let Some(last) = batch.last() else { break };
             after = Some(last.key.clone());
             for kv in batch {
                 let id = String::from_utf8_lossy(&kv.key[keys::UPLOAD_PREFIX.len()..]).into_owned();
-                let (repository, updated_ms) = match decode::<UploadRecord>(&kv.key, &kv.value) {
-                    Ok(r) => (r.repository, r.updated_ms),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dropping unreadable upload record");
-                        (String::new(), 0)
-                    }
-                };
-                if now.saturating_sub(updated_ms) > ttl_ms {
+                let (repository, updated_ms, completed) =
+                    match decode::<UploadRecord>(&kv.key, &kv.value) {
+                        Ok(r) => (r.repository, r.updated_ms, r.completed.is_some()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dropping unreadable upload record");
+                            (String::new(), 0, false)
+                        }
+                    };
+                let keep_ms = if completed { COMPLETED_KEEP_MS } else { ttl_ms };
+                if now.saturating_sub(updated_ms) > keep_ms {
                     let removed = self
                         .meta
                         .commit(
@@ -589,8 +669,11 @@ impl Registry {
                                 .delete(kv.key.clone()),
                         )
                         .await?;
-                    if removed {
-                        self.blobs.delete_upload(&id).await?;
+                    if !removed {
+                        // A chunk refreshed it meanwhile: it lives.
+                        live.insert(id);
+                    } else if !completed {
+                        self.discard_upload_data(&id).await;
                         expired += 1;
                         tracing::info!(upload = %id, %repository, "expired idle upload session");
                     }
@@ -600,12 +683,19 @@ impl Registry {
             }
         }
         for upload in self.blobs.list_uploads().await? {
-            if !live.contains(&upload.id)
-                && now.saturating_sub(upload.modified_ms) >= orphan_grace_ms
+            if live.contains(&upload.id) || now.saturating_sub(upload.modified_ms) < orphan_grace_ms
             {
-                tracing::info!(upload = %upload.id, "removing upload data without a session");
-                self.blobs.delete_upload(&upload.id).await?;
+                continue;
             }
+            // The scan may have been served by a lagging etcd member; a
+            // compare-only transaction goes through the quorum and proves
+            // the session really is gone before its data is.
+            let session = keys::upload(&upload.id);
+            if !self.meta.commit(Txn::new().require_absent(session)).await? {
+                continue;
+            }
+            tracing::info!(upload = %upload.id, "removing upload data without a session");
+            self.discard_upload_data(&upload.id).await;
         }
         Ok(expired)
     }
@@ -616,13 +706,22 @@ impl Registry {
         loop {
             let batch = self
                 .meta
-                .scan(keys::UPLOAD_PREFIX.as_bytes(), after.as_deref(), 1000)
+                .scan(
+                    keys::UPLOAD_PREFIX.as_bytes(),
+                    after.as_deref(),
+                    UPLOAD_SCAN_BATCH,
+                )
                 .await?;
             let Some(last) = batch.last() else {
                 return Ok(count);
             };
             after = Some(last.key.clone());
-            count += batch.len();
+            count += batch
+                .iter()
+                .filter(|kv| {
+                    decode::<UploadRecord>(&kv.key, &kv.value).is_ok_and(|r| r.completed.is_none())
+                })
+                .count();
         }
     }
 

@@ -666,3 +666,66 @@ async fn upload_sessions_expire_after_ttl() {
     // New uploads still work.
     reg.push_blob("uploads/ttl", b"after expiry").await;
 }
+
+/// Two chunks racing for one offset (two clients, or a client retrying on
+/// another node): exactly one is recorded, the other gets 416 and leaves no
+/// trace, and the upload completes with the winner's bytes.
+#[tokio::test]
+async fn racing_chunks_for_one_offset_record_exactly_one() {
+    let reg = Registry::start().await;
+    for round in 0..5 {
+        let loc = reg.start_upload("uploads/race").await;
+        let first = random_bytes(fresh_seed(), 300_000);
+        let second = random_bytes(fresh_seed(), 300_000);
+        let (a, b) = tokio::join!(
+            reg.patch_bytes(&loc, Some("0-299999"), first.clone()),
+            reg.patch_bytes(&loc, Some("0-299999"), second.clone())
+        );
+        let statuses = [a.status, b.status];
+        assert!(
+            statuses.contains(&202) && statuses.contains(&416),
+            "round {round}: {} / {}",
+            a.describe(),
+            b.describe()
+        );
+        let winner = if a.status == 202 { &first } else { &second };
+        let status = reg.get(&loc).await;
+        assert_eq!(status.header("range").as_deref(), Some("0-299999"));
+        let digest = sha256_digest(winner);
+        let r = reg
+            .put_bytes(
+                &with_query(&loc, "digest", &digest),
+                "application/octet-stream",
+                Vec::new(),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.describe());
+        assert_eq!(&reg.blob_bytes("uploads/race", &digest).await, winner);
+    }
+}
+
+/// A completing PUT retried after it succeeded (its response was lost) is
+/// answered as a success, not as an unknown upload.
+#[tokio::test]
+async fn a_retried_completing_put_succeeds_again() {
+    let reg = Registry::start().await;
+    let loc = reg.start_upload("uploads/retry").await;
+    let data = random_bytes(fresh_seed(), 100_000);
+    let digest = sha256_digest(&data);
+    let url = with_query(&loc, "digest", &digest);
+    let r = reg
+        .put_bytes(&url, "application/octet-stream", data.clone())
+        .await;
+    assert_eq!(r.status, 201, "{}", r.describe());
+    let again = reg
+        .put_bytes(&url, "application/octet-stream", data.clone())
+        .await;
+    assert_eq!(again.status, 201, "{}", again.describe());
+    assert_eq!(again.digest_header().as_deref(), Some(digest.as_str()));
+    // A different digest on the ended session is still unknown.
+    let other = with_query(&loc, "digest", &sha256_digest(b"other"));
+    let r = reg
+        .put_bytes(&other, "application/octet-stream", Vec::new())
+        .await;
+    expect_error(&r, 404, &["BLOB_UPLOAD_UNKNOWN"]);
+}

@@ -685,6 +685,9 @@ impl BlobStore for FsBlobStore {
                 .try_flatten(),
         );
         match self.put(expected, body, u64::MAX).await {
+            Err(PutError::Body(e)) if e.kind() == io::ErrorKind::NotFound => {
+                Err(PutError::PartMissing(e.to_string()))
+            }
             Err(PutError::Body(e)) => Err(PutError::Store(StoreError::Io(e))),
             other => other,
         }

@@ -50,6 +50,10 @@ const READ_ATTEMPTS: usize = 3;
 /// A single-request copy is limited to 5 GiB on AWS S3; a larger part is
 /// rewritten instead.
 const MAX_COPY: u64 = 5 * 1024 * 1024 * 1024;
+/// Timeout of one server-side copy.
+const COPY_TIMEOUT: Duration = Duration::from_secs(600);
+/// S3 allows 10,000 parts per multipart upload.
+const MAX_OBJECT: u64 = 10_000 * PART_SIZE as u64;
 
 #[derive(Clone, Debug)]
 pub struct S3Options {
@@ -83,6 +87,9 @@ impl S3Options {
 
 pub struct S3BlobStore {
     store: Arc<AmazonS3>,
+    /// The same bucket with a long request timeout, for server-side copies
+    /// (a copy of gigabytes is one request that may take minutes).
+    copier: AmazonS3,
     prefix: String,
     options: S3Options,
 }
@@ -120,10 +127,12 @@ impl S3BlobStore {
             endpoint.starts_with("http://") || var("AWS_ALLOW_HTTP").is_some_and(|v| v == "true");
         // `with_client_options` replaces every client option, allow-http
         // included, so it is set here.
-        let client = ClientOptions::new()
-            .with_allow_http(allow_http)
-            .with_timeout(options.request_timeout)
-            .with_connect_timeout(options.connect_timeout);
+        let client = |timeout: Duration| {
+            ClientOptions::new()
+                .with_allow_http(allow_http)
+                .with_timeout(timeout)
+                .with_connect_timeout(options.connect_timeout)
+        };
         let retry = RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(50),
@@ -139,22 +148,36 @@ impl S3BlobStore {
                 builder = builder.with_config(config_key, value);
             }
         }
-        let mut builder = builder
-            .with_bucket_name(&options.bucket)
-            .with_client_options(client)
-            .with_retry(retry);
+        let mut builder = builder.with_bucket_name(&options.bucket);
         if var("AWS_REGION").is_none() && var("AWS_DEFAULT_REGION").is_none() {
             builder = builder.with_region("us-east-1");
         }
-        let store = builder
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("object storage configuration: {e}")))?;
+        let build = |builder: AmazonS3Builder| {
+            builder
+                .build()
+                .map_err(|e| StoreError::Unavailable(format!("object storage configuration: {e}")))
+        };
+        let store = build(
+            builder
+                .clone()
+                .with_client_options(client(options.request_timeout))
+                .with_retry(retry.clone()),
+        )?;
+        let copier = build(
+            builder
+                .with_client_options(client(COPY_TIMEOUT))
+                .with_retry(RetryConfig {
+                    retry_timeout: COPY_TIMEOUT * 2,
+                    ..retry
+                }),
+        )?;
         let mut prefix = options.prefix.trim_matches('/').to_string();
         if !prefix.is_empty() {
             prefix.push('/');
         }
         Ok(Self {
             store: Arc::new(store),
+            copier,
             prefix,
             options,
         })
@@ -202,6 +225,7 @@ impl S3BlobStore {
         max: u64,
         accept: impl FnOnce(&Digest, u64) -> Result<(), PutError>,
     ) -> Result<(Digest, u64), PutError> {
+        let max = max.min(MAX_OBJECT);
         let mut hasher = algorithm.hasher();
         let mut received: u64 = 0;
         let mut buffered: Vec<Bytes> = Vec::new();
@@ -531,9 +555,19 @@ impl BlobStore for S3BlobStore {
         {
             // Verified when written: a server-side copy, no second transfer.
             let source = self.part_key(upload, &part.name)?;
-            return match self.store.copy(&source, &target).await {
-                Ok(()) => Ok(part.size),
-                Err(e) if is_not_found(&e) => Err(PutError::PartMissing(part.name.clone())),
+            match self.copier.copy(&source, &target).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => return Err(PutError::PartMissing(part.name.clone())),
+                Err(e) => return Err(unavailable(e).into()),
+            }
+            // Some stores answer a failed copy with 200 and an error body:
+            // the blob is only as good as what is really there.
+            return match self.store.head(&target).await {
+                Ok(meta) if meta.size == part.size => Ok(part.size),
+                Ok(meta) => Err(PutError::Store(StoreError::Unavailable(format!(
+                    "copy of {} left {} bytes, {} expected",
+                    part.name, meta.size, part.size
+                )))),
                 Err(e) => Err(unavailable(e).into()),
             };
         }
@@ -548,6 +582,9 @@ impl BlobStore for S3BlobStore {
                 .flatten(),
         );
         match self.put(expected, body, u64::MAX).await {
+            Err(PutError::Body(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(PutError::PartMissing(e.to_string()))
+            }
             Err(PutError::Body(e)) => Err(PutError::Store(StoreError::Unavailable(format!(
                 "reading upload parts: {e}"
             )))),

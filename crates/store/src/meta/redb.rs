@@ -20,10 +20,12 @@ const REVISION: &str = "revision";
 /// only (it alone holds the database), so these keys are deleted at open.
 const LEASED: TableDefinition<&[u8], i64> = TableDefinition::new("leased");
 
+type LeaseTable = HashMap<LeaseId, (Duration, Instant)>;
+
 pub struct RedbMetaStore {
     db: Arc<Database>,
     /// Live leases: id, TTL and deadline.
-    leases: Mutex<HashMap<LeaseId, (Duration, Instant)>>,
+    leases: Arc<Mutex<LeaseTable>>,
     next_lease: AtomicI64,
 }
 
@@ -71,28 +73,23 @@ impl RedbMetaStore {
         txn.commit().map_err(db_err)?;
         Ok(Self {
             db: Arc::new(db),
-            leases: Mutex::new(HashMap::new()),
+            leases: Arc::new(Mutex::new(HashMap::new())),
             next_lease: AtomicI64::new(1),
         })
     }
 
-    /// Deletes the keys of leases whose deadline passed.
-    fn expire_leases(&self) -> Result<(), StoreError> {
+    /// Deletes the keys of leases whose deadline passed; the caller holds
+    /// the lease table. Blocking (writes only when a lease lapsed).
+    fn expire_leases(db: &Database, leases: &mut LeaseTable) -> Result<(), StoreError> {
         let now = Instant::now();
-        let expired: Vec<LeaseId> = {
-            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-            let expired = leases
-                .iter()
-                .filter(|(_, (_, deadline))| *deadline <= now)
-                .map(|(id, _)| *id)
-                .collect::<Vec<_>>();
-            for id in &expired {
-                leases.remove(id);
-            }
-            expired
-        };
+        let expired: Vec<LeaseId> = leases
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for lease in expired {
-            Self::delete_lease_keys(&self.db, lease)?;
+            leases.remove(&lease);
+            Self::delete_lease_keys(db, lease)?;
         }
         Ok(())
     }
@@ -161,6 +158,26 @@ impl RedbMetaStore {
             out.push(decode(key, v.value())?);
         }
         Ok(out)
+    }
+
+    fn compares_hold(db: &Database, txn: &Txn) -> Result<bool, StoreError> {
+        let read = db.begin_read().map_err(db_err)?;
+        let table = read.open_table(KV).map_err(db_err)?;
+        for compare in &txn.compares {
+            let holds = match compare {
+                Compare::Absent(key) => table.get(key.as_slice()).map_err(db_err)?.is_none(),
+                Compare::Version(key, version) => {
+                    match table.get(key.as_slice()).map_err(db_err)? {
+                        Some(v) => decode(key, v.value())?.version == *version,
+                        None => false,
+                    }
+                }
+            };
+            if !holds {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn commit_blocking(db: &Database, txn: Txn) -> Result<bool, StoreError> {
@@ -252,20 +269,31 @@ impl MetaStore for RedbMetaStore {
         if txn.ops.is_empty() && txn.compares.is_empty() {
             return Ok(true);
         }
-        let leases: Vec<LeaseId> = txn
-            .ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::PutLeased(_, _, lease) => Some(*lease),
-                _ => None,
+        if txn.ops.is_empty() {
+            // A compare-only transaction (a check of what a read saw) needs
+            // no write, so no fsync.
+            let db = self.db.clone();
+            return tokio::task::spawn_blocking(move || Self::compares_hold(&db, &txn)).await?;
+        }
+        let leased = txn.ops.iter().any(|op| matches!(op, Op::PutLeased(..)));
+        if leased {
+            // The lease check and the write happen under the lease table's
+            // lock, so a lease cannot lapse between them.
+            let db = self.db.clone();
+            let leases = self.leases.clone();
+            return tokio::task::spawn_blocking(move || {
+                let mut table = leases.lock().unwrap_or_else(|p| p.into_inner());
+                Self::expire_leases(&db, &mut table)?;
+                for op in &txn.ops {
+                    if let Op::PutLeased(_, _, lease) = op
+                        && !table.contains_key(lease)
+                    {
+                        return Err(StoreError::Database(format!("lease {lease} not found")));
+                    }
+                }
+                Self::commit_blocking(&db, txn)
             })
-            .collect();
-        if !leases.is_empty() {
-            self.expire_leases()?;
-            let live = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(dead) = leases.iter().find(|l| !live.contains_key(l)) {
-                return Err(StoreError::Database(format!("lease {dead} not found")));
-            }
+            .await?;
         }
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || Self::commit_blocking(&db, txn)).await?
@@ -292,17 +320,20 @@ impl MetaStore for RedbMetaStore {
     }
 
     async fn keep_lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        // Writes only when a lease has lapsed, which a live process keeping
-        // its leases alive never sees.
-        self.expire_leases()?;
-        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(match leases.get_mut(&lease) {
-            Some((ttl, deadline)) => {
-                *deadline = Instant::now() + *ttl;
-                true
-            }
-            None => false,
+        let db = self.db.clone();
+        let leases = self.leases.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut table = leases.lock().unwrap_or_else(|p| p.into_inner());
+            Self::expire_leases(&db, &mut table)?;
+            Ok(match table.get_mut(&lease) {
+                Some((ttl, deadline)) => {
+                    *deadline = Instant::now() + *ttl;
+                    true
+                }
+                None => false,
+            })
         })
+        .await?
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
