@@ -407,7 +407,6 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
         .unwrap_err();
     assert!(matches!(err, PutError::PartMissing(_)), "{err:?}");
 
-
     // Empty blobs are blobs too.
     let empty = Digest::sha256_of(b"");
     let id3 = "2f1d0b8e-0000-4000-8000-000000000003";
