@@ -684,13 +684,9 @@ impl BlobStore for FsBlobStore {
                 })
                 .try_flatten(),
         );
-        match self.put(expected, body, u64::MAX).await {
-            Err(PutError::Body(e)) if e.kind() == io::ErrorKind::NotFound => {
-                Err(PutError::PartMissing(e.to_string()))
-            }
-            Err(PutError::Body(e)) => Err(PutError::Store(StoreError::Io(e))),
-            other => other,
-        }
+        self.put(expected, body, u64::MAX)
+            .await
+            .map_err(|e| super::part_read_failure(e, StoreError::Io))
     }
 
     async fn delete_part(&self, upload: &str, part: &UploadPart) -> Result<(), StoreError> {

@@ -59,6 +59,22 @@ pub enum PutError {
     Store(#[from] StoreError),
 }
 
+/// Maps a failure of reading back an upload's parts during a commit: a
+/// missing part is named as such (the upload cannot complete), any other
+/// read failure is the store's.
+pub(crate) fn part_read_failure(
+    e: PutError,
+    store_error: impl FnOnce(io::Error) -> StoreError,
+) -> PutError {
+    match e {
+        PutError::Body(e) if e.kind() == io::ErrorKind::NotFound => {
+            PutError::PartMissing(e.to_string())
+        }
+        PutError::Body(e) => PutError::Store(store_error(e)),
+        other => other,
+    }
+}
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Size of the stored blob, if present.

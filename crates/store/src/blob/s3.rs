@@ -581,15 +581,11 @@ impl BlobStore for S3BlobStore {
                 .map(move |(key, size)| windowed(store.clone(), key, 0..size))
                 .flatten(),
         );
-        match self.put(expected, body, u64::MAX).await {
-            Err(PutError::Body(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(PutError::PartMissing(e.to_string()))
-            }
-            Err(PutError::Body(e)) => Err(PutError::Store(StoreError::Unavailable(format!(
-                "reading upload parts: {e}"
-            )))),
-            other => other,
-        }
+        self.put(expected, body, u64::MAX).await.map_err(|e| {
+            super::part_read_failure(e, |e| {
+                StoreError::Unavailable(format!("reading upload parts: {e}"))
+            })
+        })
     }
 
     async fn delete_part(&self, upload: &str, part: &UploadPart) -> Result<(), StoreError> {

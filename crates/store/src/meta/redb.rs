@@ -50,6 +50,19 @@ fn decode(key: &[u8], stored: &[u8]) -> Result<KeyValue, StoreError> {
     })
 }
 
+fn compare_holds(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    compare: &Compare,
+) -> Result<bool, StoreError> {
+    Ok(match compare {
+        Compare::Absent(key) => table.get(key.as_slice()).map_err(db_err)?.is_none(),
+        Compare::Version(key, version) => match table.get(key.as_slice()).map_err(db_err)? {
+            Some(v) => decode(key, v.value())?.version == *version,
+            None => false,
+        },
+    })
+}
+
 impl RedbMetaStore {
     /// Opens (or creates) the database at `path`. Blocking: call at startup.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -164,16 +177,7 @@ impl RedbMetaStore {
         let read = db.begin_read().map_err(db_err)?;
         let table = read.open_table(KV).map_err(db_err)?;
         for compare in &txn.compares {
-            let holds = match compare {
-                Compare::Absent(key) => table.get(key.as_slice()).map_err(db_err)?.is_none(),
-                Compare::Version(key, version) => {
-                    match table.get(key.as_slice()).map_err(db_err)? {
-                        Some(v) => decode(key, v.value())?.version == *version,
-                        None => false,
-                    }
-                }
-            };
-            if !holds {
+            if !compare_holds(&table, compare)? {
                 return Ok(false);
             }
         }
@@ -188,16 +192,7 @@ impl RedbMetaStore {
         {
             let mut table = write.open_table(KV).map_err(db_err)?;
             for compare in &txn.compares {
-                let holds = match compare {
-                    Compare::Absent(key) => table.get(key.as_slice()).map_err(db_err)?.is_none(),
-                    Compare::Version(key, version) => {
-                        match table.get(key.as_slice()).map_err(db_err)? {
-                            Some(v) => decode(key, v.value())?.version == *version,
-                            None => false,
-                        }
-                    }
-                };
-                if !holds {
+                if !compare_holds(&table, compare)? {
                     drop(table);
                     write.abort().map_err(db_err)?;
                     return Ok(false);
