@@ -853,6 +853,59 @@ async fn verify_all(client: &Client, lb: &str, acked: &Mutex<Vec<Image>>) -> usi
     images.len()
 }
 
+/// One upload, each step on another node, directly (not through haproxy):
+/// started and first chunk on berth-a, which is then killed; the next chunk
+/// on berth-b; the status and the completing PUT on berth-c.
+async fn upload_hops_nodes_and_outlives_the_one_that_started_it(topo: &mut Topology) {
+    let client = new_client();
+    let node = |i: usize| format!("http://127.0.0.1:{}", topo.berth_ports[i]);
+    let data = random_bytes(fresh_seed(), 3 * 1024 * 1024 + 17);
+    let digest = sha256_digest(&data);
+    let split = 1024 * 1024 + 5;
+
+    let started = send(client.post(format!("{}/v2/drill/hop/blobs/uploads/", node(0)))).await;
+    assert_eq!(started.status, 202, "{}", started.describe());
+    let path = path_and_query(&started.header("location").unwrap());
+    let first = send(
+        client
+            .patch(format!("{}{path}", node(0)))
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("0-{}", split - 1))
+            .body(data[..split].to_vec()),
+    )
+    .await;
+    assert_eq!(first.status, 202, "{}", first.describe());
+    topo.berth[0].kill9();
+
+    let path = path_and_query(&first.header("location").unwrap());
+    let second = send(
+        client
+            .patch(format!("{}{path}", node(1)))
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("{split}-{}", data.len() - 1))
+            .body(data[split..].to_vec()),
+    )
+    .await;
+    assert_eq!(second.status, 202, "{}", second.describe());
+    let path = path_and_query(&second.header("location").unwrap());
+    let status = send(client.get(format!("{}{path}", node(2)))).await;
+    assert_eq!(status.status, 204, "{}", status.describe());
+    assert_eq!(
+        status.header("range"),
+        Some(format!("0-{}", data.len() - 1))
+    );
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let done = send(client.put(format!("{}{path}{sep}digest={digest}", node(2)))).await;
+    assert_eq!(done.status, 201, "{}", done.describe());
+    let pulled = send(client.get(format!("{}/v2/drill/hop/blobs/{digest}", topo.lb))).await;
+    assert_eq!(pulled.status, 200, "{}", pulled.describe());
+    assert_eq!(sha256_digest(&pulled.body), digest);
+    assert_eq!(pulled.body.len(), data.len());
+
+    topo.berth[0].start();
+    topo.wait_berth_ready(0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_survives_node_zone_and_quorum_loss() {
     let Some(garage) = cluster_tools() else {
@@ -881,6 +934,7 @@ async fn cluster_survives_node_zone_and_quorum_loss() {
     let (healthy, status) = topo.cluster_status();
     assert!(healthy, "cluster status before the drills:\n{status}");
     assert_eq!(status.matches("berth-").count(), 3, "{status}");
+    upload_hops_nodes_and_outlives_the_one_that_started_it(&mut topo).await;
     let mut report: Vec<Figures> = Vec::new();
 
     // Drill 0: drain one node (berth node drain): no failure at all.
