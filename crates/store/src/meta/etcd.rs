@@ -722,4 +722,190 @@ mod etcd_tests {
         eventually(Duration::from_secs(30), || store.check_health()).await;
         assert_eq!(store.get(b"tag/a").await.unwrap().unwrap().value, b"v3");
     }
+
+    /// Runs `openssl` with `args` in `dir`.
+    fn openssl(dir: &std::path::Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate.
+    fn make_certificates(dir: &std::path::Path) {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-subj",
+                "/CN=berth-test-ca",
+            ],
+        );
+        for (name, cn, ext) in [
+            (
+                "server",
+                "127.0.0.1",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "berth-client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
+        }
+    }
+
+    /// etcd over TLS with client certificates and password authentication:
+    /// the options that `--etcd-ca-file`, `--etcd-cert-file`,
+    /// `--etcd-key-file`, `--etcd-user` and `--etcd-password` set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_with_client_certificates_and_password_authentication() {
+        let Some(plain) = Cluster::start(1).await else {
+            return;
+        };
+        drop(plain);
+        let dir = tempfile::tempdir().unwrap();
+        make_certificates(dir.path());
+        let client_port = free_port();
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let endpoint = format!("https://127.0.0.1:{client_port}");
+        let mut etcd = Command::new("etcd")
+            .current_dir(dir.path())
+            .args(["--name", "tls", "--data-dir", "data"])
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("tls={peer}")])
+            .args(["--cert-file", "server.pem", "--key-file", "server.key"])
+            .args(["--trusted-ca-file", "ca.pem", "--client-cert-auth"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        let tls = EtcdTls {
+            ca_pem: read("ca.pem"),
+            client: Some((read("client.pem"), read("client.key"))),
+        };
+        let mut options = EtcdOptions::new(vec![endpoint.clone()], "/tls/");
+        options.tls = Some(tls.clone());
+
+        // Enable authentication with a root user, over TLS.
+        let admin = eventually(Duration::from_secs(30), || {
+            let options = options.clone();
+            async move {
+                let store = EtcdMetaStore::connect(options).await?;
+                store.check_health().await?;
+                Ok(store)
+            }
+        })
+        .await;
+        let mut client = admin.client.clone();
+        client.user_add("root", "s3cret", None).await.unwrap();
+        client.user_grant_role("root", "root").await.unwrap();
+        client.auth_enable().await.unwrap();
+
+        // With the password, everything works.
+        let mut authed = options.clone();
+        authed.user = Some(("root".into(), "s3cret".into()));
+        let store = eventually(Duration::from_secs(10), || {
+            let authed = authed.clone();
+            async move {
+                let store = EtcdMetaStore::connect(authed).await?;
+                store.check_health().await?;
+                Ok(store)
+            }
+        })
+        .await;
+        crate::testsuite::metastore_suite(&store).await;
+
+        // A wrong password, no client certificate, or plain HTTP: refused.
+        let mut wrong = options.clone();
+        wrong.user = Some(("root".into(), "wrong".into()));
+        let refused = match EtcdMetaStore::connect(wrong).await {
+            Ok(store) => store.check_health().await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "a wrong password must be refused");
+        let mut no_cert = authed.clone();
+        no_cert.tls = Some(EtcdTls {
+            ca_pem: tls.ca_pem.clone(),
+            client: None,
+        });
+        let refused = match EtcdMetaStore::connect(no_cert).await {
+            Ok(store) => store.check_health().await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "a client without a certificate must be refused");
+        let mut plain_http = authed.clone();
+        plain_http.tls = None;
+        plain_http.endpoints = vec![format!("http://127.0.0.1:{client_port}")];
+        plain_http.request_timeout = Duration::from_secs(1);
+        plain_http.connect_timeout = Duration::from_secs(1);
+        let refused = match EtcdMetaStore::connect(plain_http).await {
+            Ok(store) => store.check_health().await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "plain HTTP to a TLS member must fail");
+        let _ = etcd.kill();
+        let _ = etcd.wait();
+    }
 }
