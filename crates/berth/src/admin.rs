@@ -22,6 +22,8 @@ pub enum AdminError {
     Serve(#[from] ServeError),
     #[error(transparent)]
     Store(#[from] berth_store::StoreError),
+    #[error("{0}")]
+    Failed(String),
     #[error("no node named {0:?} is registered")]
     UnknownNode(String),
     #[error("node {0:?} did not leave within {1:?}")]

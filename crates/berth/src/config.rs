@@ -112,6 +112,62 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// A pull-through cache upstream, `NAMESPACE=URL` (repeatable), e.g.
+    /// `docker.io=https://registry-1.docker.io`: `HOST/docker.io/library/alpine`
+    /// is then served from that registry's `library/alpine`. Credentials go
+    /// in the configuration file.
+    #[arg(long = "upstream", env = "BERTH_UPSTREAMS", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+    /// The upstream namespace that serves repositories not found here, for
+    /// Docker's `registry-mirrors` (requests for `library/alpine`).
+    #[arg(long, env = "BERTH_CACHE_MIRROR_DEFAULT")]
+    pub cache_mirror_default: Option<String>,
+    /// Seconds a cached tag is served before the upstream is asked again
+    /// (a HEAD) [default: 300].
+    #[arg(long, env = "BERTH_CACHE_TAG_TTL_SECS")]
+    pub cache_tag_ttl_secs: Option<u64>,
+    /// Size limit of cached images in bytes; least recently used unpinned
+    /// images are evicted past it; 0 for none [default: 0].
+    #[arg(long, env = "BERTH_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
+    /// How often the eviction job runs [default: 300].
+    #[arg(long, env = "BERTH_CACHE_EVICT_INTERVAL_SECS")]
+    pub cache_evict_interval_secs: Option<u64>,
+    /// Seconds an upstream request (or each read of a blob from it) may take
+    /// [default: 10].
+    #[arg(long, env = "BERTH_UPSTREAM_TIMEOUT_SECS")]
+    pub upstream_timeout_secs: Option<u64>,
+}
+
+/// An upstream in the TOML file (`[[upstream]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub namespace: String,
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A file holding the password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+}
+
+/// A configured upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamSetting {
+    pub namespace: String,
+    pub url: String,
+    pub credentials: Option<(String, String)>,
+}
+
+/// The pull-through cache's settings.
+#[derive(Debug, Clone, Default)]
+pub struct CacheSettings {
+    pub upstreams: Vec<UpstreamSetting>,
+    pub mirror_default: Option<String>,
+    pub tag_ttl: Duration,
+    pub max_bytes: u64,
+    pub evict_interval: Duration,
+    pub upstream_timeout: Duration,
 }
 
 /// The TOML file: the same options, all optional.
@@ -144,6 +200,13 @@ struct FileConfig {
     max_concurrent_uploads: Option<usize>,
     shutdown_grace_secs: Option<u64>,
     log_format: Option<LogFormat>,
+    #[serde(default)]
+    upstream: Vec<FileUpstream>,
+    cache_mirror_default: Option<String>,
+    cache_tag_ttl_secs: Option<u64>,
+    cache_max_bytes: Option<u64>,
+    cache_evict_interval_secs: Option<u64>,
+    upstream_timeout_secs: Option<u64>,
 }
 
 /// Where metadata lives.
@@ -265,6 +328,7 @@ pub struct ServeConfig {
     pub max_concurrent_uploads: usize,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub cache: CacheSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +370,76 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         source: Box::new(source),
     })
+}
+
+/// Upstreams from flags (`NAMESPACE=URL`) and the file; a flag replaces the
+/// file's entry for the same namespace.
+fn upstreams(flags: &[String], file: &[FileUpstream]) -> Result<Vec<UpstreamSetting>, ConfigError> {
+    let mut out: Vec<UpstreamSetting> = Vec::new();
+    for entry in file {
+        let password = match (&entry.password, &entry.password_file) {
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(format!(
+                    "upstream {}: password and password_file exclude each other",
+                    entry.namespace
+                )));
+            }
+        };
+        let credentials = match (&entry.username, password) {
+            (Some(u), Some(p)) => Some((u.clone(), p)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "upstream {}: username and password go together",
+                    entry.namespace
+                )));
+            }
+        };
+        out.push(UpstreamSetting {
+            namespace: entry.namespace.clone(),
+            url: entry.url.clone(),
+            credentials,
+        });
+    }
+    for flag in flags.iter().filter(|f| !f.is_empty()) {
+        let Some((namespace, url)) = flag.split_once('=') else {
+            return Err(ConfigError::Invalid(format!(
+                "--upstream {flag:?}: expected NAMESPACE=URL, e.g. docker.io=https://registry-1.docker.io"
+            )));
+        };
+        out.retain(|u| u.namespace != namespace);
+        out.push(UpstreamSetting {
+            namespace: namespace.to_string(),
+            url: url.to_string(),
+            credentials: None,
+        });
+    }
+    for u in &out {
+        if !berth_proxy::valid_namespace(&u.namespace) {
+            return Err(ConfigError::Invalid(format!(
+                "upstream namespace {:?}: use a repository path such as docker.io or ghcr.io",
+                u.namespace
+            )));
+        }
+        if !(u.url.starts_with("http://") || u.url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "upstream {} URL {:?} must start with http:// or https://",
+                u.namespace, u.url
+            )));
+        }
+    }
+    Ok(out)
 }
 
 impl ServeConfig {
@@ -360,7 +494,37 @@ impl ServeConfig {
             Storage::Fs => 512,
             Storage::S3 { .. } => 64,
         };
+        let cache = CacheSettings {
+            upstreams: upstreams(&args.upstreams, &file.upstream)?,
+            mirror_default: args.cache_mirror_default.or(file.cache_mirror_default),
+            tag_ttl: Duration::from_secs(
+                args.cache_tag_ttl_secs
+                    .or(file.cache_tag_ttl_secs)
+                    .unwrap_or(300),
+            ),
+            max_bytes: args.cache_max_bytes.or(file.cache_max_bytes).unwrap_or(0),
+            evict_interval: secs(
+                "cache_evict_interval_secs",
+                args.cache_evict_interval_secs
+                    .or(file.cache_evict_interval_secs)
+                    .unwrap_or(300),
+            )?,
+            upstream_timeout: secs(
+                "upstream_timeout_secs",
+                args.upstream_timeout_secs
+                    .or(file.upstream_timeout_secs)
+                    .unwrap_or(10),
+            )?,
+        };
+        if let Some(default) = &cache.mirror_default
+            && !cache.upstreams.iter().any(|u| &u.namespace == default)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "cache_mirror_default {default:?} is not a configured upstream"
+            )));
+        }
         let config = ServeConfig {
+            cache,
             listen,
             etcd: EtcdAccess {
                 timeout: secs(

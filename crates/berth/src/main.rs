@@ -1,6 +1,7 @@
 //! `berth`: a highly available OCI container registry.
 
 mod admin;
+mod cache_cmd;
 mod cluster;
 mod config;
 mod serve;
@@ -36,6 +37,46 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// The pull-through cache of a running registry.
+    Cache {
+        /// The registry's URL (a node or the load balancer).
+        #[arg(
+            long,
+            env = "BERTH_REGISTRY",
+            default_value = "http://127.0.0.1:5000",
+            global = true
+        )]
+        registry: String,
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Fetch images into the cache now, so that they are there when the
+    /// upstream is not: every platform of an index, or the chosen ones.
+    Warm {
+        /// Images such as docker.io/library/alpine:3.20 or NAME@DIGEST.
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Only this platform of an index, e.g. linux/amd64 (repeatable).
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Also pin the images, so that eviction never removes them.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// List cached images: tags, size, age, last use, pinned.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin a cached image (and an index's cached children).
+    Pin { image: String },
+    /// Unpin a cached image.
+    Unpin { image: String },
 }
 
 #[derive(Subcommand)]
@@ -116,6 +157,18 @@ fn main() -> ExitCode {
             }),
             Err(code) => code,
         },
+        Command::Cache { registry, command } => run_admin(|| async move {
+            match command {
+                CacheCommand::Warm {
+                    images,
+                    platforms,
+                    pin,
+                } => cache_cmd::warm(&registry, &images, &platforms, pin).await,
+                CacheCommand::Ls { json } => cache_cmd::list(&registry, json).await,
+                CacheCommand::Pin { image } => cache_cmd::pin(&registry, &image, true).await,
+                CacheCommand::Unpin { image } => cache_cmd::pin(&registry, &image, false).await,
+            }
+        }),
         Command::Serve(args) => {
             let config = match resolve(args) {
                 Ok(c) => c,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_server::{AppState, Metrics, RequestLimits, ServeOptions};
 use berth_store::blob::fs::FsOptions;
@@ -38,6 +39,8 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("drain timed out with requests still in flight")]
     DrainTimeout,
+    #[error("cannot start the pull-through cache: {0}")]
+    Cache(berth_proxy::CacheError),
     #[error("cannot join the cluster: {0}")]
     Cluster(crate::cluster::ClusterError),
 }
@@ -130,6 +133,45 @@ pub fn open_blobs(config: &ServeConfig) -> Result<Arc<dyn BlobStore>, ServeError
     })
 }
 
+/// The pull-through cache, when upstreams are configured.
+fn open_cache(
+    config: &ServeConfig,
+    registry: &Arc<Registry>,
+    meta: &Arc<dyn MetaStore>,
+) -> Result<Option<Arc<PullThroughCache>>, ServeError> {
+    let settings = &config.cache;
+    if settings.upstreams.is_empty() {
+        return Ok(None);
+    }
+    let upstreams = settings
+        .upstreams
+        .iter()
+        .map(|u| UpstreamConfig {
+            namespace: u.namespace.clone(),
+            url: u.url.clone(),
+            credentials: u
+                .credentials
+                .clone()
+                .map(|(username, password)| Credentials { username, password }),
+            timeout: settings.upstream_timeout,
+        })
+        .collect();
+    let cache = PullThroughCache::new(
+        registry.clone(),
+        meta.clone(),
+        upstreams,
+        CacheOptions {
+            tag_ttl: settings.tag_ttl,
+            mirror_default: settings.mirror_default.clone(),
+            max_bytes: settings.max_bytes,
+            spool_dir: config.data_dir.join("cache-spool"),
+            outage_backoff: std::time::Duration::from_secs(10),
+        },
+    )
+    .map_err(ServeError::Cache)?;
+    Ok(Some(Arc::new(cache)))
+}
+
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -196,10 +238,12 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             addr: config.listen,
             source,
         })?;
+    let cache = open_cache(&config, &registry, &meta)?;
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
         registry: registry.clone(),
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(Metrics::with_cache(cache.as_ref().map(|c| c.metrics()))),
+        cache: cache.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -239,6 +283,34 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             })
     });
 
+    let evictor = cache
+        .clone()
+        .filter(|_| config.cache.max_bytes > 0)
+        .map(|cache| {
+            tokio::spawn(node.clone().run_as_leader(
+                "cache-eviction",
+                config.cache.evict_interval,
+                move || {
+                    let cache = cache.clone();
+                    async move {
+                        match cache.evict().await {
+                            Ok(report) if report.images > 0 => tracing::info!(
+                                images = report.images,
+                                bytes = report.bytes,
+                                blobs_removed = report.blobs_removed,
+                                total_after = report.total_after,
+                                "cache eviction"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cache eviction failed; will retry")
+                            }
+                        }
+                    }
+                },
+            ))
+        });
+
     let local = listener.local_addr().unwrap_or(config.listen);
     let metadata = match &config.metadata {
         Metadata::Redb => "redb".to_string(),
@@ -255,6 +327,14 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         ),
         Storage::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
     };
+    for upstream in &config.cache.upstreams {
+        tracing::info!(
+            namespace = %upstream.namespace,
+            url = %upstream.url,
+            authenticated = upstream.credentials.is_some(),
+            "pull-through cache upstream"
+        );
+    }
     tracing::info!(
         node = %node.name(),
         "berth {} listening on http://{local}, blobs in {storage}, metadata in {metadata}",
@@ -285,6 +365,9 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     )
     .await;
     reaper.abort();
+    if let Some(evictor) = evictor {
+        evictor.abort();
+    }
     maintainer.abort();
     node.leave().await;
     if drained {

@@ -6,6 +6,7 @@ use berth_oci::{Digest, RepositoryName};
 
 pub const REPO_PREFIX: &str = "repo/";
 pub const UPLOAD_PREFIX: &str = "upload/";
+pub const LINK_PREFIX: &str = "link/";
 
 pub fn repo(name: &RepositoryName) -> String {
     format!("{REPO_PREFIX}{name}")
@@ -23,8 +24,18 @@ pub fn manifest(name: &RepositoryName, digest: &Digest) -> String {
     format!("manifest/{name}:{digest}")
 }
 
+pub fn manifest_prefix(name: &RepositoryName) -> String {
+    format!("manifest/{name}:")
+}
+
 pub fn link(name: &RepositoryName, digest: &Digest) -> String {
-    format!("link/{name}:{digest}")
+    format!("{LINK_PREFIX}{name}:{digest}")
+}
+
+/// The digest of a link key (`link/REPO:DIGEST`).
+pub fn link_digest(key: &[u8]) -> Option<Digest> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(LINK_PREFIX)?;
+    rest.split_once(':')?.1.parse().ok()
 }
 
 /// Registry-wide record that a blob's bytes are stored (for mounts without

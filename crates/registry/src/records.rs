@@ -50,6 +50,19 @@ pub struct LinkRecord {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BlobRecord {
     pub size: u64,
+    /// Set while the blob's bytes are being removed (see
+    /// `Registry::remove_unreferenced_blobs`): it must not be linked then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removing_since_ms: Option<u64>,
+}
+
+impl BlobRecord {
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            removing_since_ms: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

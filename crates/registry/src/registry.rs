@@ -78,6 +78,15 @@ pub fn now_ms() -> u64 {
 /// registry reports the conflict as a storage failure.
 const TXN_ATTEMPTS: usize = 16;
 
+/// A blob removal must delete the bytes within this time of marking the
+/// blob's record, or give up.
+const REMOVAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A removal mark older than this was abandoned (its remover gave up or
+/// died): linking the blob may proceed if its bytes are there. Far above
+/// `REMOVAL_WINDOW`, to allow for clock differences between nodes.
+const REMOVAL_MARK_STALE_MS: u64 = 5 * 60 * 1000;
+
 /// Most chunks one upload may have. Each is a part in the session record
 /// (about 150 bytes) and each chunk rewrites the record, so the record must
 /// stay well inside etcd's request limit and its history small.
@@ -271,12 +280,160 @@ impl Registry {
         {
             return Ok(());
         }
-        let txn = Txn::new()
-            .put(keys::link(name, digest), encode(&LinkRecord { size }))
-            .put(keys::blob(digest), encode(&BlobRecord { size }));
-        let txn = self.ensure_repo(name, txn).await?;
-        self.meta.commit(txn).await?;
+        for _ in 0..TXN_ATTEMPTS {
+            let seen = self.blob_record_for_link(digest, size).await?;
+            let txn = Txn::new()
+                .require_unchanged(keys::blob(digest), seen.as_ref())
+                .put(keys::link(name, digest), encode(&LinkRecord { size }))
+                .put(keys::blob(digest), encode(&BlobRecord::new(size)));
+            let txn = self.ensure_repo(name, txn).await?;
+            if self.meta.commit(txn).await? {
+                return Ok(());
+            }
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+            "the blob kept changing while it was linked; retry".into(),
+        )))
+    }
+
+    /// The registry-wide record of a blob about to be linked, after checking
+    /// that its bytes are stored and not being removed. The link's commit
+    /// must require this record unchanged: that is what orders it against
+    /// `remove_unreferenced_blobs`, which marks the record before deleting
+    /// bytes and deletes it after.
+    async fn blob_record_for_link(&self, digest: &Digest, size: u64) -> Result<Option<KeyValue>> {
+        let seen = self.meta.get(keys::blob(digest).as_bytes()).await?;
+        if let Some(kv) = &seen {
+            let record: BlobRecord = decode(&kv.key, &kv.value)?;
+            if record
+                .removing_since_ms
+                .is_some_and(|since| now_ms().saturating_sub(since) < REMOVAL_MARK_STALE_MS)
+            {
+                return Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+                    format!("blob {digest} is being removed from storage; retry"),
+                )));
+            }
+        }
+        // Removed (bytes, then record) before `seen` was read: the bytes the
+        // caller stored may be gone. A removal after this must mark the
+        // record first, which fails the caller's commit.
+        if self.blobs.stat(digest).await? != Some(size) {
+            return Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+                format!("blob {digest} was removed from storage meanwhile; retry"),
+            )));
+        }
+        Ok(seen)
+    }
+
+    /// Removes the bytes of blobs that no repository links any more (cache
+    /// eviction calls it for the blobs it unlinked). Returns how many were
+    /// removed.
+    ///
+    /// Safe against concurrent pushes and mounts of the same content: each
+    /// blob's registry-wide record is marked (guarded by the version read
+    /// before the scan of links, which any new link changes), the bytes are
+    /// deleted within a bounded time of the mark, and the record is removed.
+    /// A link commit meanwhile sees the mark and fails with a retryable
+    /// error; one after sees the bytes missing.
+    pub async fn remove_unreferenced_blobs(&self, candidates: &[Digest]) -> Result<usize> {
+        let mut unreferenced = std::collections::HashMap::new();
+        for digest in candidates {
+            if let Some(kv) = self.meta.get(keys::blob(digest).as_bytes()).await? {
+                unreferenced.insert(digest.clone(), kv);
+            }
+        }
+        if unreferenced.is_empty() {
+            return Ok(0);
+        }
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let batch = self
+                .meta
+                .scan(keys::LINK_PREFIX.as_bytes(), after.as_deref(), 1000)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.key.clone());
+            for kv in batch {
+                if let Some(digest) = keys::link_digest(&kv.key) {
+                    unreferenced.remove(&digest);
+                }
+            }
+        }
+        let mut removed = 0;
+        for (digest, kv) in unreferenced {
+            let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
+            record.removing_since_ms = Some(now_ms());
+            let key = keys::blob(&digest);
+            let marked_at = std::time::Instant::now();
+            if !self
+                .meta
+                .commit(
+                    Txn::new()
+                        .require_version(key.clone(), kv.version)
+                        .put(key.clone(), encode(&record)),
+                )
+                .await?
+            {
+                continue; // linked again meanwhile
+            }
+            let Some(marked) = self.meta.get(key.as_bytes()).await? else {
+                continue;
+            };
+            if marked_at.elapsed() > REMOVAL_WINDOW {
+                // Too slow: a pusher may already consider the mark stale.
+                continue;
+            }
+            self.blobs.delete(&digest).await?;
+            self.meta
+                .commit(
+                    Txn::new()
+                        .require_version(key.clone(), marked.version)
+                        .delete(key),
+                )
+                .await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Points a tag at a manifest recorded in the repository.
+    pub async fn tag_manifest(
+        &self,
+        name: &RepositoryName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> Result<()> {
+        let key = keys::manifest(name, digest);
+        let Some(seen) = self.meta.get(key.as_bytes()).await? else {
+            return Err(RegistryError::ManifestUnknown);
+        };
+        let txn = Txn::new().require_version(key, seen.version).put(
+            keys::tag(name, tag.as_str()),
+            encode(&TagRecord {
+                digest: digest.clone(),
+                updated_ms: now_ms(),
+            }),
+        );
+        if !self.meta.commit(txn).await? {
+            return Err(RegistryError::ManifestUnknown);
+        }
         Ok(())
+    }
+
+    /// Digests of every manifest recorded in the repository.
+    pub async fn manifest_digests(&self, name: &RepositoryName) -> Result<Vec<Digest>> {
+        let prefix = keys::manifest_prefix(name);
+        Ok(self
+            .scan_all(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                std::str::from_utf8(&kv.key[prefix.len()..])
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .collect())
     }
 
     /// Single-request upload (`POST ?digest=` or a PUT without session data).
@@ -581,14 +738,22 @@ impl Registry {
             completed: Some(digest.clone()),
             ..record
         };
-        let txn = Txn::new()
-            .put(kv.key.clone(), encode(&completed))
-            .put(keys::link(name, digest), encode(&LinkRecord { size }))
-            .put(keys::blob(digest), encode(&BlobRecord { size }));
-        let txn = self.ensure_repo(name, txn).await?;
-        self.meta.commit(txn).await?;
-        self.discard_upload_data(id).await;
-        Ok(size)
+        for _ in 0..TXN_ATTEMPTS {
+            let seen = self.blob_record_for_link(digest, size).await?;
+            let txn = Txn::new()
+                .require_unchanged(keys::blob(digest), seen.as_ref())
+                .put(kv.key.clone(), encode(&completed))
+                .put(keys::link(name, digest), encode(&LinkRecord { size }))
+                .put(keys::blob(digest), encode(&BlobRecord::new(size)));
+            let txn = self.ensure_repo(name, txn).await?;
+            if self.meta.commit(txn).await? {
+                self.discard_upload_data(id).await;
+                return Ok(size);
+            }
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+            "the blob kept changing while the upload completed; retry".into(),
+        )))
     }
 
     /// The answer to a completion of an upload that already completed: the
@@ -807,16 +972,97 @@ impl Registry {
         content_type: Option<&str>,
         bytes: Bytes,
     ) -> Result<PutManifestOutcome> {
+        let (digest, manifest) = self.parse_manifest(reference, content_type, &bytes)?;
+        // Everything the manifest references must exist before anything is
+        // written, and must still exist when it is committed: each reference
+        // is guarded by the version seen here, so a concurrent delete of a
+        // layer or child makes the commit retry (and then fail with
+        // MANIFEST_BLOB_UNKNOWN) instead of leaving a manifest that points at
+        // nothing.
+        let mut guards = self.reference_guards(name, &manifest).await?;
+        let tag = match reference {
+            Reference::Tag(tag) => Some(tag),
+            Reference::Digest(_) => None,
+        };
+        let (base, subject) = self
+            .store_manifest(name, &digest, &manifest, tag, bytes)
+            .await?;
+        for _ in 0..TXN_ATTEMPTS {
+            let mut txn = base.clone();
+            for (key, version) in guards {
+                txn = txn.require_version(key, version);
+            }
+            if self.meta.commit(txn).await? {
+                return Ok(PutManifestOutcome { digest, subject });
+            }
+            guards = self.reference_guards(name, &manifest).await?;
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Database(
+            "manifest push kept conflicting with concurrent changes to its references".into(),
+        )))
+    }
+
+    /// Stores a manifest fetched from an upstream registry (and tags it, with
+    /// `tag`). Unlike a push, its layers and children need not be here yet:
+    /// a pull-through cache fetches them when a client asks. The content is
+    /// verified against `digest`.
+    pub async fn cache_manifest(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        tag: Option<&Tag>,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<ManifestRecord> {
+        let reference = Reference::Digest(digest.clone());
+        let (digest, manifest) = self.parse_manifest(&reference, content_type, &bytes)?;
+        let (txn, _) = self
+            .store_manifest(name, &digest, &manifest, tag, bytes)
+            .await?;
+        self.meta.commit(txn).await?;
+        self.manifest_record(name, &digest).await
+    }
+
+    /// The manifest recorded in `name` under `digest`, if any.
+    pub async fn find_manifest(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>> {
+        self.get_record(&keys::manifest(name, digest)).await
+    }
+
+    /// The digest a tag points at, if the tag exists.
+    pub async fn find_tag(&self, name: &RepositoryName, tag: &Tag) -> Result<Option<Digest>> {
+        Ok(self
+            .get_record::<TagRecord>(&keys::tag(name, tag.as_str()))
+            .await?
+            .map(|t| t.digest))
+    }
+
+    /// Whether a repository exists here (anything was ever pushed or cached).
+    pub async fn repository_exists(&self, name: &RepositoryName) -> Result<bool> {
+        Ok(self.meta.get(keys::repo(name).as_bytes()).await?.is_some())
+    }
+
+    /// Checks a manifest's size, syntax and digest (which must match a
+    /// digest reference). Writes nothing.
+    fn parse_manifest(
+        &self,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: &Bytes,
+    ) -> Result<(Digest, Manifest)> {
         if bytes.len() as u64 > self.limits.max_manifest_bytes {
             return Err(RegistryError::TooLarge {
                 limit: self.limits.max_manifest_bytes,
             });
         }
-        let manifest = Manifest::parse(content_type, &bytes)
+        let manifest = Manifest::parse(content_type, bytes)
             .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
         let digest = match reference {
             Reference::Digest(expected) => {
-                let computed = Digest::of(expected.algorithm(), &bytes);
+                let computed = Digest::of(expected.algorithm(), bytes);
                 if &computed != expected {
                     return Err(RegistryError::DigestInvalid(format!(
                         "manifest digest {computed} does not match {expected}"
@@ -824,9 +1070,21 @@ impl Registry {
                 }
                 computed
             }
-            Reference::Tag(_) => Digest::sha256_of(&bytes),
+            Reference::Tag(_) => Digest::sha256_of(bytes),
         };
+        Ok((digest, manifest))
+    }
 
+    /// Stores a parsed manifest's bytes, durable and verified, and returns the
+    /// metadata transaction that makes it visible (with its subject).
+    async fn store_manifest(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        manifest: &Manifest,
+        tag: Option<&Tag>,
+        bytes: Bytes,
+    ) -> Result<(Txn, Option<Digest>)> {
         let mut platforms = Vec::new();
         for child in manifest.children() {
             if let Some(p) = child.platform.as_ref()
@@ -843,19 +1101,11 @@ impl Registry {
             }
         }
 
-        // Everything the manifest references must exist before anything is
-        // written, and must still exist when it is committed: each reference
-        // is guarded by the version seen here, so a concurrent delete of a
-        // layer or child makes the commit retry (and then fail with
-        // MANIFEST_BLOB_UNKNOWN) instead of leaving a manifest that points at
-        // nothing.
-        let mut guards = self.reference_guards(name, &manifest).await?;
-
         // Bytes first, durable and verified; then the metadata commit.
         let size = bytes.len() as u64;
         let body: ByteStream = Box::pin(futures_util::stream::iter([Ok(bytes)]));
         self.blobs
-            .put(&digest, body, self.limits.max_manifest_bytes)
+            .put(digest, body, self.limits.max_manifest_bytes)
             .await
             .map_err(RegistryError::from_put)?;
 
@@ -874,9 +1124,9 @@ impl Registry {
                 .collect(),
             created_ms: now_ms(),
         };
-        let mut base = Txn::new().put(keys::manifest(name, &digest), encode(&record));
-        if let Reference::Tag(tag) = reference {
-            base = base.put(
+        let mut txn = Txn::new().put(keys::manifest(name, digest), encode(&record));
+        if let Some(tag) = tag {
+            txn = txn.put(
                 keys::tag(name, tag.as_str()),
                 encode(&TagRecord {
                     digest: digest.clone(),
@@ -890,29 +1140,17 @@ impl Registry {
                 digest: digest.clone(),
                 size,
                 artifact_type: record.artifact_type.clone(),
-                annotations: referrer_annotations(&manifest, &digest),
+                annotations: referrer_annotations(manifest, digest),
                 urls: None,
                 platform: None,
             };
-            base = base.put(
-                keys::referrer(name, subject, &digest),
+            txn = txn.put(
+                keys::referrer(name, subject, digest),
                 serde_json::to_vec(&descriptor).unwrap_or_default(),
             );
         }
-        let base = self.ensure_repo(name, base).await?;
-        for _ in 0..TXN_ATTEMPTS {
-            let mut txn = base.clone();
-            for (key, version) in guards {
-                txn = txn.require_version(key, version);
-            }
-            if self.meta.commit(txn).await? {
-                return Ok(PutManifestOutcome { digest, subject });
-            }
-            guards = self.reference_guards(name, &manifest).await?;
-        }
-        Err(RegistryError::Store(berth_store::StoreError::Database(
-            "manifest push kept conflicting with concurrent changes to its references".into(),
-        )))
+        let txn = self.ensure_repo(name, txn).await?;
+        Ok((txn, subject))
     }
 
     /// The metadata keys a manifest's references live under, with their

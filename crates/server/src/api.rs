@@ -7,13 +7,14 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use berth_oci::range::parse_content_range;
 use berth_oci::{Digest, ErrorCode, Reference, RepositoryName, media_type};
+use berth_proxy::{BlobAnswer, Target};
 use berth_store::ByteStream;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, CacheSubject, cache_error};
 use crate::headers::{
     DOCKER_CONTENT_DIGEST, DOCKER_UPLOAD_UUID, OCI_FILTERS_APPLIED, OCI_SUBJECT, upload_range,
 };
@@ -60,7 +61,14 @@ pub async fn dispatch(
         query: &query,
     };
     let sends_body = matches!(method, Method::PUT | Method::PATCH | Method::POST);
-    let result = match Route::parse(uri.path()) {
+    let route = Route::parse(uri.path());
+    if let (Some(cache), Some(name)) = (&state.cache, route.name())
+        && let Some(namespace) = cache.owner(name)
+        && !matches!(method, Method::GET | Method::HEAD)
+    {
+        return read_only(namespace).into_response();
+    }
+    let result = match route {
         Route::Base => match method {
             Method::GET | Method::HEAD => {
                 Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response())
@@ -102,6 +110,13 @@ struct Ctx<'a> {
     method: &'a Method,
     headers: &'a HeaderMap,
     query: &'a HashMap<String, String>,
+}
+
+/// A write into an upstream's namespace.
+fn read_only(namespace: &str) -> ApiError {
+    ApiError::new(ErrorCode::Denied).message(format!(
+        "{namespace}/... is a read-only pull-through cache of an upstream registry; push elsewhere"
+    ))
 }
 
 fn unsupported() -> ApiError {
@@ -335,6 +350,18 @@ fn accepted_types(headers: &HeaderMap) -> Vec<String> {
 }
 
 impl Ctx<'_> {
+    /// The cache target of a read of `name`, if the cache serves it.
+    async fn cache_target(&self, name: &str) -> Result<Option<Target>, ApiError> {
+        let Some(cache) = &self.state.cache else {
+            return Ok(None);
+        };
+        let ns = self.query.get("ns").map(String::as_str);
+        cache
+            .route(name, ns)
+            .await
+            .map_err(|e| cache_error(e, CacheSubject::Manifest))
+    }
+
     /// Admits a request that streams blob content in: within the size limit
     /// (when announced) and within the concurrent upload limit (429 past it).
     /// The returned permit is held until the content is stored. (A refused
@@ -391,7 +418,11 @@ impl Ctx<'_> {
     }
 
     async fn tags(&self, name: &str) -> ApiResult {
-        let name = parse_name(name)?;
+        let name = match self.cache_target(name).await? {
+            // The tags cached so far.
+            Some(target) => target.local,
+            None => parse_name(name)?,
+        };
         if !matches!(*self.method, Method::GET | Method::HEAD) {
             return Err(unsupported());
         }
@@ -411,7 +442,10 @@ impl Ctx<'_> {
     }
 
     async fn referrers(&self, name: &str, digest: &str) -> ApiResult {
-        let name = parse_name(name)?;
+        let name = match self.cache_target(name).await? {
+            Some(target) => target.local,
+            None => parse_name(name)?,
+        };
         let subject = parse_digest(digest)?;
         if !matches!(*self.method, Method::GET | Method::HEAD) {
             return Err(unsupported());
@@ -459,6 +493,21 @@ impl Ctx<'_> {
             }
         })?;
         let registry = &self.state.registry;
+        let name = match *self.method {
+            Method::GET | Method::HEAD => match self.cache_target(name.as_str()).await? {
+                Some(target) => {
+                    if let Some(cache) = &self.state.cache {
+                        cache
+                            .ensure_manifest(&target, &reference)
+                            .await
+                            .map_err(|e| cache_error(e, CacheSubject::Manifest))?;
+                    }
+                    target.local
+                }
+                None => name,
+            },
+            _ => name,
+        };
         match *self.method {
             Method::GET => {
                 let content = registry
@@ -546,6 +595,34 @@ impl Ctx<'_> {
                     (header::ACCEPT_RANGES, "bytes".to_string()),
                     (header::ETAG, format!("\"{digest}\"")),
                 ];
+                let name = match (self.cache_target(name.as_str()).await?, &self.state.cache) {
+                    (Some(target), Some(cache)) => {
+                        let head = *self.method == Method::HEAD;
+                        let ranged = self.headers.contains_key(header::RANGE);
+                        match cache
+                            .blob(&target, &digest, head, ranged)
+                            .await
+                            .map_err(|e| cache_error(e, CacheSubject::Blob))?
+                        {
+                            BlobAnswer::Local => target.local,
+                            BlobAnswer::Remote { size } => {
+                                headers.push((header::CONTENT_LENGTH, size.to_string()));
+                                return Ok(with_headers(StatusCode::OK, headers, Body::empty()));
+                            }
+                            BlobAnswer::Streaming { stream, size } => {
+                                if let Some(size) = size {
+                                    headers.push((header::CONTENT_LENGTH, size.to_string()));
+                                }
+                                return Ok(with_headers(
+                                    StatusCode::OK,
+                                    headers,
+                                    Body::from_stream(stream),
+                                ));
+                            }
+                        }
+                    }
+                    _ => name,
+                };
                 if *self.method == Method::HEAD {
                     let size = registry.stat_blob(&name, &digest).await?;
                     headers.push((header::CONTENT_LENGTH, size.to_string()));

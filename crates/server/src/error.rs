@@ -2,6 +2,7 @@
 
 use axum::response::{IntoResponse, Response};
 use berth_oci::ErrorCode;
+use berth_proxy::{CacheError, FailureKind};
 use berth_registry::RegistryError;
 use berth_store::StoreError;
 use http::{HeaderName, HeaderValue, StatusCode, header};
@@ -115,6 +116,45 @@ impl From<RegistryError> for ApiError {
                 .header(header::RANGE, crate::headers::upload_range(size)),
             _ => err,
         }
+    }
+}
+
+/// What a failed cache request was for: an upstream's "not found" becomes
+/// the matching spec error.
+#[derive(Clone, Copy)]
+pub enum CacheSubject {
+    Manifest,
+    Blob,
+}
+
+pub fn cache_error(e: CacheError, subject: CacheSubject) -> ApiError {
+    let upstream = match e {
+        CacheError::Registry(e) => return e.into(),
+        CacheError::Config(m) | CacheError::Io(m) => {
+            tracing::error!(error = %m, "pull-through cache failure");
+            return ApiError::storage(&StoreError::Database(m));
+        }
+        CacheError::Upstream(u) => u,
+    };
+    let message = upstream.to_string();
+    match upstream.kind {
+        FailureKind::NotFound => ApiError::new(match subject {
+            CacheSubject::Manifest => ErrorCode::ManifestUnknown,
+            CacheSubject::Blob => ErrorCode::BlobUnknown,
+        })
+        .message(message),
+        FailureKind::Unauthorized => ApiError::new(ErrorCode::Denied)
+            .message(format!("{message} (check the upstream's credentials)")),
+        FailureKind::TooLarge => ApiError::new(ErrorCode::SizeInvalid)
+            .status(StatusCode::PAYLOAD_TOO_LARGE)
+            .message(message),
+        _ if upstream.is_unavailable() => ApiError::new(ErrorCode::Unavailable)
+            .message(format!("{message}; nothing cached to serve instead"))
+            .header(header::RETRY_AFTER, "5"),
+        // Corrupt or unexpected answers: the upstream is at fault.
+        _ => ApiError::new(ErrorCode::Unavailable)
+            .status(StatusCode::BAD_GATEWAY)
+            .message(message),
     }
 }
 

@@ -3,6 +3,7 @@
 //! nothing about how content is stored.
 
 mod api;
+mod cache_admin;
 mod error;
 mod headers;
 mod health;
@@ -14,6 +15,7 @@ mod serve;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use berth_proxy::PullThroughCache;
 use berth_registry::Registry;
 
 pub use metrics::Metrics;
@@ -27,6 +29,8 @@ pub struct AppState {
     /// False while starting and while draining; `/readyz` reports it.
     pub ready: Arc<AtomicBool>,
     pub limits: Arc<RequestLimits>,
+    /// The pull-through cache, when upstreams are configured.
+    pub cache: Option<Arc<PullThroughCache>>,
 }
 
 /// Protection against slow or too many clients.
@@ -55,6 +59,8 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::render))
+        .route("/berth/v1/cache", get(cache_admin::list))
+        .route("/berth/v1/cache/pin", axum::routing::post(cache_admin::pin))
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -54,6 +54,19 @@ impl<'a> Route<'a> {
         Route::Unknown
     }
 
+    /// The repository the request is about, if any.
+    pub fn name(&self) -> Option<&'a str> {
+        match self {
+            Route::Tags { name }
+            | Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::UploadStart { name }
+            | Route::Upload { name, .. }
+            | Route::Referrers { name, .. } => Some(name),
+            Route::Base | Route::Catalog | Route::Unknown => None,
+        }
+    }
+
     /// A low-cardinality label for metrics.
     pub fn label(&self) -> &'static str {
         match self {

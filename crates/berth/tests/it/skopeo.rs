@@ -489,3 +489,130 @@ fn gzip_stored_and_tar_helpers_are_well_formed() {
     assert_eq!(tar.len() % 512, 0);
     assert_eq!(&tar[257..262], b"ustar");
 }
+
+/// skopeo pulls a multi-layer image and a multi-platform index through the
+/// pull-through cache, by tag and by digest, also after the upstream died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pulls_through_the_cache_and_keeps_pulling_when_the_upstream_is_down() {
+    if !skopeo_available() || !crate::upstream::distribution_available() {
+        return;
+    }
+    let mut upstream = crate::upstream::Distribution::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut layout = Layout::new(&src);
+    let single = layout.add_image(fresh_seed(), &[mib(2), mib(1), 70_000], "amd64");
+    layout.tag("single", OCI_MANIFEST, &single);
+    let amd = layout.add_image(fresh_seed(), &[mib(1), 90_000], "amd64");
+    let arm = layout.add_image(fresh_seed(), &[mib(1), 50_000], "arm64");
+    let mut d_amd = descriptor(OCI_MANIFEST, &amd);
+    d_amd["platform"] = json!({"architecture": "amd64", "os": "linux"});
+    let mut d_arm = descriptor(OCI_MANIFEST, &arm);
+    d_arm["platform"] = json!({"architecture": "arm64", "os": "linux"});
+    let index = index_json(OCI_INDEX, vec![d_amd, d_arm], json!({}));
+    layout.add_blob(&index);
+    layout.tag("multi", OCI_INDEX, &index);
+    let up = upstream.url().trim_start_matches("http://").to_string();
+    for (tag, all) in [("single", false), ("multi", true)] {
+        let from = format!("oci:{}:{tag}", src.display());
+        let to = format!("docker://{up}/library/{tag}:1");
+        let mut args = vec!["copy", "--preserve-digests", "--dest-tls-verify=false"];
+        if all {
+            args.push("--all");
+        }
+        args.extend([from.as_str(), to.as_str()]);
+        skopeo(&args).await;
+    }
+    let originals = layout_blobs(&src);
+
+    let reg = Registry::start_with(
+        Options::new()
+            .env("BERTH_LOG", "warn")
+            .flag("--upstream", format!("docker.io={}", upstream.url()))
+            .flag("--cache-tag-ttl-secs", 1),
+    )
+    .await;
+    let host = reg.host_port();
+    let originals = &originals;
+    let pull = |reference: String, all: bool, name: &str| {
+        let dir = tmp.path().join(name);
+        async move { pull_to_layout(&reference, all, &dir, originals).await }
+    };
+    let single_digest = sha256_digest(&single);
+    let index_digest = sha256_digest(&index);
+    for round in 0..2 {
+        let got = pull(
+            format!("docker://{host}/docker.io/library/single:1"),
+            false,
+            &format!("a{round}"),
+        )
+        .await;
+        assert!(
+            got.contains_key(&single_digest),
+            "the image's manifest is pulled unchanged"
+        );
+        pull(
+            format!("docker://{host}/docker.io/library/single@{single_digest}"),
+            false,
+            &format!("b{round}"),
+        )
+        .await;
+        let got = pull(
+            format!("docker://{host}/docker.io/library/multi:1"),
+            true,
+            &format!("c{round}"),
+        )
+        .await;
+        for d in [&index_digest, &sha256_digest(&amd), &sha256_digest(&arm)] {
+            assert!(got.contains_key(d), "{d} pulled with --all");
+        }
+        for (digest, bytes) in originals {
+            // Every blob of the layout came through the cache intact.
+            let r = reg
+                .get(&format!("/v2/docker.io/library/multi/blobs/{digest}"))
+                .await;
+            if r.status == 200 {
+                assert!(r.body == *bytes);
+            }
+        }
+        pull(
+            format!("docker://{host}/docker.io/library/multi@{index_digest}"),
+            true,
+            &format!("d{round}"),
+        )
+        .await;
+        if round == 0 {
+            // The second round runs with the upstream dead and the tag TTL
+            // passed: all from the cache.
+            upstream.stop();
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+}
+
+/// Copies `reference` into a new layout at `dir` and checks every blob that
+/// is one of `originals` byte for byte.
+async fn pull_to_layout(
+    reference: &str,
+    all: bool,
+    dir: &Path,
+    originals: &BTreeMap<String, Vec<u8>>,
+) -> BTreeMap<String, Vec<u8>> {
+    let to = format!("oci:{}:x", dir.display());
+    let mut args = vec!["copy", "--src-tls-verify=false"];
+    if all {
+        args.push("--all");
+    }
+    args.extend([reference, to.as_str()]);
+    skopeo(&args).await;
+    let blobs = layout_blobs(dir);
+    for (digest, bytes) in &blobs {
+        if let Some(original) = originals.get(digest) {
+            assert!(
+                original == bytes,
+                "{digest} differs after a pull through the cache"
+            );
+        }
+    }
+    blobs
+}
