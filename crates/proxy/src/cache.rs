@@ -65,6 +65,9 @@ pub struct Target {
     pub remote: String,
     /// The repository's name here (`NAMESPACE/REMOTE`).
     pub local: RepositoryName,
+    /// Routed by the mirror default (a name that is not local): the
+    /// upstream's "not found" or "unauthorized" then means "not here".
+    pub via_mirror_default: bool,
 }
 
 /// How to answer a blob request.
@@ -202,12 +205,14 @@ impl PullThroughCache {
     /// The namespace whose upstream owns `name` by its prefix, if any.
     /// Clients may only read there.
     pub fn owner(&self, name: &str) -> Option<&str> {
+        // The longest namespace wins: `example.com/mirror` before `example.com`.
         self.upstreams
             .keys()
-            .find(|ns| {
+            .filter(|ns| {
                 name.strip_prefix(ns.as_str())
                     .is_some_and(|rest| rest.starts_with('/'))
             })
+            .max_by_key(|ns| ns.len())
             .map(String::as_str)
     }
 
@@ -215,28 +220,33 @@ impl PullThroughCache {
     /// prefix (`docker.io/library/alpine`), by containerd's `?ns=docker.io`,
     /// or, for a repository that does not exist here, by the mirror default.
     pub async fn route(&self, name: &str, ns: Option<&str>) -> Result<Option<Target>> {
-        let target = |namespace: &str, remote: &str| -> Result<Option<Target>> {
-            let local = RepositoryName::parse(&format!("{namespace}/{remote}"))
-                .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
-            Ok(Some(Target {
-                namespace: namespace.to_string(),
-                remote: remote.to_string(),
-                local,
-            }))
-        };
+        let target =
+            |namespace: &str, remote: &str, via_mirror_default| -> Result<Option<Target>> {
+                let local = RepositoryName::parse(&format!("{namespace}/{remote}"))
+                    .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
+                Ok(Some(Target {
+                    namespace: namespace.to_string(),
+                    remote: remote.to_string(),
+                    local,
+                    via_mirror_default,
+                }))
+            };
         if let Some(namespace) = self.owner(name) {
-            return target(namespace, &name[namespace.len() + 1..]);
+            return target(namespace, &name[namespace.len() + 1..], false);
         }
-        if let Some(ns) = ns
-            && self.upstreams.contains_key(ns)
-        {
-            return target(ns, name);
+        if let Some(ns) = ns {
+            // containerd names the registry it mirrors: only that upstream
+            // may answer, never another one's content under the same name.
+            return match self.upstreams.contains_key(ns) {
+                true => target(ns, name, false),
+                false => Ok(None),
+            };
         }
         if let Some(default) = &self.options.mirror_default
             && let Ok(repo) = RepositoryName::parse(name)
             && !self.registry.repository_exists(&repo).await?
         {
-            return target(default, name);
+            return target(default, name, true);
         }
         Ok(None)
     }
@@ -512,7 +522,9 @@ impl PullThroughCache {
         let size = fetched.bytes.len() as u64;
         let manifest = Manifest::parse(fetched.content_type.as_deref(), &fetched.bytes)
             .map_err(|e| RegistryError::ManifestInvalid(format!("from the upstream: {e}")))?;
-        let referenced: u64 = manifest.required_blobs().map(|d| d.size).sum();
+        let referenced = manifest
+            .required_blobs()
+            .fold(0u64, |sum, d| sum.saturating_add(d.size));
         let record = self
             .registry
             .cache_manifest(
@@ -535,7 +547,7 @@ impl PullThroughCache {
             .is_some_and(|i| i.pinned);
         let image = CachedImage {
             media_type: record.media_type,
-            size: size + referenced,
+            size: size.saturating_add(referenced),
             cached_ms: now,
             accessed_ms: now,
             pinned,
@@ -612,13 +624,20 @@ impl PullThroughCache {
             Err(RegistryError::BlobUnknown(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        // The same content cached or pushed under another name: no download.
-        if self
+        if head {
+            // A HEAD links nothing: pushers probe with HEADs, and a link in
+            // the cache's repository must not make them skip an upload.
+            if let Some(size) = self.registry.stored_blob_size(digest).await? {
+                self.metrics.served(ns, "blob", "hit");
+                return Ok(BlobAnswer::Remote { size });
+            }
+        } else if self
             .registry
             .mount_blob(&target.local, digest, None)
             .await?
             .is_some()
         {
+            // The same content cached or pushed under another name.
             self.metrics.served(ns, "blob", "hit");
             return Ok(BlobAnswer::Local);
         }
@@ -651,23 +670,26 @@ impl PullThroughCache {
             }
             Joined::Follower(fill) => fill,
         };
-        if ranged {
+        let progress = if ranged {
             // A part of a blob being fetched: served from the store once
             // stored.
-            let progress = fill.finished().await;
-            return match progress.state {
-                FillState::Failed(f) => Err(fill_error(f)),
-                _ => Ok(BlobAnswer::Local),
-            };
-        }
-        let progress = fill.started().await;
+            fill.finished().await
+        } else {
+            fill.started().await
+        };
         match progress.state {
             FillState::Failed(f) => Err(fill_error(f)),
             FillState::Running { total } => Ok(BlobAnswer::Streaming {
                 stream: fill.reader(),
                 size: total,
             }),
-            FillState::Done | FillState::Connecting => Ok(BlobAnswer::Local),
+            FillState::Done | FillState::Connecting => {
+                // Fetched by a request for another repository, maybe.
+                self.registry
+                    .mount_blob(&target.local, digest, None)
+                    .await?;
+                Ok(BlobAnswer::Local)
+            }
         }
     }
 
@@ -677,6 +699,28 @@ impl PullThroughCache {
         target: Target,
         digest: Digest,
     ) {
+        /// Ends the fill however `run_fill` ends, a panic included, so that
+        /// nobody waits on it forever.
+        struct Ending<'a> {
+            fills: &'a Fills,
+            fill: &'a crate::fill::Fill,
+            digest: &'a Digest,
+        }
+        impl Drop for Ending<'_> {
+            fn drop(&mut self) {
+                if !self.fill.is_finished() {
+                    self.fill.set_state(FillState::Failed(FillFailure::Store(
+                        "the download stopped unexpectedly".into(),
+                    )));
+                }
+                self.fills.finish(self.digest);
+            }
+        }
+        let _ending = Ending {
+            fills: &self.fills,
+            fill: &fill,
+            digest: &digest,
+        };
         let ns = target.namespace.clone();
         let outcome = async {
             let upstream = self
@@ -692,9 +736,7 @@ impl PullThroughCache {
             let total = response.content_length();
             let limit = self.registry.limits().max_blob_bytes;
             if total.is_some_and(|t| t > limit) {
-                return Err(FillFailure::Store(format!(
-                    "blob {digest} is larger than the limit of {limit} bytes"
-                )));
+                return Err(FillFailure::TooLarge(limit));
             }
             fill.set_state(FillState::Running { total });
             let body: ByteStream = Box::pin(
@@ -733,6 +775,10 @@ impl PullThroughCache {
                     self.note_failure(upstream, &e);
                     Err(FillFailure::Upstream(e))
                 }
+                Err(RegistryError::TooLarge { limit }) => Err(FillFailure::TooLarge(limit)),
+                Err(RegistryError::Store(berth_store::StoreError::Unavailable(m))) => {
+                    Err(FillFailure::Unavailable(m))
+                }
                 Err(e) => Err(FillFailure::Store(e.to_string())),
             }
         }
@@ -744,7 +790,6 @@ impl PullThroughCache {
                 fill.set_state(FillState::Failed(f));
             }
         }
-        self.fills.finish(&digest);
     }
 
     // ---- operator views ----------------------------------------------------
@@ -887,7 +932,9 @@ impl PullThroughCache {
                 images.push((repo, digest, image, kv.version));
             }
         }
-        let total: u64 = images.iter().map(|i| i.2.size).sum();
+        let total = images
+            .iter()
+            .fold(0u64, |sum, i| sum.saturating_add(i.2.size));
         report.total_before = total;
         report.total_after = total;
         if total <= self.options.max_bytes {
@@ -973,6 +1020,11 @@ impl PullThroughCache {
             if kept.get(repo.as_str()).is_some_and(|s| s.contains(&blob)) {
                 continue;
             }
+            // An index's children are manifests (images of their own), not
+            // blobs to unlink.
+            if self.registry.find_manifest(&repo, &blob).await?.is_some() {
+                continue;
+            }
             match self.registry.delete_blob(&repo, &blob).await {
                 Ok(()) => unlinked.push(blob),
                 Err(RegistryError::BlobUnknown(_)) => {}
@@ -997,6 +1049,10 @@ fn upstream_down(upstream: &Upstream) -> UpstreamError {
 fn fill_error(failure: FillFailure) -> CacheError {
     match failure {
         FillFailure::Upstream(e) => CacheError::Upstream(e),
+        FillFailure::TooLarge(limit) => CacheError::Registry(RegistryError::TooLarge { limit }),
+        FillFailure::Unavailable(m) => CacheError::Registry(RegistryError::Store(
+            berth_store::StoreError::Unavailable(m),
+        )),
         FillFailure::Store(m) => CacheError::Io(m),
     }
 }

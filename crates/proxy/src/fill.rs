@@ -39,6 +39,10 @@ pub enum FillState {
 #[derive(Clone, Debug)]
 pub enum FillFailure {
     Upstream(UpstreamError),
+    /// Larger than the registry's blob limit.
+    TooLarge(u64),
+    /// The registry's storage is unavailable for now (retryable).
+    Unavailable(String),
     /// The blob store refused the content (digest mismatch, too large) or
     /// failed; the message says which.
     Store(String),
@@ -60,6 +64,13 @@ pub struct Fill {
 impl Fill {
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.subscribe()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self.progress.borrow().state,
+            FillState::Done | FillState::Failed(_)
+        )
     }
 
     pub fn set_state(&self, state: FillState) {
@@ -147,7 +158,10 @@ impl Fill {
                         FillState::Failed(failure) => {
                             let message = match failure {
                                 FillFailure::Upstream(e) => e.to_string(),
-                                FillFailure::Store(m) => m.clone(),
+                                FillFailure::TooLarge(limit) => {
+                                    format!("larger than the limit of {limit} bytes")
+                                }
+                                FillFailure::Unavailable(m) | FillFailure::Store(m) => m.clone(),
                             };
                             return Some((
                                 Err(std::io::Error::other(format!(

@@ -30,6 +30,9 @@ pub const MANIFEST_ACCEPT: &str = concat!(
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
+/// Tokens kept per upstream.
+const MAX_TOKENS: usize = 4096;
+
 /// Lifetime assumed for a token that does not say (the token spec's
 /// default).
 const DEFAULT_TOKEN_SECS: u64 = 60;
@@ -296,9 +299,14 @@ impl UpstreamClient {
             .ok_or_else(|| self.error(FailureKind::Other, "token response without a token"))?;
         // Renew a little early: a token must not expire on its way.
         let secs = parsed.expires_in.unwrap_or(DEFAULT_TOKEN_SECS).max(1);
-        let valid = Duration::from_millis(secs * 900);
+        let valid = Duration::from_millis(secs.min(86_400 * 365) * 900);
         if let Ok(mut tokens) = self.tokens.lock() {
             tokens.retain(|_, t| t.valid_until > Instant::now());
+            // One token per repository asked for: bounded, since clients
+            // choose the names.
+            if tokens.len() >= MAX_TOKENS {
+                tokens.clear();
+            }
             tokens.insert(
                 scope.to_string(),
                 Token {

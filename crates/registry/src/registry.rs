@@ -282,10 +282,8 @@ impl Registry {
         }
         for _ in 0..TXN_ATTEMPTS {
             let seen = self.blob_record_for_link(digest, size).await?;
-            let txn = Txn::new()
-                .require_unchanged(keys::blob(digest), seen.as_ref())
-                .put(keys::link(name, digest), encode(&LinkRecord { size }))
-                .put(keys::blob(digest), encode(&BlobRecord::new(size)));
+            let txn = Txn::new().put(keys::link(name, digest), encode(&LinkRecord { size }));
+            let txn = self.guard_blob_record(txn, digest, size, seen.as_ref())?;
             let txn = self.ensure_repo(name, txn).await?;
             if self.meta.commit(txn).await? {
                 return Ok(());
@@ -299,8 +297,8 @@ impl Registry {
     /// The registry-wide record of a blob about to be linked, after checking
     /// that its bytes are stored and not being removed. The link's commit
     /// must require this record unchanged: that is what orders it against
-    /// `remove_unreferenced_blobs`, which marks the record before deleting
-    /// bytes and deletes it after.
+    /// `remove_unreferenced_blobs`, which marks the record before it looks
+    /// for links and deletes bytes.
     async fn blob_record_for_link(&self, digest: &Digest, size: u64) -> Result<Option<KeyValue>> {
         let seen = self.meta.get(keys::blob(digest).as_bytes()).await?;
         if let Some(kv) = &seen {
@@ -325,26 +323,76 @@ impl Registry {
         Ok(seen)
     }
 
+    /// Adds to a link's transaction the guard on the blob's registry-wide
+    /// record: unchanged since `seen`. The record is written only when it
+    /// is missing or carries a stale removal mark, so that concurrent links
+    /// of one popular blob do not invalidate each other.
+    fn guard_blob_record(
+        &self,
+        txn: Txn,
+        digest: &Digest,
+        size: u64,
+        seen: Option<&KeyValue>,
+    ) -> Result<Txn> {
+        let txn = txn.require_unchanged(keys::blob(digest), seen);
+        let current = match seen {
+            Some(kv) => {
+                let record: BlobRecord = decode(&kv.key, &kv.value)?;
+                record.size == size && record.removing_since_ms.is_none()
+            }
+            None => false,
+        };
+        Ok(if current {
+            txn
+        } else {
+            txn.put(keys::blob(digest), encode(&BlobRecord::new(size)))
+        })
+    }
+
+    /// The size of a blob stored anywhere in the registry, if it is and is
+    /// not being removed.
+    pub async fn stored_blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        Ok(self
+            .get_record::<BlobRecord>(&keys::blob(digest))
+            .await?
+            .filter(|b| b.removing_since_ms.is_none())
+            .map(|b| b.size))
+    }
+
     /// Removes the bytes of blobs that no repository links any more (cache
     /// eviction calls it for the blobs it unlinked). Returns how many were
     /// removed.
     ///
-    /// Safe against concurrent pushes and mounts of the same content: each
-    /// blob's registry-wide record is marked (guarded by the version read
-    /// before the scan of links, which any new link changes), the bytes are
-    /// deleted within a bounded time of the mark, and the record is removed.
-    /// A link commit meanwhile sees the mark and fails with a retryable
-    /// error; one after sees the bytes missing.
+    /// Safe against concurrent pushes and mounts of the same content. Each
+    /// candidate's registry-wide record is first marked "being removed"; a
+    /// link commit requires that record unchanged (and its bytes present), so
+    /// from the mark on no new link can be made, and every link made before
+    /// it is seen by the scan of links that follows. Blobs found linked are
+    /// unmarked; the others lose their bytes, within a bounded time of the
+    /// mark, and then their record.
     pub async fn remove_unreferenced_blobs(&self, candidates: &[Digest]) -> Result<usize> {
-        let mut unreferenced = std::collections::HashMap::new();
+        let mut marked = std::collections::HashMap::new();
+        let started = std::time::Instant::now();
         for digest in candidates {
-            if let Some(kv) = self.meta.get(keys::blob(digest).as_bytes()).await? {
-                unreferenced.insert(digest.clone(), kv);
+            let key = keys::blob(digest);
+            let Some(kv) = self.meta.get(key.as_bytes()).await? else {
+                continue;
+            };
+            let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
+            record.removing_since_ms = Some(now_ms());
+            let txn = Txn::new()
+                .require_version(key.clone(), kv.version)
+                .put(key.clone(), encode(&record));
+            if self.meta.commit(txn).await?
+                && let Some(kv) = self.meta.get(key.as_bytes()).await?
+            {
+                marked.insert(digest.clone(), (kv, record.size));
             }
         }
-        if unreferenced.is_empty() {
+        if marked.is_empty() {
             return Ok(0);
         }
+        let mut linked = std::collections::HashSet::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
             let batch = self
@@ -354,44 +402,46 @@ impl Registry {
             let Some(last) = batch.last() else { break };
             after = Some(last.key.clone());
             for kv in batch {
-                if let Some(digest) = keys::link_digest(&kv.key) {
-                    unreferenced.remove(&digest);
+                if let Some(digest) = keys::link_digest(&kv.key)
+                    && marked.contains_key(&digest)
+                {
+                    linked.insert(digest);
                 }
             }
         }
         let mut removed = 0;
-        for (digest, kv) in unreferenced {
-            let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
-            record.removing_since_ms = Some(now_ms());
+        for (digest, (kv, size)) in marked {
             let key = keys::blob(&digest);
-            let marked_at = std::time::Instant::now();
-            if !self
-                .meta
-                .commit(
-                    Txn::new()
-                        .require_version(key.clone(), kv.version)
-                        .put(key.clone(), encode(&record)),
-                )
-                .await?
-            {
-                continue; // linked again meanwhile
-            }
-            let Some(marked) = self.meta.get(key.as_bytes()).await? else {
-                continue;
+            // The bytes go within the window or not at all: past it, a pusher
+            // may consider the mark abandoned.
+            let left = REMOVAL_WINDOW.saturating_sub(started.elapsed());
+            let deleted = !linked.contains(&digest)
+                && !left.is_zero()
+                && match tokio::time::timeout(left, self.blobs.delete(&digest)).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%digest, error = %e, "could not remove an unreferenced blob");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(%digest, "removing an unreferenced blob timed out");
+                        false
+                    }
+                };
+            let end = if deleted {
+                Txn::new()
+                    .require_version(key.clone(), kv.version)
+                    .delete(key)
+            } else {
+                // Still linked, or the bytes were not deleted: unmark, so
+                // that the blob can be linked at once again.
+                Txn::new()
+                    .require_version(key.clone(), kv.version)
+                    .put(key, encode(&BlobRecord::new(size)))
             };
-            if marked_at.elapsed() > REMOVAL_WINDOW {
-                // Too slow: a pusher may already consider the mark stale.
-                continue;
+            if self.meta.commit(end).await? && deleted {
+                removed += 1;
             }
-            self.blobs.delete(&digest).await?;
-            self.meta
-                .commit(
-                    Txn::new()
-                        .require_version(key.clone(), marked.version)
-                        .delete(key),
-                )
-                .await?;
-            removed += 1;
         }
         Ok(removed)
     }
@@ -468,6 +518,11 @@ impl Registry {
                 .map(|b| b.size),
         };
         let Some(size) = known else { return Ok(None) };
+        if self.stored_blob_size(digest).await? != Some(size) {
+            // Being removed (or never recorded): not mountable; the client
+            // uploads it instead.
+            return Ok(None);
+        }
         if self.blobs.stat(digest).await? != Some(size) {
             tracing::warn!(%digest, "mount source is recorded but its bytes are missing");
             return Ok(None);
@@ -741,10 +796,9 @@ impl Registry {
         for _ in 0..TXN_ATTEMPTS {
             let seen = self.blob_record_for_link(digest, size).await?;
             let txn = Txn::new()
-                .require_unchanged(keys::blob(digest), seen.as_ref())
                 .put(kv.key.clone(), encode(&completed))
-                .put(keys::link(name, digest), encode(&LinkRecord { size }))
-                .put(keys::blob(digest), encode(&BlobRecord::new(size)));
+                .put(keys::link(name, digest), encode(&LinkRecord { size }));
+            let txn = self.guard_blob_record(txn, digest, size, seen.as_ref())?;
             let txn = self.ensure_repo(name, txn).await?;
             if self.meta.commit(txn).await? {
                 self.discard_upload_data(id).await;
@@ -1374,4 +1428,142 @@ fn accepts(accept: &[String], media_type: &str) -> bool {
     accept
         .iter()
         .any(|a| a == media_type || a == "*/*" || a == "application/*")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_store::blob::fs::FsOptions;
+    use berth_store::{FsBlobStore, RedbMetaStore};
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        let meta = Arc::new(RedbMetaStore::open(&dir.join("meta.redb")).unwrap());
+        let blobs = Arc::new(FsBlobStore::open(dir, FsOptions { verify_reads: true }).unwrap());
+        Registry::new(meta, blobs, Limits::default())
+    }
+
+    fn body(bytes: &'static [u8]) -> ByteStream {
+        Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(bytes))]))
+    }
+
+    fn repo(name: &str) -> RepositoryName {
+        RepositoryName::parse(name).unwrap()
+    }
+
+    async fn mark(registry: &Registry, digest: &Digest, since_ms: u64) {
+        let record = BlobRecord {
+            size: 5,
+            removing_since_ms: Some(since_ms),
+        };
+        registry
+            .meta
+            .commit(Txn::new().put(keys::blob(digest), encode(&record)))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_blobs_that_nothing_links_lose_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let digest = Digest::sha256_of(b"layer");
+        for name in ["a", "b"] {
+            registry
+                .put_blob(&repo(name), &digest, body(b"layer"))
+                .await
+                .unwrap();
+        }
+        registry.delete_blob(&repo("a"), &digest).await.unwrap();
+        assert_eq!(
+            registry
+                .remove_unreferenced_blobs(std::slice::from_ref(&digest))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(registry.blobs.stat(&digest).await.unwrap(), Some(5));
+        // Unmarked again: linkable at once.
+        registry
+            .put_blob(&repo("c"), &digest, body(b"layer"))
+            .await
+            .unwrap();
+        for name in ["b", "c"] {
+            registry.delete_blob(&repo(name), &digest).await.unwrap();
+        }
+        assert_eq!(
+            registry
+                .remove_unreferenced_blobs(std::slice::from_ref(&digest))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(registry.blobs.stat(&digest).await.unwrap(), None);
+        assert_eq!(registry.stored_blob_size(&digest).await.unwrap(), None);
+        assert!(
+            registry
+                .mount_blob(&repo("d"), &digest, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Pushed again: stored and served again.
+        registry
+            .put_blob(&repo("d"), &digest, body(b"layer"))
+            .await
+            .unwrap();
+        let (read, _) = registry.read_blob(&repo("d"), &digest, None).await.unwrap();
+        assert_eq!(read.size, 5);
+    }
+
+    #[tokio::test]
+    async fn a_blob_being_removed_is_neither_linked_nor_mounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let digest = Digest::sha256_of(b"layer");
+        registry
+            .put_blob(&repo("a"), &digest, body(b"layer"))
+            .await
+            .unwrap();
+        mark(&registry, &digest, now_ms()).await;
+        let pushed = registry.put_blob(&repo("b"), &digest, body(b"layer")).await;
+        assert!(
+            matches!(
+                pushed,
+                Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+                    _
+                )))
+            ),
+            "{pushed:?}"
+        );
+        assert!(registry.link(&repo("b"), &digest).await.unwrap().is_none());
+        assert!(
+            registry
+                .mount_blob(&repo("b"), &digest, None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // A mark abandoned long ago does not block the blob forever.
+        mark(&registry, &digest, now_ms() - REMOVAL_MARK_STALE_MS - 1000).await;
+        registry
+            .put_blob(&repo("b"), &digest, body(b"layer"))
+            .await
+            .unwrap();
+        assert_eq!(registry.stored_blob_size(&digest).await.unwrap(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_link_whose_bytes_were_removed_meanwhile_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let digest = Digest::sha256_of(b"layer");
+        registry
+            .put_blob(&repo("a"), &digest, body(b"layer"))
+            .await
+            .unwrap();
+        // As if a removal finished between this push's write and its link.
+        registry.blobs.delete(&digest).await.unwrap();
+        let linked = registry.commit_link(&repo("b"), &digest, 5).await;
+        assert!(matches!(linked, Err(RegistryError::Store(_))), "{linked:?}");
+    }
 }

@@ -359,7 +359,7 @@ impl Ctx<'_> {
         cache
             .route(name, ns)
             .await
-            .map_err(|e| cache_error(e, CacheSubject::Manifest))
+            .map_err(|e| cache_error(e, CacheSubject::Manifest, false))
     }
 
     /// Admits a request that streams blob content in: within the size limit
@@ -500,7 +500,9 @@ impl Ctx<'_> {
                         cache
                             .ensure_manifest(&target, &reference)
                             .await
-                            .map_err(|e| cache_error(e, CacheSubject::Manifest))?;
+                            .map_err(|e| {
+                                cache_error(e, CacheSubject::Manifest, target.via_mirror_default)
+                            })?;
                     }
                     target.local
                 }
@@ -595,15 +597,23 @@ impl Ctx<'_> {
                     (header::ACCEPT_RANGES, "bytes".to_string()),
                     (header::ETAG, format!("\"{digest}\"")),
                 ];
-                let name = match (self.cache_target(name.as_str()).await?, &self.state.cache) {
+                // Pushers probe for blobs with HEADs: for a repository that is
+                // not here, the mirror default must not answer them (the
+                // client would skip an upload its manifest then lacks).
+                let target = self
+                    .cache_target(name.as_str())
+                    .await?
+                    .filter(|t| !(t.via_mirror_default && *self.method == Method::HEAD));
+                let name = match (target, &self.state.cache) {
                     (Some(target), Some(cache)) => {
                         let head = *self.method == Method::HEAD;
                         let ranged = self.headers.contains_key(header::RANGE);
                         match cache
                             .blob(&target, &digest, head, ranged)
                             .await
-                            .map_err(|e| cache_error(e, CacheSubject::Blob))?
-                        {
+                            .map_err(|e| {
+                                cache_error(e, CacheSubject::Blob, target.via_mirror_default)
+                            })? {
                             BlobAnswer::Local => target.local,
                             BlobAnswer::Remote { size } => {
                                 headers.push((header::CONTENT_LENGTH, size.to_string()));

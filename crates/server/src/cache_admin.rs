@@ -23,7 +23,7 @@ pub async fn list(State(state): State<AppState>) -> Response {
     };
     match cache.list().await {
         Ok(entries) => axum::Json(serde_json::json!({ "images": entries })).into_response(),
-        Err(e) => cache_error(e, CacheSubject::Manifest).into_response(),
+        Err(e) => cache_error(e, CacheSubject::Manifest, false).into_response(),
     }
 }
 
@@ -53,7 +53,7 @@ pub async fn pin(State(state): State<AppState>, Query(query): Query<PinQuery>) -
     let target = match cache.route(&name, None).await {
         Ok(Some(t)) => t,
         Ok(None) => return invalid("not in an upstream's namespace"),
-        Err(e) => return cache_error(e, CacheSubject::Manifest).into_response(),
+        Err(e) => return cache_error(e, CacheSubject::Manifest, false).into_response(),
     };
     match cache.pin(&target.local, &reference, query.pinned).await {
         Ok(changed) => axum::Json(serde_json::json!({
@@ -62,6 +62,6 @@ pub async fn pin(State(state): State<AppState>, Query(query): Query<PinQuery>) -
             "changed": changed,
         }))
         .into_response(),
-        Err(e) => cache_error(e, CacheSubject::Manifest).into_response(),
+        Err(e) => cache_error(e, CacheSubject::Manifest, false).into_response(),
     }
 }

@@ -127,7 +127,9 @@ pub enum CacheSubject {
     Blob,
 }
 
-pub fn cache_error(e: CacheError, subject: CacheSubject) -> ApiError {
+/// `via_mirror_default`: the request named a repository that is not local
+/// and went to the default upstream; its refusal then just means "not here".
+pub fn cache_error(e: CacheError, subject: CacheSubject, via_mirror_default: bool) -> ApiError {
     let upstream = match e {
         CacheError::Registry(e) => return e.into(),
         CacheError::Config(m) | CacheError::Io(m) => {
@@ -137,8 +139,10 @@ pub fn cache_error(e: CacheError, subject: CacheSubject) -> ApiError {
         CacheError::Upstream(u) => u,
     };
     let message = upstream.to_string();
+    let not_found = upstream.kind == FailureKind::NotFound
+        || (via_mirror_default && upstream.kind == FailureKind::Unauthorized);
     match upstream.kind {
-        FailureKind::NotFound => ApiError::new(match subject {
+        _ if not_found => ApiError::new(match subject {
             CacheSubject::Manifest => ErrorCode::ManifestUnknown,
             CacheSubject::Blob => ErrorCode::BlobUnknown,
         })

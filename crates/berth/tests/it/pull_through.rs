@@ -469,6 +469,32 @@ async fn mirror_modes_warming_pinning_and_eviction() {
         "{stdout}"
     );
 
+    // A push to a new local repository of an image whose layer is cached:
+    // the pusher's HEAD probe is not answered by the mirror, so it uploads
+    // the layer, and its manifest finds it.
+    let config = to_bytes(
+        &json!({"architecture": "arm64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}),
+    );
+    let arm_layer = sha256_digest(&arm.layers[0]);
+    let r = berth
+        .head(&format!("/v2/fresh/app/blobs/{arm_layer}"))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.describe());
+    berth.push_blob("fresh/app", &arm.layers[0]).await;
+    berth.push_blob("fresh/app", &config).await;
+    let manifest_bytes = to_bytes(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &config),
+        "layers": [descriptor(OCI_LAYER_GZIP, &arm.layers[0])],
+    }));
+    berth
+        .push_manifest("fresh/app", "1", OCI_MANIFEST, &manifest_bytes)
+        .await;
+    // containerd's ?ns= for a registry without an upstream stays local.
+    let r = manifest(&berth, "library/multi", "1?ns=quay.io").await;
+    expect_error(&r, 404, &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"]);
+
     // More than the limit: the least recently used unpinned images go.
     for (i, image) in fillers.iter().enumerate() {
         pull_verified(&berth, &format!("docker.io/library/filler{i}"), "1", image).await;
