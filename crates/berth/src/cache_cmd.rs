@@ -8,14 +8,9 @@ use std::time::Duration;
 use berth_oci::{Digest, Manifest, Reference};
 use futures_util::StreamExt;
 
-use crate::admin::AdminError;
+use berth_proxy::MANIFEST_ACCEPT;
 
-const MANIFEST_ACCEPT: &str = concat!(
-    "application/vnd.oci.image.index.v1+json, ",
-    "application/vnd.docker.distribution.manifest.list.v2+json, ",
-    "application/vnd.oci.image.manifest.v1+json, ",
-    "application/vnd.docker.distribution.manifest.v2+json"
-);
+use crate::admin::AdminError;
 
 /// Blobs fetched at once while warming.
 const WARM_PARALLEL: usize = 4;
@@ -215,7 +210,10 @@ impl Warmer {
 pub async fn pin(base: &str, image: &str, pinned: bool) -> Result<bool, AdminError> {
     let client = client()?;
     let url = format!("{}/berth/v1/cache/pin", base.trim_end_matches('/'));
-    let url = format!("{url}?image={}&pinned={pinned}", query_encode(image));
+    let url = format!(
+        "{url}?image={}&pinned={pinned}",
+        berth_oci::query::encode(image)
+    );
     let response = client
         .post(&url)
         .send()
@@ -266,18 +264,6 @@ pub async fn warm(
 async fn json_body(response: reqwest::Response) -> Result<serde_json::Value, String> {
     let bytes = response.bytes().await.map_err(|e| e.to_string())?;
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-}
-
-fn query_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn age(now_ms: u64, then_ms: u64) -> String {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod manifest;
 pub mod media_type;
 pub mod name;
+pub mod query;
 pub mod range;
 pub mod reference;
 

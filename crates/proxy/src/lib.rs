@@ -17,4 +17,4 @@ pub use cache::{
     parse_image, valid_namespace,
 };
 pub use metrics::CacheMetrics;
-pub use upstream::{Credentials, FailureKind, UpstreamConfig, UpstreamError};
+pub use upstream::{Credentials, FailureKind, MANIFEST_ACCEPT, UpstreamConfig, UpstreamError};

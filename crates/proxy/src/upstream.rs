@@ -270,11 +270,11 @@ impl UpstreamClient {
         let mut url = format!(
             "{realm}{}scope={}",
             if realm.contains('?') { '&' } else { '?' },
-            query_encode(scope)
+            berth_oci::query::encode(scope)
         );
         if let Some(service) = service {
             url.push_str("&service=");
-            url.push_str(&query_encode(service));
+            url.push_str(&berth_oci::query::encode(service));
         }
         let mut request = self.http.get(&url).timeout(self.config.timeout);
         if let Some(basic) = self.basic_header() {
@@ -473,19 +473,6 @@ impl UpstreamClient {
         }
         Ok(response)
     }
-}
-
-/// Encodes a query value: everything but RFC 3986 unreserved characters.
-fn query_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn claimed_digest(headers: &HeaderMap) -> Option<Digest> {

@@ -179,19 +179,6 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Encodes a query value: everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn header_str<'h>(headers: &'h HeaderMap, name: &header::HeaderName) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -474,7 +461,7 @@ impl Ctx<'_> {
             let mut link = format!("</v2/{name}/referrers/{subject}?last={}", next.digest);
             if let Some(t) = filter {
                 link.push_str("&artifactType=");
-                link.push_str(&percent_encode(t));
+                link.push_str(&berth_oci::query::encode(t));
             }
             link.push_str(">; rel=\"next\"");
             headers.push((header::LINK, link));
