@@ -318,6 +318,43 @@ impl PullThroughCache {
         }
     }
 
+    /// Like `ensure_manifest`, for a client that accepts only `accept`
+    /// (empty: anything): when a tag names an index such a client cannot
+    /// take, its linux/amd64 image is cached too, so that the registry can
+    /// serve that instead, as it does for pushed images.
+    pub async fn ensure_manifest_for(
+        &self,
+        target: &Target,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<()> {
+        self.ensure_manifest(target, reference).await?;
+        let Reference::Tag(tag) = reference else {
+            return Ok(());
+        };
+        if accept.is_empty() || accept.iter().any(|a| a == "*/*") {
+            return Ok(());
+        }
+        let Some(digest) = self.registry.find_tag(&target.local, tag).await? else {
+            return Ok(());
+        };
+        let Some(record) = self.registry.find_manifest(&target.local, &digest).await? else {
+            return Ok(());
+        };
+        if accept.contains(&record.media_type) {
+            return Ok(());
+        }
+        if let Some(child) = record
+            .platforms
+            .iter()
+            .find(|p| p.os == "linux" && p.architecture == "amd64")
+        {
+            self.ensure_manifest(target, &Reference::Digest(child.digest.clone()))
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn cached_tag(&self, target: &Target, tag: &Tag) -> Result<Option<CachedTag>> {
         let Some(kv) = self
             .meta

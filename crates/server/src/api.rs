@@ -485,7 +485,7 @@ impl Ctx<'_> {
                 Some(target) => {
                     if let Some(cache) = &self.state.cache {
                         cache
-                            .ensure_manifest(&target, &reference)
+                            .ensure_manifest_for(&target, &reference, &accepted_types(self.headers))
                             .await
                             .map_err(|e| {
                                 cache_error(e, CacheSubject::Manifest, target.via_mirror_default)

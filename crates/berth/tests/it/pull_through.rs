@@ -115,6 +115,29 @@ async fn cached_images_and_indexes_keep_pulling_when_the_upstream_is_down() {
     pull_verified(&berth, "docker.io/library/multi", &amd.digest, &amd).await;
     pull_verified(&berth, "docker.io/library/multi", &arm.digest, &arm).await;
     assert!(metric(&berth, "result=\"miss\"").await > 0);
+    // A client that takes no index gets the linux/amd64 image of a tag that
+    // names one, as from a pushed index.
+    let (old_index, old_amd, old_arm) = two_platform_index(seed + 300);
+    pusher
+        .image("library/old", &old_amd.digest.clone(), &old_amd)
+        .await;
+    pusher
+        .image("library/old", &old_arm.digest.clone(), &old_arm)
+        .await;
+    pusher
+        .manifest("library/old", "1", OCI_INDEX, &old_index)
+        .await;
+    let r = send(
+        berth
+            .req(
+                reqwest::Method::GET,
+                "/v2/docker.io/library/old/manifests/1",
+            )
+            .header("accept", OCI_MANIFEST),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(r.digest_header().as_deref(), Some(old_amd.digest.as_str()));
     assert!(metric(&berth, "cache_fetched_bytes").await > 900_000);
 
     // A push into the upstream's namespace is refused with a spec error.
