@@ -299,6 +299,29 @@ impl Node {
         }
     }
 
+    /// Runs `work` again and again while this node leads `job` (for work
+    /// that waits by itself, such as a long-poll), checking leadership
+    /// between rounds.
+    pub async fn run_while_leader<F, Fut>(self: Arc<Self>, job: String, work: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut leading = false;
+        loop {
+            let now_leading = self.campaign(&job).await.unwrap_or(false);
+            if now_leading != leading {
+                tracing::info!(job, node = %self.record.name, leading = now_leading, "leadership changed");
+                leading = now_leading;
+            }
+            if leading {
+                work().await;
+            } else {
+                tokio::time::sleep(CAMPAIGN_EVERY).await;
+            }
+        }
+    }
+
     /// Leaves the cluster at once: registration and leaderships go now
     /// rather than when the lease would lapse.
     pub async fn leave(&self) {

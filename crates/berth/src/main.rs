@@ -4,6 +4,7 @@ mod admin;
 mod cache_cmd;
 mod cluster;
 mod config;
+mod replication_cmd;
 mod serve;
 
 use std::process::ExitCode;
@@ -37,6 +38,19 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Geo-replication of a running registry's region.
+    Replication {
+        /// The registry's URL (a node or the load balancer).
+        #[arg(
+            long,
+            env = "BERTH_REGISTRY",
+            default_value = "http://127.0.0.1:5000",
+            global = true
+        )]
+        registry: String,
+        #[command(subcommand)]
+        command: ReplicationCommand,
+    },
     /// The pull-through cache of a running registry.
     Cache {
         /// The registry's URL (a node or the load balancer).
@@ -49,6 +63,28 @@ enum Command {
         registry: String,
         #[command(subcommand)]
         command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicationCommand {
+    /// Per peer: changes applied, behind, seconds behind, bytes copied, last
+    /// error; and a digest of this region's state. Exits 1 if a peer has an
+    /// error or serving is off.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop applying a peer's changes (region-wide) until resumed.
+    Pause { peer: String },
+    /// Apply a peer's changes again, from where replication stopped.
+    Resume { peer: String },
+    /// Turn serving in this region on or off: off makes every node's
+    /// /readyz fail, so load balancers and DNS fail over (drills).
+    Serving {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
 }
 
@@ -157,6 +193,22 @@ fn main() -> ExitCode {
             }),
             Err(code) => code,
         },
+        Command::Replication { registry, command } => run_admin(|| async move {
+            match command {
+                ReplicationCommand::Status { json } => {
+                    replication_cmd::status(&registry, json).await
+                }
+                ReplicationCommand::Pause { peer } => {
+                    replication_cmd::pause(&registry, &peer, true).await
+                }
+                ReplicationCommand::Resume { peer } => {
+                    replication_cmd::pause(&registry, &peer, false).await
+                }
+                ReplicationCommand::Serving { state } => {
+                    replication_cmd::serving(&registry, state == "on").await
+                }
+            }
+        }),
         Command::Cache { registry, command } => run_admin(|| async move {
             match command {
                 CacheCommand::Warm {

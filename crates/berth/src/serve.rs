@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
+use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
 use berth_server::{AppState, Metrics, RequestLimits, ServeOptions};
 use berth_store::blob::fs::FsOptions;
 use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
@@ -39,6 +40,8 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("drain timed out with requests still in flight")]
     DrainTimeout,
+    #[error("cannot start replication: {0}")]
+    Replication(berth_replication::ReplicationError),
     #[error("cannot start the pull-through cache: {0}")]
     Cache(berth_proxy::CacheError),
     #[error("cannot join the cluster: {0}")]
@@ -133,6 +136,44 @@ pub fn open_blobs(config: &ServeConfig) -> Result<Arc<dyn BlobStore>, ServeError
     })
 }
 
+/// Geo-replication, when this node's region is named.
+fn open_replication(
+    config: &ServeConfig,
+    registry: &Arc<Registry>,
+    meta: &Arc<dyn MetaStore>,
+) -> Result<Option<Arc<Replicator>>, ServeError> {
+    let Some(settings) = &config.replication else {
+        return Ok(None);
+    };
+    for peer in &settings.peers {
+        tracing::info!(region = %settings.region, peer = %peer.name, url = %peer.url, "replicating from peer");
+    }
+    let replicator = Replicator::new(
+        registry.clone(),
+        meta.clone(),
+        ReplicationOptions {
+            region: settings.region.clone(),
+            secret: settings.secret.clone(),
+            peers: settings
+                .peers
+                .iter()
+                .map(|p| PeerConfig {
+                    name: p.name.clone(),
+                    url: p.url.clone(),
+                    secret: p.secret.clone(),
+                    include: p.include.clone(),
+                    exclude: p.exclude.clone(),
+                })
+                .collect(),
+            read_through_timeout: settings.read_through_timeout,
+            feed_wait: std::time::Duration::from_secs(10),
+            spool_dir: config.data_dir.join("replication-spool"),
+        },
+    )
+    .map_err(ServeError::Replication)?;
+    Ok(Some(Arc::new(replicator)))
+}
+
 /// The pull-through cache, when upstreams are configured.
 fn open_cache(
     config: &ServeConfig,
@@ -153,6 +194,7 @@ fn open_cache(
                 .credentials
                 .clone()
                 .map(|(username, password)| Credentials { username, password }),
+            bearer: None,
             timeout: settings.upstream_timeout,
         })
         .collect();
@@ -165,6 +207,7 @@ fn open_cache(
             mirror_default: settings.mirror_default.clone(),
             max_bytes: settings.max_bytes,
             spool_dir: config.data_dir.join("cache-spool"),
+            track_images: true,
             outage_backoff: std::time::Duration::from_secs(10),
         },
     )
@@ -205,7 +248,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     }
     let meta = open_metadata(&config).await?;
     let blobs = open_blobs(&config)?;
-    let registry = Arc::new(Registry::new(
+    let mut registry = Registry::new(
         meta.clone(),
         blobs,
         Limits {
@@ -215,7 +258,11 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             upload_ttl_ms: config.upload_ttl.as_millis() as u64,
             ..Limits::default()
         },
-    ));
+    );
+    if let Some(replication) = &config.replication {
+        registry = registry.with_region(replication.region.clone());
+    }
+    let registry = Arc::new(registry);
 
     // An embedded node recovers from a crash before serving: it keeps live
     // upload sessions (clients resume them), drops expired ones and any data
@@ -239,11 +286,21 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             source,
         })?;
     let cache = open_cache(&config, &registry, &meta)?;
+    let replicator = open_replication(&config, &registry, &meta)?;
     let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Metrics::with_extra(|prometheus| {
+        if let Some(cache) = &cache {
+            cache.metrics().register(prometheus);
+        }
+        if let Some(replicator) = &replicator {
+            replicator.metrics().register(prometheus);
+        }
+    });
     let state = AppState {
         registry: registry.clone(),
-        metrics: Arc::new(Metrics::with_cache(cache.as_ref().map(|c| c.metrics()))),
+        metrics: Arc::new(metrics),
         cache: cache.clone(),
+        replication: replicator.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -311,6 +368,23 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             ))
         });
 
+    // One worker per peer region, on one node of the region (a lease).
+    let mut workers = Vec::new();
+    if let Some(replicator) = &replicator {
+        let peers: Vec<String> = replicator.peers().map(str::to_string).collect();
+        for peer in peers {
+            let replicator = replicator.clone();
+            workers.push(tokio::spawn(node.clone().run_while_leader(
+                format!("replication-{peer}"),
+                move || {
+                    let replicator = replicator.clone();
+                    let peer = peer.clone();
+                    async move { replicator.run_round(&peer).await }
+                },
+            )));
+        }
+    }
+
     let local = listener.local_addr().unwrap_or(config.listen);
     let metadata = match &config.metadata {
         Metadata::Redb => "redb".to_string(),
@@ -365,6 +439,9 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     )
     .await;
     reaper.abort();
+    for worker in workers {
+        worker.abort();
+    }
     if let Some(evictor) = evictor {
         evictor.abort();
     }

@@ -36,6 +36,9 @@ pub struct CacheOptions {
     pub max_bytes: u64,
     /// Where downloads in progress are spooled.
     pub spool_dir: PathBuf,
+    /// Record cached images (for `cache ls`, pins and eviction). Off for
+    /// replication read-through, whose copies are the region's own.
+    pub track_images: bool,
     /// After an upstream failed as unavailable, cached tags are served
     /// without asking it for this long, so that an outage costs no
     /// timeouts.
@@ -355,6 +358,46 @@ impl PullThroughCache {
         Ok(())
     }
 
+    /// Whether an upstream failed as unavailable within the outage backoff.
+    pub fn is_down(&self, namespace: &str) -> bool {
+        self.upstreams
+            .get(namespace)
+            .is_some_and(|u| u.down_until_ms.load(Ordering::Relaxed) > now_ms())
+    }
+
+    /// The namespaces of the upstreams, in order.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.upstreams.keys().map(String::as_str)
+    }
+
+    /// Fetches the manifest a tag points at upstream and stores it by
+    /// digest, without touching the tag here. Returns the digest.
+    pub async fn read_through_tag(&self, target: &Target, tag: &Tag) -> Result<Digest> {
+        let upstream = self.upstream(&target.namespace)?;
+        let head = match upstream
+            .client
+            .head_manifest(&target.remote, tag.as_str())
+            .await
+        {
+            Ok(head) => head,
+            Err(e) => {
+                self.note_failure(upstream, &e);
+                return Err(e.into());
+            }
+        };
+        match head.digest {
+            Some(digest) => {
+                self.ensure_manifest(target, &Reference::Digest(digest.clone()))
+                    .await?;
+                Ok(digest)
+            }
+            None => {
+                self.fetch_manifest(upstream, target, tag.as_str(), None, None)
+                    .await
+            }
+        }
+    }
+
     async fn cached_tag(&self, target: &Target, tag: &Tag) -> Result<Option<CachedTag>> {
         let Some(kv) = self
             .meta
@@ -573,6 +616,9 @@ impl PullThroughCache {
             )
             .await?;
         self.metrics.fetched(ns, size);
+        if !self.options.track_images {
+            return Ok(digest);
+        }
         let now = now_ms();
         let key = records::image(&target.local, &digest);
         let pinned = self

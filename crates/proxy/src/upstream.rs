@@ -51,6 +51,9 @@ pub struct UpstreamConfig {
     /// Its base URL, e.g. `https://registry-1.docker.io`.
     pub url: String,
     pub credentials: Option<Credentials>,
+    /// A fixed bearer token sent with every request (replication peers
+    /// authenticate with a shared secret).
+    pub bearer: Option<String>,
     /// Time allowed for a metadata request (manifest, HEAD, token) in all,
     /// and for each read of a blob body.
     pub timeout: Duration,
@@ -60,7 +63,8 @@ impl UpstreamConfig {
     /// Docker Hub keeps official images under `library/`; `docker.io/alpine`
     /// means `library/alpine` there.
     fn remote_name(&self, name: &str) -> String {
-        let hub = self.namespace == "docker.io" || self.url.contains("docker.io");
+        let hub = self.bearer.is_none()
+            && (self.namespace == "docker.io" || self.url.contains("docker.io"));
         if hub && !name.contains('/') {
             format!("library/{name}")
         } else {
@@ -253,6 +257,9 @@ impl UpstreamClient {
     }
 
     fn authorization(&self, scope: &str) -> Option<HeaderValue> {
+        if let Some(bearer) = &self.config.bearer {
+            return HeaderValue::from_str(&format!("Bearer {bearer}")).ok();
+        }
         if self.basic.load(Ordering::Relaxed) {
             return self.basic_header();
         }
@@ -512,6 +519,7 @@ mod tests {
             namespace: namespace.into(),
             url: url.into(),
             credentials: None,
+            bearer: None,
             timeout: Duration::from_secs(1),
         }
     }

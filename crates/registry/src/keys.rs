@@ -55,3 +55,31 @@ pub fn referrer(name: &RepositoryName, subject: &Digest, referrer: &Digest) -> S
 pub fn upload(id: &str) -> String {
     format!("{UPLOAD_PREFIX}{id}")
 }
+
+pub const CHANGE_PREFIX: &str = "changelog/e/";
+pub const CHANGE_HEAD: &str = "changelog/head";
+
+pub fn change(seq: u64) -> String {
+    format!("{CHANGE_PREFIX}{seq:020}")
+}
+
+/// A deleted tag's stamp, so that older writes do not bring it back.
+pub fn tag_tombstone(name: &RepositoryName, tag: &str) -> String {
+    format!("tagtomb/{name}:{tag}")
+}
+
+/// A deleted manifest's stamp.
+pub fn manifest_tombstone(name: &RepositoryName, digest: &Digest) -> String {
+    format!("mtomb/{name}@{digest}")
+}
+
+pub fn tag_history_prefix(name: &RepositoryName, tag: &str) -> String {
+    format!("taghist/{name}:{tag}/")
+}
+
+pub fn tag_history(name: &RepositoryName, tag: &str, stamp: &crate::records::Stamp) -> String {
+    format!("taghist/{name}:{tag}/{:020}-{}", stamp.hlc, stamp.origin)
+}
+
+pub const TAG_PREFIX: &str = "tag/";
+pub const MANIFEST_PREFIX: &str = "manifest/";

@@ -12,8 +12,8 @@ mod records;
 mod registry;
 
 pub use error::RegistryError;
-pub use records::{ManifestRecord, UploadRecord};
+pub use records::{Change, ChangeEvent, ManifestRecord, Stamp, TagHistoryEntry, UploadRecord};
 pub use registry::{
-    Limits, MAX_UPLOAD_PARTS, ManifestContent, ORPHAN_GRACE_MS, Page, PutManifestOutcome, Registry,
-    UploadStatus, now_ms,
+    Applied, Hlc, Limits, MAX_UPLOAD_PARTS, ManifestContent, ORPHAN_GRACE_MS, Page,
+    PutManifestOutcome, Registry, StateSummary, UploadStatus, now_ms, stamp_ms,
 };

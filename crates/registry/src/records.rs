@@ -12,10 +12,82 @@ pub struct RepoRecord {
     pub created_ms: u64,
 }
 
+/// When and where a replicated write happened: a hybrid logical clock
+/// reading and the region that made it. Writes to one tag or manifest are
+/// ordered by stamp (last writer wins), the same way in every region.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Stamp {
+    pub hlc: u64,
+    pub origin: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TagRecord {
     pub digest: Digest,
     pub updated_ms: u64,
+    /// Absent on records from before replication: older than any stamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
+}
+
+/// One value a tag had, kept after it moved (tag history).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TagHistoryEntry {
+    pub digest: Digest,
+    pub stamp: Stamp,
+}
+
+/// A change this region made, as its change feed serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    pub seq: u64,
+    pub stamp: Stamp,
+    /// Wall-clock time of the write, for lag figures.
+    pub ms: u64,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// A manifest pushed by digest.
+    Manifest {
+        repository: String,
+        digest: Digest,
+    },
+    /// A manifest pushed by tag: the manifest and the tag.
+    Tag {
+        repository: String,
+        tag: String,
+        digest: Digest,
+    },
+    Untag {
+        repository: String,
+        tag: String,
+    },
+    /// A manifest deleted, with the tags that pointed at it.
+    DeleteManifest {
+        repository: String,
+        digest: Digest,
+        tags: Vec<String>,
+    },
+}
+
+impl Change {
+    pub fn repository(&self) -> &str {
+        match self {
+            Change::Manifest { repository, .. }
+            | Change::Tag { repository, .. }
+            | Change::Untag { repository, .. }
+            | Change::DeleteManifest { repository, .. } => repository,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LogHead {
+    pub seq: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -33,6 +105,9 @@ pub struct ManifestRecord {
     #[serde(default)]
     pub references: Vec<Digest>,
     pub created_ms: u64,
+    /// The write that put it here, for ordering against replicated deletes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -9,11 +9,15 @@ use berth_store::{
 };
 use bytes::Bytes;
 
+mod changes;
+
+pub use changes::{Applied, Hlc, StateSummary, stamp_ms};
+
 use crate::RegistryError;
 use crate::keys;
 use crate::records::{
-    BlobRecord, LinkRecord, ManifestRecord, PlatformChild, RepoRecord, TagRecord, UploadRecord,
-    decode, encode,
+    BlobRecord, Change, LinkRecord, ManifestRecord, PlatformChild, RepoRecord, Stamp, TagRecord,
+    UploadRecord, decode, encode,
 };
 
 type Result<T> = std::result::Result<T, RegistryError>;
@@ -123,9 +127,20 @@ pub struct Registry {
     /// immutable, so an entry can never be stale; deleting a manifest removes
     /// its metadata, which is checked before the cache on every request.
     manifests: Option<ManifestCache>,
+    /// The region whose change log local writes go to (replication on).
+    region: Option<String>,
+    hlc: Hlc,
+    /// Signalled when a logged write commits (change feed long-polls).
+    changes: tokio::sync::Notify,
 }
 
 impl Registry {
+    /// Turns replication on: local writes are logged as `region`'s.
+    pub fn with_region(mut self, region: String) -> Self {
+        self.region = Some(region);
+        self
+    }
+
     pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>, limits: Limits) -> Self {
         let manifests = (limits.manifest_cache_bytes > 0).then(|| {
             // Estimated entries: typical manifests are 0.5-2 KiB.
@@ -137,6 +152,9 @@ impl Registry {
             blobs,
             limits,
             manifests,
+            region: None,
+            hlc: Hlc::default(),
+            changes: tokio::sync::Notify::new(),
         }
     }
 
@@ -462,6 +480,7 @@ impl Registry {
             encode(&TagRecord {
                 digest: digest.clone(),
                 updated_ms: now_ms(),
+                stamp: None,
             }),
         );
         if !self.meta.commit(txn).await? {
@@ -1038,15 +1057,51 @@ impl Registry {
             Reference::Tag(tag) => Some(tag),
             Reference::Digest(_) => None,
         };
-        let (base, subject) = self
-            .store_manifest(name, &digest, &manifest, tag, bytes)
-            .await?;
+        // Bytes first, durable and verified; then the metadata commit.
+        let size = bytes.len() as u64;
+        self.put_manifest_bytes(&digest, bytes).await?;
+        let change = match tag {
+            Some(tag) => Change::Tag {
+                repository: name.to_string(),
+                tag: tag.as_str().to_string(),
+                digest: digest.clone(),
+            },
+            None => Change::Manifest {
+                repository: name.to_string(),
+                digest: digest.clone(),
+            },
+        };
         for _ in 0..TXN_ATTEMPTS {
-            let mut txn = base.clone();
+            // The tag as it is now, guarded: a replicated write of it that
+            // lands meanwhile makes this attempt retry with a newer stamp,
+            // so the push stays the last writer here as everywhere.
+            let tag_seen = match tag {
+                Some(tag) => {
+                    self.meta
+                        .get(keys::tag(name, tag.as_str()).as_bytes())
+                        .await?
+                }
+                None => None,
+            };
+            let tombstone = keys::manifest_tombstone(name, &digest);
+            let tombstone_seen = self.meta.get(tombstone.as_bytes()).await?;
+            let stamp = self.local_stamp();
+            let (mut txn, subject) = self
+                .manifest_txn(name, &digest, &manifest, tag, Some(&stamp), size)
+                .await?;
+            // Pushed again after a delete: the delete no longer holds.
+            txn = txn
+                .require_unchanged(tombstone.clone(), tombstone_seen.as_ref())
+                .delete(tombstone);
+            if let Some(tag) = tag {
+                txn = txn.require_unchanged(keys::tag(name, tag.as_str()), tag_seen.as_ref());
+            }
             for (key, version) in guards {
                 txn = txn.require_version(key, version);
             }
+            let txn = self.log_change(txn, &stamp, change.clone()).await?;
             if self.meta.commit(txn).await? {
+                self.changes_committed();
                 return Ok(PutManifestOutcome { digest, subject });
             }
             guards = self.reference_guards(name, &manifest).await?;
@@ -1071,7 +1126,7 @@ impl Registry {
         let reference = Reference::Digest(digest.clone());
         let (digest, manifest) = self.parse_manifest(&reference, content_type, &bytes)?;
         let (txn, _) = self
-            .store_manifest(name, &digest, &manifest, tag, bytes)
+            .store_manifest(name, &digest, &manifest, tag, None, bytes)
             .await?;
         self.meta.commit(txn).await?;
         self.manifest_record(name, &digest).await
@@ -1137,7 +1192,35 @@ impl Registry {
         digest: &Digest,
         manifest: &Manifest,
         tag: Option<&Tag>,
+        stamp: Option<&Stamp>,
         bytes: Bytes,
+    ) -> Result<(Txn, Option<Digest>)> {
+        let size = bytes.len() as u64;
+        self.put_manifest_bytes(digest, bytes).await?;
+        self.manifest_txn(name, digest, manifest, tag, stamp, size)
+            .await
+    }
+
+    /// Stores manifest bytes, durable and verified.
+    async fn put_manifest_bytes(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        let body: ByteStream = Box::pin(futures_util::stream::iter([Ok(bytes)]));
+        self.blobs
+            .put(digest, body, self.limits.max_manifest_bytes)
+            .await
+            .map_err(RegistryError::from_put)?;
+        Ok(())
+    }
+
+    /// The metadata writes that make a stored manifest visible (tagged with
+    /// `tag`), and its subject.
+    async fn manifest_txn(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        manifest: &Manifest,
+        tag: Option<&Tag>,
+        stamp: Option<&Stamp>,
+        size: u64,
     ) -> Result<(Txn, Option<Digest>)> {
         let mut platforms = Vec::new();
         for child in manifest.children() {
@@ -1155,14 +1238,6 @@ impl Registry {
             }
         }
 
-        // Bytes first, durable and verified; then the metadata commit.
-        let size = bytes.len() as u64;
-        let body: ByteStream = Box::pin(futures_util::stream::iter([Ok(bytes)]));
-        self.blobs
-            .put(digest, body, self.limits.max_manifest_bytes)
-            .await
-            .map_err(RegistryError::from_put)?;
-
         let media_type = manifest.kind.media_type().to_string();
         let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
         let record = ManifestRecord {
@@ -1177,6 +1252,7 @@ impl Registry {
                 .map(|d| d.digest.clone())
                 .collect(),
             created_ms: now_ms(),
+            stamp: stamp.cloned(),
         };
         let mut txn = Txn::new().put(keys::manifest(name, digest), encode(&record));
         if let Some(tag) = tag {
@@ -1185,8 +1261,18 @@ impl Registry {
                 encode(&TagRecord {
                     digest: digest.clone(),
                     updated_ms: now_ms(),
+                    stamp: stamp.cloned(),
                 }),
             );
+            if let Some(stamp) = stamp {
+                txn = txn.put(
+                    keys::tag_history(name, tag.as_str(), stamp),
+                    encode(&crate::records::TagHistoryEntry {
+                        digest: digest.clone(),
+                        stamp: stamp.clone(),
+                    }),
+                );
+            }
         }
         if let Some(subject) = &subject {
             let descriptor = Descriptor {
@@ -1260,19 +1346,31 @@ impl Registry {
 
     async fn delete_tag(&self, name: &RepositoryName, tag: &Tag) -> Result<()> {
         let key = keys::tag(name, tag.as_str());
-        let seen = self
-            .meta
-            .get(key.as_bytes())
-            .await?
-            .ok_or(RegistryError::ManifestUnknown)?;
-        self.meta
-            .commit(
-                Txn::new()
-                    .require_version(key.clone(), seen.version)
-                    .delete(key),
-            )
-            .await?;
-        Ok(())
+        let change = Change::Untag {
+            repository: name.to_string(),
+            tag: tag.as_str().to_string(),
+        };
+        for _ in 0..TXN_ATTEMPTS {
+            let seen = self
+                .meta
+                .get(key.as_bytes())
+                .await?
+                .ok_or(RegistryError::ManifestUnknown)?;
+            // After the read: newer than the value it removes.
+            let stamp = self.local_stamp();
+            let txn = Txn::new()
+                .require_version(key.clone(), seen.version)
+                .delete(key.clone())
+                .put(keys::tag_tombstone(name, tag.as_str()), encode(&stamp));
+            let txn = self.log_change(txn, &stamp, change.clone()).await?;
+            if self.meta.commit(txn).await? {
+                self.changes_committed();
+                return Ok(());
+            }
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Database(
+            "tag delete kept conflicting with concurrent changes".into(),
+        )))
     }
 
     async fn delete_manifest_by_digest(
@@ -1288,21 +1386,35 @@ impl Registry {
                 .await?
                 .ok_or(RegistryError::ManifestUnknown)?;
             let record: ManifestRecord = decode(&seen.key, &seen.value)?;
+            let stamp = self.local_stamp();
             let mut txn = Txn::new()
                 .require_version(key.clone(), seen.version)
-                .delete(key);
-            for kv in self.scan_all(&keys::tag_prefix(name)).await? {
+                .delete(key)
+                .put(keys::manifest_tombstone(name, digest), encode(&stamp));
+            let prefix = keys::tag_prefix(name);
+            let mut tags = Vec::new();
+            for kv in self.scan_all(&prefix).await? {
                 let tag: TagRecord = decode(&kv.key, &kv.value)?;
                 if &tag.digest == digest {
+                    let tag_name = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
                     txn = txn
                         .require_version(kv.key.clone(), kv.version)
-                        .delete(kv.key);
+                        .delete(kv.key)
+                        .put(keys::tag_tombstone(name, &tag_name), encode(&stamp));
+                    tags.push(tag_name);
                 }
             }
             if let Some(subject) = &record.subject {
                 txn = txn.delete(keys::referrer(name, subject, digest));
             }
+            let change = Change::DeleteManifest {
+                repository: name.to_string(),
+                digest: digest.clone(),
+                tags,
+            };
+            let txn = self.log_change(txn, &stamp, change).await?;
             if self.meta.commit(txn).await? {
+                self.changes_committed();
                 return Ok(());
             }
         }

@@ -119,6 +119,14 @@ fn read_only(namespace: &str) -> ApiError {
     ))
 }
 
+/// A miss that a peer region may be able to serve.
+fn is_missing(e: &berth_registry::RegistryError) -> bool {
+    matches!(
+        e,
+        berth_registry::RegistryError::ManifestUnknown | berth_registry::RegistryError::NameUnknown
+    )
+}
+
 fn unsupported() -> ApiError {
     ApiError::new(ErrorCode::Unsupported).message("method not allowed on this endpoint")
 }
@@ -349,6 +357,46 @@ impl Ctx<'_> {
             .map_err(|e| cache_error(e, CacheSubject::Manifest, false))
     }
 
+    /// Whether this request may read through to peer regions (it may not
+    /// when a peer itself asks: it wants this region's own content).
+    fn replicator(&self) -> Option<&berth_replication::Replicator> {
+        if self.headers.contains_key("x-berth-local-only") {
+            return None;
+        }
+        self.state.replication.as_deref()
+    }
+
+    async fn read_through_manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> Option<Digest> {
+        self.replicator()?
+            .read_through_manifest(name, reference)
+            .await
+    }
+
+    /// A blob missing here, from a peer region (None: not missing, or no
+    /// peer has it).
+    async fn read_through_blob(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        head: bool,
+        ranged: bool,
+    ) -> Result<Option<BlobAnswer>, ApiError> {
+        let Some(replicator) = self.replicator() else {
+            return Ok(None);
+        };
+        match self.state.registry.stat_blob(name, digest).await {
+            Ok(_) => Ok(None),
+            Err(berth_registry::RegistryError::BlobUnknown(_)) => Ok(replicator
+                .read_through_blob(name, digest, head, ranged)
+                .await),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Admits a request that streams blob content in: within the size limit
     /// (when announced) and within the concurrent upload limit (429 past it).
     /// The returned permit is held until the content is stored. (A refused
@@ -499,9 +547,20 @@ impl Ctx<'_> {
         };
         match *self.method {
             Method::GET => {
-                let content = registry
-                    .get_manifest(&name, &reference, &accepted_types(self.headers))
-                    .await?;
+                let accept = accepted_types(self.headers);
+                let content = match registry.get_manifest(&name, &reference, &accept).await {
+                    Err(e) if is_missing(&e) => {
+                        match self.read_through_manifest(&name, &reference).await {
+                            Some(digest) => {
+                                registry
+                                    .get_manifest(&name, &Reference::Digest(digest), &accept)
+                                    .await?
+                            }
+                            None => return Err(e.into()),
+                        }
+                    }
+                    result => result?,
+                };
                 Ok(with_headers(
                     StatusCode::OK,
                     vec![
@@ -514,9 +573,21 @@ impl Ctx<'_> {
                 ))
             }
             Method::HEAD => {
-                let (digest, record) = registry
-                    .manifest_head(&name, &reference, &accepted_types(self.headers))
-                    .await?;
+                let accept = accepted_types(self.headers);
+                let (digest, record) =
+                    match registry.manifest_head(&name, &reference, &accept).await {
+                        Err(e) if is_missing(&e) => {
+                            match self.read_through_manifest(&name, &reference).await {
+                                Some(digest) => {
+                                    registry
+                                        .manifest_head(&name, &Reference::Digest(digest), &accept)
+                                        .await?
+                                }
+                                None => return Err(e.into()),
+                            }
+                        }
+                        result => result?,
+                    };
                 Ok(with_headers(
                     StatusCode::OK,
                     vec![
@@ -591,35 +662,41 @@ impl Ctx<'_> {
                     .cache_target(name.as_str())
                     .await?
                     .filter(|t| !(t.via_mirror_default && *self.method == Method::HEAD));
-                let name = match (target, &self.state.cache) {
+                let head = *self.method == Method::HEAD;
+                let ranged = self.headers.contains_key(header::RANGE);
+                let (name, answer) = match (target, &self.state.cache) {
                     (Some(target), Some(cache)) => {
-                        let head = *self.method == Method::HEAD;
-                        let ranged = self.headers.contains_key(header::RANGE);
-                        match cache
-                            .blob(&target, &digest, head, ranged)
-                            .await
-                            .map_err(|e| {
-                                cache_error(e, CacheSubject::Blob, target.via_mirror_default)
-                            })? {
-                            BlobAnswer::Local => target.local,
-                            BlobAnswer::Remote { size } => {
-                                headers.push((header::CONTENT_LENGTH, size.to_string()));
-                                return Ok(with_headers(StatusCode::OK, headers, Body::empty()));
-                            }
-                            BlobAnswer::Streaming { stream, size } => {
-                                if let Some(size) = size {
-                                    headers.push((header::CONTENT_LENGTH, size.to_string()));
-                                }
-                                return Ok(with_headers(
-                                    StatusCode::OK,
-                                    headers,
-                                    Body::from_stream(stream),
-                                ));
-                            }
-                        }
+                        let answer =
+                            cache
+                                .blob(&target, &digest, head, ranged)
+                                .await
+                                .map_err(|e| {
+                                    cache_error(e, CacheSubject::Blob, target.via_mirror_default)
+                                })?;
+                        (target.local, Some(answer))
                     }
-                    _ => name,
+                    _ => {
+                        let answer = self.read_through_blob(&name, &digest, head, ranged).await?;
+                        (name, answer)
+                    }
                 };
+                match answer {
+                    Some(BlobAnswer::Remote { size }) => {
+                        headers.push((header::CONTENT_LENGTH, size.to_string()));
+                        return Ok(with_headers(StatusCode::OK, headers, Body::empty()));
+                    }
+                    Some(BlobAnswer::Streaming { stream, size }) => {
+                        if let Some(size) = size {
+                            headers.push((header::CONTENT_LENGTH, size.to_string()));
+                        }
+                        return Ok(with_headers(
+                            StatusCode::OK,
+                            headers,
+                            Body::from_stream(stream),
+                        ));
+                    }
+                    Some(BlobAnswer::Local) | None => {}
+                }
                 if *self.method == Method::HEAD {
                     let size = registry.stat_blob(&name, &digest).await?;
                     headers.push((header::CONTENT_LENGTH, size.to_string()));

@@ -21,6 +21,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "not ready: starting or draining\n".to_string(),
         );
     }
+    if let Some(replication) = &state.replication
+        && replication.serving_disabled().await.unwrap_or(false)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: serving is disabled in this region (berth replication serving on)\n"
+                .to_string(),
+        );
+    }
     match state.registry.check_health().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(e) => {

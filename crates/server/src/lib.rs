@@ -9,6 +9,7 @@ mod headers;
 mod health;
 mod metrics;
 mod middleware;
+mod replication_admin;
 mod route;
 mod serve;
 
@@ -17,6 +18,7 @@ use std::sync::atomic::AtomicBool;
 
 use berth_proxy::PullThroughCache;
 use berth_registry::Registry;
+use berth_replication::Replicator;
 
 pub use metrics::Metrics;
 pub use serve::{ServeOptions, serve};
@@ -31,6 +33,8 @@ pub struct AppState {
     pub limits: Arc<RequestLimits>,
     /// The pull-through cache, when upstreams are configured.
     pub cache: Option<Arc<PullThroughCache>>,
+    /// Geo-replication, when this region has peers or serves a feed.
+    pub replication: Option<Arc<Replicator>>,
 }
 
 /// Protection against slow or too many clients.
@@ -61,6 +65,21 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/metrics", get(metrics::render))
         .route("/berth/v1/cache", get(cache_admin::list))
         .route("/berth/v1/cache/pin", axum::routing::post(cache_admin::pin))
+        .route("/berth/v1/replication/feed", get(replication_admin::feed))
+        .route(
+            "/berth/v1/replication/status",
+            get(replication_admin::status),
+        )
+        .route("/berth/v1/replication/state", get(replication_admin::state))
+        .route(
+            "/berth/v1/replication/peers/{peer}/{action}",
+            axum::routing::post(replication_admin::pause),
+        )
+        .route(
+            "/berth/v1/region/serving",
+            axum::routing::post(replication_admin::serving),
+        )
+        .route("/berth/v1/tags/history", get(replication_admin::history))
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -44,15 +44,14 @@ fn latency_histogram() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Self {
-        Self::with_cache(None)
+        Self::with_extra(|_| {})
     }
 
-    /// The server's metrics, with the pull-through cache's when it runs.
-    pub fn with_cache(cache: Option<&berth_proxy::CacheMetrics>) -> Self {
+    /// The server's metrics, with others (the pull-through cache's,
+    /// replication's) registered by `extra`.
+    pub fn with_extra(extra: impl FnOnce(&mut PromRegistry)) -> Self {
         let mut registry = PromRegistry::with_prefix("berth");
-        if let Some(cache) = cache {
-            cache.register(&mut registry);
-        }
+        extra(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let bytes_in = Counter::default();

@@ -16,6 +16,7 @@ mod memory;
 mod podman;
 mod pull_through;
 mod referrers;
+mod replication;
 mod s3_store;
 mod skopeo;
 mod tags_catalog;

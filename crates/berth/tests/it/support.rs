@@ -379,6 +379,8 @@ pub struct Options {
     pub args: Vec<String>,
     pub data_dir: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// Listen on this port, also after restarts (peers know it).
+    pub port: Option<u16>,
 }
 
 impl Options {
@@ -391,6 +393,10 @@ impl Options {
     }
     pub fn flag(self, name: &str, value: impl ToString) -> Self {
         self.arg(name).arg(value.to_string())
+    }
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
     }
     pub fn data_dir(mut self, d: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(d.into());
@@ -413,7 +419,7 @@ pub struct Registry {
     exit_status: Option<ExitStatus>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
 }
@@ -451,7 +457,7 @@ impl Registry {
     async fn spawn_and_wait(&mut self) {
         let mut last_err = String::new();
         for _attempt in 0..4 {
-            let port = free_port();
+            let port = self.opts.port.unwrap_or_else(free_port);
             self.port = port;
             self.exit_status = None;
             let mut log = fs::OpenOptions::new()

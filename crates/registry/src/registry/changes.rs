@@ -1,0 +1,456 @@
+//! Replication support in the registry: every local write is stamped with a
+//! hybrid logical clock and appended to the change log in the same
+//! transaction (an outbox), and changes from other regions are applied by
+//! last-writer-wins on stamps, with tombstones so that deletes propagate and
+//! older writes never resurrect what a newer one removed.
+//!
+//! The rules, the same in every region whatever order events arrive in:
+//! - a tag is a register: the write (set or untag) with the greatest stamp
+//!   wins; every value it had stays in its history;
+//! - a manifest is present unless a delete's stamp is greater than every put
+//!   of it (a tag set counts as a put of its manifest);
+//! - a tag whose manifest was deleted by a later stamp is deleted too.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use berth_oci::{Digest, RepositoryName, Tag};
+use berth_store::{KeyValue, Txn};
+use bytes::Bytes;
+
+use super::{Registry, Result, TXN_ATTEMPTS, now_ms};
+use crate::RegistryError;
+use crate::keys;
+use crate::records::{
+    Change, ChangeEvent, LogHead, ManifestRecord, Stamp, TagHistoryEntry, TagRecord, decode, encode,
+};
+
+/// A hybrid logical clock: milliseconds in the high bits, a counter in the
+/// low 16, never going backwards and always past every stamp observed.
+#[derive(Default)]
+pub struct Hlc {
+    last: AtomicU64,
+}
+
+impl Hlc {
+    pub fn now(&self) -> u64 {
+        let physical = now_ms() << 16;
+        let mut last = self.last.load(Ordering::Relaxed);
+        loop {
+            let next = physical.max(last + 1);
+            match self
+                .last
+                .compare_exchange(last, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// Moves the clock past a stamp seen from elsewhere.
+    pub fn observe(&self, hlc: u64) {
+        self.last.fetch_max(hlc, Ordering::AcqRel);
+    }
+}
+
+/// The wall-clock milliseconds of a stamp.
+pub fn stamp_ms(stamp: &Stamp) -> u64 {
+    stamp.hlc >> 16
+}
+
+/// What applying a replicated change did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Changed,
+    /// Already applied, or superseded by a newer write here.
+    Unchanged,
+}
+
+/// A digest of a region's state, to compare regions.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StateSummary {
+    pub digest: String,
+    pub tags: usize,
+    pub manifests: usize,
+    pub blobs: usize,
+    /// What the digest is over, one line each (on request, to compare).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<String>,
+}
+
+fn newer(a: Option<&Stamp>, b: Option<&Stamp>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a > b,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+impl Registry {
+    /// A stamp for a write made here now.
+    pub fn local_stamp(&self) -> Stamp {
+        Stamp {
+            hlc: self.hlc.now(),
+            origin: self.region.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The region this registry logs its writes as, if replication is on.
+    pub fn region(&self) -> Option<&str> {
+        self.region.as_deref()
+    }
+
+    /// Adds the change log append to a write's transaction, when this
+    /// registry replicates. Must be called on every attempt: it guards on
+    /// the log head as read now.
+    pub(super) async fn log_change(&self, txn: Txn, stamp: &Stamp, change: Change) -> Result<Txn> {
+        if self.region.is_none() {
+            return Ok(txn);
+        }
+        let head_kv = self.meta.get(keys::CHANGE_HEAD.as_bytes()).await?;
+        let head: LogHead = match &head_kv {
+            Some(kv) => decode(&kv.key, &kv.value)?,
+            None => LogHead::default(),
+        };
+        let seq = head.seq + 1;
+        let event = ChangeEvent {
+            seq,
+            stamp: stamp.clone(),
+            ms: now_ms(),
+            change,
+        };
+        Ok(txn
+            .require_unchanged(keys::CHANGE_HEAD, head_kv.as_ref())
+            .put(keys::CHANGE_HEAD, encode(&LogHead { seq }))
+            .put(keys::change(seq), encode(&event)))
+    }
+
+    /// Wakes feed readers after a logged write committed.
+    pub(super) fn changes_committed(&self) {
+        if self.region.is_some() {
+            self.changes.notify_waiters();
+        }
+    }
+
+    /// Changes after `after`, at most `limit`, and the newest sequence.
+    pub async fn changes_after(&self, after: u64, limit: usize) -> Result<(Vec<ChangeEvent>, u64)> {
+        let head = match self.meta.get(keys::CHANGE_HEAD.as_bytes()).await? {
+            Some(kv) => decode::<LogHead>(&kv.key, &kv.value)?.seq,
+            None => 0,
+        };
+        if after >= head {
+            return Ok((Vec::new(), head));
+        }
+        let start = keys::change(after);
+        let batch = self
+            .meta
+            .scan(
+                keys::CHANGE_PREFIX.as_bytes(),
+                Some(start.as_bytes()),
+                limit.max(1),
+            )
+            .await?;
+        let mut events = Vec::with_capacity(batch.len());
+        for kv in batch {
+            events.push(decode::<ChangeEvent>(&kv.key, &kv.value)?);
+        }
+        Ok((events, head))
+    }
+
+    /// Waits until a write is logged here, or `timeout` passes. (Writes on
+    /// other nodes of a cluster do not wake it: readers poll as well.)
+    pub async fn wait_for_changes(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.changes.notified()).await;
+    }
+
+    /// The stamp of a tombstone record, if any.
+    async fn tombstone(&self, key: &str) -> Result<Option<(KeyValue, Stamp)>> {
+        match self.meta.get(key.as_bytes()).await? {
+            Some(kv) => {
+                let stamp: Stamp = decode(&kv.key, &kv.value)?;
+                Ok(Some((kv, stamp)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a replicated put of `digest` with `stamp` is superseded by a
+    /// delete here (then its content need not be copied).
+    pub async fn manifest_deleted_after(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        stamp: &Stamp,
+    ) -> Result<bool> {
+        Ok(self
+            .tombstone(&keys::manifest_tombstone(name, digest))
+            .await?
+            .is_some_and(|(_, t)| &t > stamp))
+    }
+
+    /// Stores a manifest copied from another region (its blobs and children
+    /// copied before), unless a newer delete removed it here.
+    pub async fn store_replicated_manifest(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        content_type: Option<&str>,
+        bytes: Bytes,
+        stamp: &Stamp,
+    ) -> Result<Applied> {
+        self.hlc.observe(stamp.hlc);
+        let reference = berth_oci::Reference::Digest(digest.clone());
+        let (digest, manifest) = self.parse_manifest(&reference, content_type, &bytes)?;
+        for _ in 0..TXN_ATTEMPTS {
+            let tomb_key = keys::manifest_tombstone(name, &digest);
+            let tomb = self.tombstone(&tomb_key).await?;
+            if tomb.as_ref().is_some_and(|(_, t)| t > stamp) {
+                return Ok(Applied::Unchanged);
+            }
+            let existing = self.find_manifest(name, &digest).await?;
+            if existing
+                .as_ref()
+                .is_some_and(|m| m.stamp.as_ref() >= Some(stamp))
+            {
+                return Ok(Applied::Unchanged);
+            }
+            let (txn, _) = self
+                .store_manifest(name, &digest, &manifest, None, Some(stamp), bytes.clone())
+                .await?;
+            let mut txn = txn.require_unchanged(tomb_key.clone(), tomb.as_ref().map(|(kv, _)| kv));
+            if tomb.is_some() {
+                txn = txn.delete(tomb_key);
+            }
+            if self.meta.commit(txn).await? {
+                return Ok(Applied::Changed);
+            }
+        }
+        Err(conflict("replicated manifest"))
+    }
+
+    /// Applies a tag or delete change from another region. The manifests a
+    /// tag change names must have been stored first.
+    pub async fn apply_change(&self, stamp: &Stamp, change: &Change) -> Result<Applied> {
+        self.hlc.observe(stamp.hlc);
+        let parse = |r: &str| {
+            RepositoryName::parse(r).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))
+        };
+        match change {
+            Change::Manifest { .. } => Ok(Applied::Unchanged),
+            Change::Tag {
+                repository,
+                tag,
+                digest,
+            } => {
+                self.apply_tag(&parse(repository)?, tag, Some(digest), stamp)
+                    .await
+            }
+            Change::Untag { repository, tag } => {
+                self.apply_tag(&parse(repository)?, tag, None, stamp).await
+            }
+            Change::DeleteManifest {
+                repository,
+                digest,
+                tags,
+            } => {
+                let name = parse(repository)?;
+                let mut applied = self.apply_manifest_delete(&name, digest, stamp).await?;
+                for tag in tags {
+                    if self.apply_tag(&name, tag, None, stamp).await? == Applied::Changed {
+                        applied = Applied::Changed;
+                    }
+                }
+                Ok(applied)
+            }
+        }
+    }
+
+    /// Last writer wins on one tag: a set (`Some(digest)`) or an untag.
+    async fn apply_tag(
+        &self,
+        name: &RepositoryName,
+        tag: &str,
+        digest: Option<&Digest>,
+        stamp: &Stamp,
+    ) -> Result<Applied> {
+        Tag::parse(tag).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
+        let tag_key = keys::tag(name, tag);
+        let tomb_key = keys::tag_tombstone(name, tag);
+        for _ in 0..TXN_ATTEMPTS {
+            let current = self.meta.get(tag_key.as_bytes()).await?;
+            let record: Option<TagRecord> = match &current {
+                Some(kv) => Some(decode(&kv.key, &kv.value)?),
+                None => None,
+            };
+            let tomb = self.tombstone(&tomb_key).await?;
+            let newest = std::cmp::max(
+                record.as_ref().and_then(|r| r.stamp.clone()),
+                tomb.as_ref().map(|(_, t)| t.clone()),
+            );
+            let mut txn = Txn::new()
+                .require_unchanged(tag_key.clone(), current.as_ref())
+                .require_unchanged(tomb_key.clone(), tomb.as_ref().map(|(kv, _)| kv));
+            if let Some(d) = digest {
+                txn = txn.put(
+                    keys::tag_history(name, tag, stamp),
+                    encode(&TagHistoryEntry {
+                        digest: d.clone(),
+                        stamp: stamp.clone(),
+                    }),
+                );
+            }
+            let wins = newer(Some(stamp), newest.as_ref());
+            // A set whose manifest a later delete removed is itself removed.
+            let deleted_by = match (digest, wins) {
+                (Some(d), true) => self
+                    .tombstone(&keys::manifest_tombstone(name, d))
+                    .await?
+                    .map(|(_, t)| t)
+                    .filter(|t| t > stamp),
+                _ => None,
+            };
+            let outcome = match (wins, digest, deleted_by) {
+                (false, _, _) => Applied::Unchanged,
+                (true, Some(d), None) => {
+                    txn = txn.put(
+                        tag_key.clone(),
+                        encode(&TagRecord {
+                            digest: d.clone(),
+                            updated_ms: now_ms(),
+                            stamp: Some(stamp.clone()),
+                        }),
+                    );
+                    txn = self.ensure_repo(name, txn).await?;
+                    Applied::Changed
+                }
+                (true, _, removal) => {
+                    let removal = removal.unwrap_or_else(|| stamp.clone());
+                    if newer(Some(&removal), newest.as_ref()) {
+                        txn = txn
+                            .delete(tag_key.clone())
+                            .put(tomb_key.clone(), encode(&removal));
+                        Applied::Changed
+                    } else {
+                        Applied::Unchanged
+                    }
+                }
+            };
+            if self.meta.commit(txn).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(conflict("replicated tag"))
+    }
+
+    /// A replicated manifest delete: the manifest goes unless put again
+    /// after it; tags pointing at it from before it go too.
+    async fn apply_manifest_delete(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        stamp: &Stamp,
+    ) -> Result<Applied> {
+        let tomb_key = keys::manifest_tombstone(name, digest);
+        for _ in 0..TXN_ATTEMPTS {
+            let tomb = self.tombstone(&tomb_key).await?;
+            if tomb.as_ref().is_some_and(|(_, t)| t >= stamp) {
+                return Ok(Applied::Unchanged);
+            }
+            let key = keys::manifest(name, digest);
+            let current = self.meta.get(key.as_bytes()).await?;
+            let mut txn = Txn::new()
+                .require_unchanged(tomb_key.clone(), tomb.as_ref().map(|(kv, _)| kv))
+                .require_unchanged(key.clone(), current.as_ref())
+                .put(tomb_key.clone(), encode(stamp));
+            if let Some(kv) = &current {
+                let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+                if newer(Some(stamp), record.stamp.as_ref()) {
+                    txn = txn.delete(key.clone());
+                    if let Some(subject) = &record.subject {
+                        txn = txn.delete(keys::referrer(name, subject, digest));
+                    }
+                    for kv in self.scan_all(&keys::tag_prefix(name)).await? {
+                        let tag: TagRecord = decode(&kv.key, &kv.value)?;
+                        if &tag.digest == digest && newer(Some(stamp), tag.stamp.as_ref()) {
+                            let tag_name =
+                                String::from_utf8_lossy(&kv.key[keys::tag_prefix(name).len()..])
+                                    .into_owned();
+                            txn = txn
+                                .require_version(kv.key.clone(), kv.version)
+                                .delete(kv.key)
+                                .put(keys::tag_tombstone(name, &tag_name), encode(stamp));
+                        }
+                    }
+                }
+            }
+            if self.meta.commit(txn).await? {
+                return Ok(Applied::Changed);
+            }
+        }
+        Err(conflict("replicated manifest delete"))
+    }
+
+    /// Every value a tag has had (here or in any region), oldest first.
+    pub async fn tag_history(
+        &self,
+        name: &RepositoryName,
+        tag: &str,
+    ) -> Result<Vec<TagHistoryEntry>> {
+        let mut out = Vec::new();
+        for kv in self.scan_all(&keys::tag_history_prefix(name, tag)).await? {
+            out.push(decode(&kv.key, &kv.value)?);
+        }
+        Ok(out)
+    }
+
+    /// A digest over every tag and its target, every manifest, and every
+    /// blob a manifest references: equal in two regions iff they hold the
+    /// same images.
+    pub async fn state_summary(&self, with_lines: bool) -> Result<StateSummary> {
+        use sha2::Digest as _;
+        let mut lines = Vec::new();
+        let mut tags = 0;
+        for kv in self.scan_all(keys::TAG_PREFIX).await? {
+            let tag: TagRecord = decode(&kv.key, &kv.value)?;
+            lines.push(format!(
+                "{} {}",
+                String::from_utf8_lossy(&kv.key),
+                tag.digest
+            ));
+            tags += 1;
+        }
+        let mut manifests = 0;
+        let mut blobs = std::collections::BTreeSet::new();
+        for kv in self.scan_all(keys::MANIFEST_PREFIX).await? {
+            let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+            lines.push(String::from_utf8_lossy(&kv.key).into_owned());
+            let repo = String::from_utf8_lossy(&kv.key[keys::MANIFEST_PREFIX.len()..]);
+            let repo = repo.split_once(':').map_or("", |(r, _)| r).to_string();
+            for r in record.references {
+                blobs.insert(format!("blob {repo} {r}"));
+            }
+            manifests += 1;
+        }
+        let blob_count = blobs.len();
+        lines.extend(blobs);
+        lines.sort();
+        let mut hasher = sha2::Sha256::new();
+        for line in &lines {
+            hasher.update(line.as_bytes());
+            hasher.update(b"\n");
+        }
+        Ok(StateSummary {
+            digest: hex::encode(hasher.finalize()),
+            tags,
+            manifests,
+            blobs: blob_count,
+            lines: if with_lines { lines } else { Vec::new() },
+        })
+    }
+}
+
+fn conflict(what: &str) -> RegistryError {
+    RegistryError::Store(berth_store::StoreError::Unavailable(format!(
+        "{what} kept conflicting with concurrent changes; retry"
+    )))
+}

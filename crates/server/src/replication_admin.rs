@@ -1,0 +1,172 @@
+//! Geo-replication endpoints: the change feed other regions tail
+//! (authenticated with the replication secret), and the operator endpoints
+//! behind `berth replication`.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use berth_oci::{ErrorCode, RepositoryName};
+use http::{HeaderMap, StatusCode, header};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Longest a feed request may wait for changes.
+const MAX_FEED_WAIT: Duration = Duration::from_secs(30);
+
+fn not_configured() -> Response {
+    ApiError::new(ErrorCode::Unsupported)
+        .status(StatusCode::NOT_FOUND)
+        .message("replication is not configured (see --region and --peer)")
+        .into_response()
+}
+
+fn failed(e: berth_replication::ReplicationError) -> Response {
+    match e {
+        berth_replication::ReplicationError::Registry(e) => ApiError::from(e).into_response(),
+        e @ berth_replication::ReplicationError::Config(_) => ApiError::new(ErrorCode::NameUnknown)
+            .message(e.to_string())
+            .into_response(),
+        e => ApiError::new(ErrorCode::Unavailable)
+            .message(e.to_string())
+            .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct FeedQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+fn default_limit() -> usize {
+    256
+}
+
+pub async fn feed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<FeedQuery>,
+) -> Response {
+    let Some(replication) = &state.replication else {
+        return not_configured();
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !replication.authorized(authorization) {
+        return ApiError::new(ErrorCode::Unauthorized)
+            .message("the change feed needs this region's replication secret")
+            .header(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"berth-replication\"",
+            )
+            .into_response();
+    }
+    let wait = Duration::from_millis(query.wait_ms).min(MAX_FEED_WAIT);
+    match replication.feed(query.after, query.limit, wait).await {
+        Ok(page) => axum::Json(page).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+pub async fn status(State(state): State<AppState>) -> Response {
+    let Some(replication) = &state.replication else {
+        return not_configured();
+    };
+    let serving = match replication.serving_disabled().await {
+        Ok(disabled) => !disabled,
+        Err(e) => return failed(e),
+    };
+    match replication.status().await {
+        Ok(peers) => axum::Json(serde_json::json!({
+            "region": replication.region(),
+            "serving": serving,
+            "peers": peers,
+        }))
+        .into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct StateQuery {
+    #[serde(default)]
+    lines: bool,
+}
+
+pub async fn state(State(state): State<AppState>, Query(query): Query<StateQuery>) -> Response {
+    match state.registry.state_summary(query.lines).await {
+        Ok(summary) => axum::Json(summary).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+pub async fn pause(
+    State(state): State<AppState>,
+    Path((peer, action)): Path<(String, String)>,
+) -> Response {
+    let Some(replication) = &state.replication else {
+        return not_configured();
+    };
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        _ => {
+            return ApiError::new(ErrorCode::Unsupported)
+                .status(StatusCode::NOT_FOUND)
+                .message("expected pause or resume")
+                .into_response();
+        }
+    };
+    match replication.set_paused(&peer, paused).await {
+        Ok(()) => axum::Json(serde_json::json!({ "peer": peer, "paused": paused })).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct ServingQuery {
+    enabled: bool,
+}
+
+pub async fn serving(State(state): State<AppState>, Query(query): Query<ServingQuery>) -> Response {
+    let Some(replication) = &state.replication else {
+        return not_configured();
+    };
+    match replication.set_serving(query.enabled).await {
+        Ok(()) => axum::Json(serde_json::json!({ "serving": query.enabled })).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct HistoryQuery {
+    repository: String,
+    tag: String,
+}
+
+pub async fn history(State(state): State<AppState>, Query(query): Query<HistoryQuery>) -> Response {
+    let name = match RepositoryName::parse(&query.repository) {
+        Ok(n) => n,
+        Err(e) => {
+            return ApiError::new(ErrorCode::NameInvalid)
+                .message(e.to_string())
+                .into_response();
+        }
+    };
+    match state.registry.tag_history(&name, &query.tag).await {
+        Ok(entries) => axum::Json(serde_json::json!({
+            "repository": query.repository,
+            "tag": query.tag,
+            "history": entries,
+        }))
+        .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
