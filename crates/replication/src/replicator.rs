@@ -366,6 +366,16 @@ impl Replicator {
             return Ok(());
         }
         let page = self.fetch_feed(peer, status.cursor).await?;
+        // Paused while the feed request waited: apply nothing of it.
+        if self
+            .meta
+            .get(paused_key(&peer.name).as_bytes())
+            .await
+            .map_err(RegistryError::from)?
+            .is_some()
+        {
+            return Ok(());
+        }
         status.head = page.head;
         status.oldest_pending_ms = page.events.first().map_or(0, |e| e.ms);
         let mut cursor = status.cursor;

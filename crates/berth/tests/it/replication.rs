@@ -472,3 +472,171 @@ async fn replication_figures() {
     };
     std::fs::write(&report, doc).unwrap();
 }
+
+#[tokio::test]
+async fn pausing_a_peer_and_turning_serving_off() {
+    let regions = Regions::start(&["eu", "us"]).await;
+    let (eu, us) = (&regions.regs[0], &regions.regs[1]);
+    let out = std::process::Command::new(BIN)
+        .args(["replication", "pause", "eu", "--registry", &us.url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = Image::oci(fresh_seed(), 1, 1000);
+    image.push(eu, "team/paused", Some("1")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = local_get(us, "/v2/team/paused/manifests/1").await;
+    assert_eq!(r.status, 404, "paused: nothing applied: {}", r.describe());
+    let status = us.get("/berth/v1/replication/status").await.json();
+    assert_eq!(status["peers"][0]["paused"], true, "{status}");
+    let out = std::process::Command::new(BIN)
+        .args(["replication", "resume", "eu", "--registry", &us.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    regions.converge(Duration::from_secs(30)).await;
+    expect_local_image(us, "team/paused", "1", &image).await;
+
+    // Serving off: /readyz fails (load balancers fail over); on again.
+    let out = std::process::Command::new(BIN)
+        .args(["replication", "serving", "off", "--registry", &eu.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(eu.get("/readyz").await.status, 503);
+    let out = std::process::Command::new(BIN)
+        .args(["replication", "status", "--registry", &eu.url()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "status fails while serving is off"
+    );
+    // Its feed is still served: peers keep up with it.
+    let image2 = Image::oci(fresh_seed(), 1, 1000);
+    image2.push(eu, "team/paused", Some("2")).await;
+    regions.converge(Duration::from_secs(30)).await;
+    std::process::Command::new(BIN)
+        .args(["replication", "serving", "on", "--registry", &eu.url()])
+        .output()
+        .unwrap();
+    assert_eq!(eu.get("/readyz").await.status, 200);
+}
+
+#[tokio::test]
+async fn peer_filters_choose_what_replicates() {
+    let ports = [free_port(), free_port()];
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("us.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "region = \"us\"\nreplication_secret = \"{SECRET}\"\n[[peer]]\nname = \"eu\"\nurl = \"http://127.0.0.1:{}\"\ninclude = [\"team/*\"]\nexclude = [\"team/private*\"]\n",
+            ports[0]
+        ),
+    )
+    .unwrap();
+    let names = vec!["eu".to_string(), "us".to_string()];
+    let eu = Registry::start_with(region_options(&names, &ports, 0)).await;
+    let us = Registry::start_with(
+        Options::new()
+            .port(ports[1])
+            .flag("--config", config.display()),
+    )
+    .await;
+    let seed = fresh_seed();
+    let images: Vec<Image> = (0..3).map(|i| Image::oci(seed + i, 1, 1000)).collect();
+    images[0].push(&eu, "team/app", Some("1")).await;
+    images[1].push(&eu, "team/private-x", Some("1")).await;
+    images[2].push(&eu, "other/app", Some("1")).await;
+    let marker = Image::oci(seed + 9, 1, 1000);
+    marker.push(&eu, "team/marker", Some("1")).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            local_get(&us, "/v2/team/marker/manifests/1").await.status == 200
+        })
+        .await
+    );
+    expect_local_image(&us, "team/app", "1", &images[0]).await;
+    for repo in ["team/private-x", "other/app"] {
+        let r = local_get(&us, &format!("/v2/{repo}/manifests/1")).await;
+        assert_eq!(r.status, 404, "{repo} is filtered out: {}", r.describe());
+    }
+}
+
+/// Region eu as a 3-node cluster (etcd metadata, S3 blobs; the second pass
+/// of `scripts/test`), region us a single node. Replication into eu runs on
+/// one eu node; killing eu nodes moves it to the one left.
+#[tokio::test]
+async fn a_cluster_region_replicates_and_survives_losing_nodes() {
+    if std::env::var_os("BERTH_IT_ETCD").is_none() || !blobs_in_s3() {
+        eprintln!("SKIPPED: needs the cluster engines (BERTH_IT_ETCD and BERTH_IT_S3)");
+        return;
+    }
+    let names = vec!["eu".to_string(), "us".to_string()];
+    let eu_ports = [free_port(), free_port(), free_port()];
+    let us_port = free_port();
+    // us tails eu through eu's second node.
+    let shared = tempfile::tempdir().unwrap();
+    let eu_dir = shared.path().join("eu");
+    let mut eu_nodes = Vec::new();
+    for port in eu_ports {
+        eu_nodes.push(
+            Registry::start_with(
+                region_options(&names, &[port, us_port], 0)
+                    .data_dir(&eu_dir)
+                    .flag("--node-name", format!("eu-{port}")),
+            )
+            .await,
+        );
+    }
+    let us = Registry::start_with(region_options(&names, &[eu_ports[1], us_port], 1)).await;
+    let seed = fresh_seed();
+    let from_eu = Image::oci(seed, 2, 100_000);
+    from_eu.push(&eu_nodes[0], "team/app", Some("1")).await;
+    // At once from us, read through eu's second node.
+    let r = us.get("/v2/team/app/manifests/1").await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let synced = |a: &Registry, b: &Registry| {
+        let (a, b) = (a.url(), b.url());
+        async move {
+            let client = new_client();
+            let get = |u: String| {
+                let client = client.clone();
+                async move {
+                    client
+                        .get(format!("{u}/berth/v1/replication/state"))
+                        .send()
+                        .await
+                        .ok()?
+                        .bytes()
+                        .await
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                }
+            };
+            let (x, y) = (get(a).await, get(b).await);
+            x.is_some() && x == y
+        }
+    };
+    assert!(eventually(Duration::from_secs(30), || synced(&eu_nodes[1], &us)).await);
+    expect_local_image(&us, "team/app", "1", &from_eu).await;
+
+    // Lose two eu nodes, the replication leader among them or not: the one
+    // left takes the work over.
+    eu_nodes[0].kill9();
+    eu_nodes[2].kill9();
+    let from_us = Image::oci(seed + 1, 2, 100_000);
+    from_us.push(&us, "team/app", Some("2")).await;
+    assert!(
+        eventually(Duration::from_secs(45), || synced(&eu_nodes[1], &us)).await,
+        "eu's remaining node did not catch up: {}",
+        eu_nodes[1].log_tail(30)
+    );
+    expect_local_image(&eu_nodes[1], "team/app", "2", &from_us).await;
+}
