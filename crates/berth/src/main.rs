@@ -48,6 +48,15 @@ enum Command {
             global = true
         )]
         registry: String,
+        /// The region's replication secret (needed to pause, resume and
+        /// turn serving off or on).
+        #[arg(
+            long,
+            env = "BERTH_REPLICATION_SECRET",
+            hide_env_values = true,
+            global = true
+        )]
+        replication_secret: Option<String>,
         #[command(subcommand)]
         command: ReplicationCommand,
     },
@@ -193,19 +202,24 @@ fn main() -> ExitCode {
             }),
             Err(code) => code,
         },
-        Command::Replication { registry, command } => run_admin(|| async move {
+        Command::Replication {
+            registry,
+            replication_secret,
+            command,
+        } => run_admin(|| async move {
+            let secret = replication_secret.as_deref();
             match command {
                 ReplicationCommand::Status { json } => {
                     replication_cmd::status(&registry, json).await
                 }
                 ReplicationCommand::Pause { peer } => {
-                    replication_cmd::pause(&registry, &peer, true).await
+                    replication_cmd::pause(&registry, secret, &peer, true).await
                 }
                 ReplicationCommand::Resume { peer } => {
-                    replication_cmd::pause(&registry, &peer, false).await
+                    replication_cmd::pause(&registry, secret, &peer, false).await
                 }
                 ReplicationCommand::Serving { state } => {
-                    replication_cmd::serving(&registry, state == "on").await
+                    replication_cmd::serving(&registry, secret, state == "on").await
                 }
             }
         }),

@@ -6,14 +6,21 @@ use std::time::Duration;
 
 use crate::admin::AdminError;
 
-async fn call(method: reqwest::Method, url: &str) -> Result<serde_json::Value, AdminError> {
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    secret: Option<&str>,
+) -> Result<serde_json::Value, AdminError> {
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| AdminError::Failed(format!("HTTP client: {e}")))?;
-    let response = client
-        .request(method.clone(), url)
+    let mut request = client.request(method.clone(), url);
+    if let Some(secret) = secret {
+        request = request.bearer_auth(secret);
+    }
+    let response = request
         .send()
         .await
         .map_err(|e| AdminError::Failed(format!("{method} {url}: {e}")))?;
@@ -40,11 +47,13 @@ pub async fn status(base: &str, json: bool) -> Result<bool, AdminError> {
     let body = call(
         reqwest::Method::GET,
         &format!("{base}/berth/v1/replication/status"),
+        None,
     )
     .await?;
     let state = call(
         reqwest::Method::GET,
         &format!("{base}/berth/v1/replication/state"),
+        None,
     )
     .await?;
     if json {
@@ -95,7 +104,12 @@ pub async fn status(base: &str, json: bool) -> Result<bool, AdminError> {
     Ok(healthy)
 }
 
-pub async fn pause(base: &str, peer: &str, paused: bool) -> Result<bool, AdminError> {
+pub async fn pause(
+    base: &str,
+    secret: Option<&str>,
+    peer: &str,
+    paused: bool,
+) -> Result<bool, AdminError> {
     let action = if paused { "pause" } else { "resume" };
     call(
         reqwest::Method::POST,
@@ -103,6 +117,7 @@ pub async fn pause(base: &str, peer: &str, paused: bool) -> Result<bool, AdminEr
             "{}/berth/v1/replication/peers/{peer}/{action}",
             base.trim_end_matches('/')
         ),
+        secret,
     )
     .await?;
     println!(
@@ -112,13 +127,14 @@ pub async fn pause(base: &str, peer: &str, paused: bool) -> Result<bool, AdminEr
     Ok(true)
 }
 
-pub async fn serving(base: &str, enabled: bool) -> Result<bool, AdminError> {
+pub async fn serving(base: &str, secret: Option<&str>, enabled: bool) -> Result<bool, AdminError> {
     call(
         reqwest::Method::POST,
         &format!(
             "{}/berth/v1/region/serving?enabled={enabled}",
             base.trim_end_matches('/')
         ),
+        secret,
     )
     .await?;
     println!(

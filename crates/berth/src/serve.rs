@@ -195,6 +195,7 @@ fn open_cache(
                 .clone()
                 .map(|(username, password)| Credentials { username, password }),
             bearer: None,
+            headers: Vec::new(),
             timeout: settings.upstream_timeout,
         })
         .collect();

@@ -535,7 +535,7 @@ impl PullThroughCache {
     async fn forget_tag(&self, target: &Target, tag: &Tag) -> Result<()> {
         match self
             .registry
-            .delete_manifest(&target.local, &Reference::Tag(tag.clone()))
+            .forget_manifest(&target.local, &Reference::Tag(tag.clone()))
             .await
         {
             Ok(()) | Err(RegistryError::ManifestUnknown) => {}
@@ -1054,7 +1054,7 @@ impl PullThroughCache {
                 .unwrap_or_default();
             match self
                 .registry
-                .delete_manifest(repo, &Reference::Digest(digest.clone()))
+                .forget_manifest(repo, &Reference::Digest(digest.clone()))
                 .await
             {
                 Ok(()) | Err(RegistryError::ManifestUnknown) => {}

@@ -54,6 +54,8 @@ pub struct UpstreamConfig {
     /// A fixed bearer token sent with every request (replication peers
     /// authenticate with a shared secret).
     pub bearer: Option<String>,
+    /// Headers sent with every request.
+    pub headers: Vec<(String, String)>,
     /// Time allowed for a metadata request (manifest, HEAD, token) in all,
     /// and for each read of a blob body.
     pub timeout: Duration,
@@ -350,6 +352,9 @@ impl UpstreamClient {
             if let Some(auth) = self.authorization(&scope) {
                 request = request.header(header::AUTHORIZATION, auth);
             }
+            for (name, value) in &self.config.headers {
+                request = request.header(name.as_str(), value.as_str());
+            }
             let response = request.send().await.map_err(|e| self.transport_error(&e))?;
             if response.status() != StatusCode::UNAUTHORIZED || challenged {
                 return Ok(response);
@@ -520,6 +525,7 @@ mod tests {
             url: url.into(),
             credentials: None,
             bearer: None,
+            headers: Vec::new(),
             timeout: Duration::from_secs(1),
         }
     }

@@ -88,6 +88,10 @@ impl Change {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LogHead {
     pub seq: u64,
+    /// Made when the log is: a log rebuilt from scratch (a restored or new
+    /// store) has another, so peers know to start over.
+    #[serde(default)]
+    pub epoch: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -82,6 +82,13 @@ pub fn now_ms() -> u64 {
 /// registry reports the conflict as a storage failure.
 const TXN_ATTEMPTS: usize = 16;
 
+/// A short random pause before retrying a transaction that lost a race, so
+/// that writers contending on one key (the change log head) spread out.
+async fn backoff() {
+    let ms = rand::random::<u64>() % 8 + 1;
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
 /// A blob removal must delete the bytes within this time of marking the
 /// blob's record, or give up.
 const REMOVAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
@@ -1075,26 +1082,59 @@ impl Registry {
             // The tag as it is now, guarded: a replicated write of it that
             // lands meanwhile makes this attempt retry with a newer stamp,
             // so the push stays the last writer here as everywhere.
-            let tag_seen = match tag {
-                Some(tag) => {
+            let (tag_seen, tag_tomb_seen) = match tag {
+                Some(tag) => (
                     self.meta
                         .get(keys::tag(name, tag.as_str()).as_bytes())
-                        .await?
-                }
-                None => None,
+                        .await?,
+                    self.meta
+                        .get(keys::tag_tombstone(name, tag.as_str()).as_bytes())
+                        .await?,
+                ),
+                None => (None, None),
             };
             let tombstone = keys::manifest_tombstone(name, &digest);
             let tombstone_seen = self.meta.get(tombstone.as_bytes()).await?;
+            let manifest_seen = self
+                .meta
+                .get(keys::manifest(name, &digest).as_bytes())
+                .await?;
+            // Newer than everything it overwrites, here and elsewhere.
+            self.observe_record::<TagRecord>(tag_seen.as_ref());
+            self.observe_record::<Stamp>(tag_tomb_seen.as_ref());
+            self.observe_record::<Stamp>(tombstone_seen.as_ref());
+            self.observe_record::<ManifestRecord>(manifest_seen.as_ref());
             let stamp = self.local_stamp();
             let (mut txn, subject) = self
                 .manifest_txn(name, &digest, &manifest, tag, Some(&stamp), size)
                 .await?;
-            // Pushed again after a delete: the delete no longer holds.
+            // A delete's tombstone stays: the manifest is present because
+            // this put is newer than it.
             txn = txn
-                .require_unchanged(tombstone.clone(), tombstone_seen.as_ref())
-                .delete(tombstone);
+                .require_unchanged(tombstone, tombstone_seen.as_ref())
+                .require_unchanged(keys::manifest(name, &digest), manifest_seen.as_ref());
             if let Some(tag) = tag {
-                txn = txn.require_unchanged(keys::tag(name, tag.as_str()), tag_seen.as_ref());
+                txn = txn
+                    .require_unchanged(keys::tag(name, tag.as_str()), tag_seen.as_ref())
+                    .require_unchanged(
+                        keys::tag_tombstone(name, tag.as_str()),
+                        tag_tomb_seen.as_ref(),
+                    );
+            }
+            // An index's push is a put of its children too (in every region
+            // alike), so a concurrent delete of a child cannot orphan it.
+            for child in manifest.children() {
+                if ManifestKind::from_media_type(&child.media_type).is_none() {
+                    continue;
+                }
+                let key = keys::manifest(name, &child.digest);
+                if let Some(kv) = self.meta.get(key.as_bytes()).await? {
+                    let mut record: ManifestRecord = decode(&kv.key, &kv.value)?;
+                    if record.stamp.as_ref() < Some(&stamp) {
+                        record.stamp = Some(stamp.clone());
+                        txn = txn.put(key, encode(&record));
+                    }
+                }
             }
             for (key, version) in guards {
                 txn = txn.require_version(key, version);
@@ -1104,11 +1144,10 @@ impl Registry {
                 self.changes_committed();
                 return Ok(PutManifestOutcome { digest, subject });
             }
+            backoff().await;
             guards = self.reference_guards(name, &manifest).await?;
         }
-        Err(RegistryError::Store(berth_store::StoreError::Database(
-            "manifest push kept conflicting with concurrent changes to its references".into(),
-        )))
+        Err(changes::conflict("manifest push"))
     }
 
     /// Stores a manifest fetched from an upstream registry (and tags it, with
@@ -1125,10 +1164,24 @@ impl Registry {
     ) -> Result<ManifestRecord> {
         let reference = Reference::Digest(digest.clone());
         let (digest, manifest) = self.parse_manifest(&reference, content_type, &bytes)?;
+        // Deleted here (a tombstone): a copy from elsewhere must not bring it
+        // back. Already here (maybe stamped by replication): left as it is.
+        let tomb_key = keys::manifest_tombstone(name, &digest);
+        if self.meta.get(tomb_key.as_bytes()).await?.is_some() {
+            return Err(RegistryError::ManifestUnknown);
+        }
+        let key = keys::manifest(name, &digest);
+        let existing = self.meta.get(key.as_bytes()).await?;
+        if existing.is_some() && tag.is_none() {
+            return self.manifest_record(name, &digest).await;
+        }
         let (txn, _) = self
             .store_manifest(name, &digest, &manifest, tag, None, bytes)
             .await?;
-        self.meta.commit(txn).await?;
+        let txn = txn.require_absent(tomb_key);
+        if !self.meta.commit(txn).await? {
+            return Err(changes::conflict("cached manifest"));
+        }
         self.manifest_record(name, &digest).await
     }
 
@@ -1339,12 +1392,26 @@ impl Registry {
         reference: &Reference,
     ) -> Result<()> {
         match reference {
-            Reference::Tag(tag) => self.delete_tag(name, tag).await,
-            Reference::Digest(digest) => self.delete_manifest_by_digest(name, digest).await,
+            Reference::Tag(tag) => self.delete_tag(name, tag, true).await,
+            Reference::Digest(digest) => self.delete_manifest_by_digest(name, digest, true).await,
         }
     }
 
-    async fn delete_tag(&self, name: &RepositoryName, tag: &Tag) -> Result<()> {
+    /// A delete of the pull-through cache's own (an eviction, an upstream's
+    /// tag gone): not a change of this region's, so neither logged for
+    /// other regions nor kept as a tombstone.
+    pub async fn forget_manifest(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> Result<()> {
+        match reference {
+            Reference::Tag(tag) => self.delete_tag(name, tag, false).await,
+            Reference::Digest(digest) => self.delete_manifest_by_digest(name, digest, false).await,
+        }
+    }
+
+    async fn delete_tag(&self, name: &RepositoryName, tag: &Tag, logged: bool) -> Result<()> {
         let key = keys::tag(name, tag.as_str());
         let change = Change::Untag {
             repository: name.to_string(),
@@ -1356,27 +1423,40 @@ impl Registry {
                 .get(key.as_bytes())
                 .await?
                 .ok_or(RegistryError::ManifestUnknown)?;
-            // After the read: newer than the value it removes.
-            let stamp = self.local_stamp();
             let txn = Txn::new()
                 .require_version(key.clone(), seen.version)
-                .delete(key.clone())
-                .put(keys::tag_tombstone(name, tag.as_str()), encode(&stamp));
+                .delete(key.clone());
+            if !logged {
+                if self.meta.commit(txn).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let record: TagRecord = decode(&seen.key, &seen.value)?;
+            let tomb_key = keys::tag_tombstone(name, tag.as_str());
+            let tomb = self.meta.get(tomb_key.as_bytes()).await?;
+            // Newer than everything it overwrites, here and elsewhere.
+            self.observe_stamp(record.stamp.as_ref());
+            self.observe_record::<Stamp>(tomb.as_ref());
+            let stamp = self.local_stamp();
+            let txn = txn
+                .require_unchanged(tomb_key.clone(), tomb.as_ref())
+                .put(tomb_key, encode(&stamp));
             let txn = self.log_change(txn, &stamp, change.clone()).await?;
             if self.meta.commit(txn).await? {
                 self.changes_committed();
                 return Ok(());
             }
+            backoff().await;
         }
-        Err(RegistryError::Store(berth_store::StoreError::Database(
-            "tag delete kept conflicting with concurrent changes".into(),
-        )))
+        Err(changes::conflict("tag delete"))
     }
 
     async fn delete_manifest_by_digest(
         &self,
         name: &RepositoryName,
         digest: &Digest,
+        logged: bool,
     ) -> Result<()> {
         for _ in 0..TXN_ATTEMPTS {
             let key = keys::manifest(name, digest);
@@ -1386,11 +1466,13 @@ impl Registry {
                 .await?
                 .ok_or(RegistryError::ManifestUnknown)?;
             let record: ManifestRecord = decode(&seen.key, &seen.value)?;
-            let stamp = self.local_stamp();
+            let tomb_key = keys::manifest_tombstone(name, digest);
+            let tomb = self.meta.get(tomb_key.as_bytes()).await?;
             let mut txn = Txn::new()
                 .require_version(key.clone(), seen.version)
-                .delete(key)
-                .put(keys::manifest_tombstone(name, digest), encode(&stamp));
+                .delete(key);
+            self.observe_stamp(record.stamp.as_ref());
+            self.observe_record::<Stamp>(tomb.as_ref());
             let prefix = keys::tag_prefix(name);
             let mut tags = Vec::new();
             for kv in self.scan_all(&prefix).await? {
@@ -1399,28 +1481,40 @@ impl Registry {
                     let tag_name = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
                     txn = txn
                         .require_version(kv.key.clone(), kv.version)
-                        .delete(kv.key)
-                        .put(keys::tag_tombstone(name, &tag_name), encode(&stamp));
+                        .delete(kv.key);
+                    self.observe_stamp(tag.stamp.as_ref());
+                    if logged && let Some(own) = &tag.stamp {
+                        // The set is hidden, not overwritten: a later write
+                        // of the tag elsewhere still wins.
+                        txn = txn.put(keys::tag_tombstone(name, &tag_name), encode(own));
+                    }
                     tags.push(tag_name);
                 }
             }
             if let Some(subject) = &record.subject {
                 txn = txn.delete(keys::referrer(name, subject, digest));
             }
-            let change = Change::DeleteManifest {
-                repository: name.to_string(),
-                digest: digest.clone(),
-                tags,
-            };
-            let txn = self.log_change(txn, &stamp, change).await?;
+            if logged {
+                let stamp = self.local_stamp();
+                txn = txn
+                    .require_unchanged(tomb_key.clone(), tomb.as_ref())
+                    .put(tomb_key, encode(&stamp));
+                let change = Change::DeleteManifest {
+                    repository: name.to_string(),
+                    digest: digest.clone(),
+                    tags,
+                };
+                txn = self.log_change(txn, &stamp, change).await?;
+            }
             if self.meta.commit(txn).await? {
-                self.changes_committed();
+                if logged {
+                    self.changes_committed();
+                }
                 return Ok(());
             }
+            backoff().await;
         }
-        Err(RegistryError::Store(berth_store::StoreError::Database(
-            "manifest delete kept conflicting with concurrent tag updates".into(),
-        )))
+        Err(changes::conflict("manifest delete"))
     }
 
     async fn scan_all(&self, prefix: &str) -> Result<Vec<KeyValue>> {

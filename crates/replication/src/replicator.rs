@@ -69,6 +69,10 @@ type Result<T> = std::result::Result<T, ReplicationError>;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FeedPage {
     pub region: String,
+    /// The log's identity: another one means the log was rebuilt and a
+    /// reader starts over.
+    #[serde(default)]
+    pub epoch: String,
     pub head: u64,
     pub events: Vec<ChangeEvent>,
 }
@@ -92,6 +96,21 @@ pub struct PeerStatus {
     pub last_error_ms: u64,
     pub paused: bool,
     pub updated_ms: u64,
+}
+
+/// How far replication from a peer got: the last change applied, in which
+/// of the peer's logs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Cursor {
+    seq: u64,
+    #[serde(default)]
+    epoch: String,
+}
+
+impl Cursor {
+    fn decode(bytes: &[u8]) -> Cursor {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
 }
 
 fn cursor_key(peer: &str) -> String {
@@ -147,6 +166,9 @@ impl Replicator {
                 url: p.url.clone(),
                 credentials: None,
                 bearer: Some(p.secret.clone()),
+                // The peer answers from its own storage: no read-through
+                // back and forth between regions.
+                headers: vec![("x-berth-local-only".to_string(), "1".to_string())],
                 timeout: options.read_through_timeout,
             })
             .collect();
@@ -206,7 +228,11 @@ impl Replicator {
     pub async fn feed(&self, after: u64, limit: usize, wait: Duration) -> Result<FeedPage> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let (events, head) = self
+            // Interest first, then the read: a write in between wakes us.
+            let signal = self.registry.change_signal().notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            let (events, head, epoch) = self
                 .registry
                 .changes_after(after, limit.clamp(1, 1000))
                 .await?;
@@ -214,15 +240,14 @@ impl Replicator {
             if !events.is_empty() || now >= deadline {
                 return Ok(FeedPage {
                     region: self.options.region.clone(),
+                    epoch,
                     head,
                     events,
                 });
             }
             // Woken by a local write; polled for writes of other nodes.
-            let left = deadline - now;
-            self.registry
-                .wait_for_changes(left.min(Duration::from_millis(250)))
-                .await;
+            let left = (deadline - now).min(Duration::from_millis(250));
+            let _ = tokio::time::timeout(left, signal).await;
         }
     }
 
@@ -259,7 +284,11 @@ impl Replicator {
             .unwrap_or_default();
         status.peer = peer.name.clone();
         status.url = peer.url.clone();
-        status.cursor = self.load(&cursor_key(&peer.name)).await?.unwrap_or(0);
+        status.cursor = self
+            .load::<Cursor>(&cursor_key(&peer.name))
+            .await?
+            .unwrap_or_default()
+            .seq;
         status.paused = self
             .meta
             .get(paused_key(&peer.name).as_bytes())
@@ -365,7 +394,26 @@ impl Replicator {
             tokio::time::sleep(Duration::from_secs(1)).await;
             return Ok(());
         }
-        let page = self.fetch_feed(peer, status.cursor).await?;
+        let cursor_seen = self
+            .meta
+            .get(cursor_key(&peer.name).as_bytes())
+            .await
+            .map_err(RegistryError::from)?;
+        let saved = cursor_seen
+            .as_ref()
+            .map(|kv| Cursor::decode(&kv.value))
+            .unwrap_or_default();
+        let mut page = self.fetch_feed(peer, saved.seq).await?;
+        let mut cursor = saved.clone();
+        if (!saved.epoch.is_empty() && !page.epoch.is_empty() && saved.epoch != page.epoch)
+            || page.head < saved.seq
+        {
+            // The peer's log was rebuilt: start over (applying is idempotent).
+            tracing::warn!(peer = %peer.name, "the peer's change log is new; replicating it from the start");
+            cursor = Cursor::default();
+            page = self.fetch_feed(peer, 0).await?;
+        }
+        cursor.epoch = page.epoch.clone();
         // Paused while the feed request waited: apply nothing of it.
         if self
             .meta
@@ -378,15 +426,14 @@ impl Replicator {
         }
         status.head = page.head;
         status.oldest_pending_ms = page.events.first().map_or(0, |e| e.ms);
-        let mut cursor = status.cursor;
         let mut outcome = Ok(());
         for event in &page.events {
-            if event.seq <= cursor {
+            if event.seq <= cursor.seq {
                 continue;
             }
             match self.apply_event(peer, event).await {
                 Ok(copied) => {
-                    cursor = event.seq;
+                    cursor.seq = event.seq;
                     status.applied += 1;
                     status.bytes_copied += copied;
                     self.metrics.events_applied.get_or_create(&labels).inc();
@@ -406,10 +453,25 @@ impl Replicator {
             status.oldest_pending_ms = 0;
             status.last_error = None;
         }
-        // The cursor only moves forward, past changes applied durably.
-        self.save(&cursor_key(&peer.name), &cursor).await?;
-        status.cursor = cursor;
-        status.events_behind = status.head.saturating_sub(cursor);
+        // Guarded by the cursor read at the start: if another node (a
+        // former leader) moved it meanwhile, it is not moved back.
+        let saved_now = self
+            .meta
+            .commit(
+                Txn::new()
+                    .require_unchanged(cursor_key(&peer.name), cursor_seen.as_ref())
+                    .put(
+                        cursor_key(&peer.name),
+                        serde_json::to_vec(&cursor).unwrap_or_default(),
+                    ),
+            )
+            .await
+            .map_err(RegistryError::from)?;
+        if !saved_now {
+            return outcome;
+        }
+        status.cursor = cursor.seq;
+        status.events_behind = status.head.saturating_sub(cursor.seq);
         status.updated_ms = now_ms();
         self.metrics
             .events_behind
@@ -473,6 +535,23 @@ impl Replicator {
 
     /// Copies what a change needs and applies it. Returns the bytes copied.
     async fn apply_event(&self, peer: &PeerConfig, event: &ChangeEvent) -> Result<u64> {
+        match self.apply_event_once(peer, event).await {
+            // Content this region can never take (over its limits, invalid):
+            // retrying would block the peer forever. Skipped, and said so.
+            Err(ReplicationError::Registry(
+                e @ (RegistryError::ManifestInvalid(_)
+                | RegistryError::TooLarge { .. }
+                | RegistryError::DigestInvalid(_)
+                | RegistryError::SizeInvalid(_)),
+            )) => {
+                tracing::error!(peer = %peer.name, seq = event.seq, error = %e, "skipping a change this region cannot take");
+                Ok(0)
+            }
+            result => result,
+        }
+    }
+
+    async fn apply_event_once(&self, peer: &PeerConfig, event: &ChangeEvent) -> Result<u64> {
         let repository = event.change.repository();
         if !glob::selected(&peer.include, &peer.exclude, repository) {
             return Ok(0);
@@ -568,10 +647,17 @@ impl Replicator {
                     format!("manifest {digest} too large"),
                 ));
             }
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| Self::peer_error(peer, format!("manifest {digest}: {e}")))?;
+            let mut bytes = bytes::BytesMut::new();
+            let mut body = response.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk =
+                    chunk.map_err(|e| Self::peer_error(peer, format!("manifest {digest}: {e}")))?;
+                if (bytes.len() + chunk.len()) as u64 > limit {
+                    return Err(RegistryError::TooLarge { limit }.into());
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            let bytes = bytes.freeze();
             if Digest::of(digest.algorithm(), &bytes) != *digest {
                 return Err(Self::peer_error(
                     peer,
@@ -583,9 +669,14 @@ impl Replicator {
                 .map_err(|e| Self::peer_error(peer, format!("manifest {digest}: {e}")))?;
             if depth < MAX_DEPTH {
                 for child in manifest.children() {
-                    if berth_oci::ManifestKind::from_media_type(&child.media_type).is_some() {
-                        self.ensure_manifest(peer, name, &child.digest, stamp, depth + 1, copied)
-                            .await?;
+                    if berth_oci::ManifestKind::from_media_type(&child.media_type).is_some()
+                        && !self
+                            .ensure_manifest(peer, name, &child.digest, stamp, depth + 1, copied)
+                            .await?
+                    {
+                        // A child gone at the origin: the index is not
+                        // stored without it.
+                        return Ok(false);
                     }
                 }
             }
@@ -645,9 +736,8 @@ impl Replicator {
             .send()
             .await
             .map_err(|e| Self::peer_error(peer, format!("blob {digest}: {e}")))?;
-        if is_gone(response.status()) {
-            return Ok(None);
-        }
+        // A blob the peer lacks while it has the manifest (its blob was
+        // deleted there) is an error to retry, not a reason to skip.
         if !response.status().is_success() {
             return Err(Self::peer_error(
                 peer,
@@ -665,9 +755,16 @@ impl Replicator {
     }
 
     fn targets(&self, name: &RepositoryName) -> Vec<Target> {
+        let selected = |ns: &str| {
+            self.options
+                .peers
+                .iter()
+                .find(|p| p.name == ns)
+                .is_some_and(|p| glob::selected(&p.include, &p.exclude, name.as_str()))
+        };
         self.peers_cache
             .namespaces()
-            .filter(|ns| !self.peers_cache.is_down(ns))
+            .filter(|ns| !self.peers_cache.is_down(ns) && selected(ns))
             .map(|ns| Target {
                 namespace: ns.to_string(),
                 remote: name.to_string(),

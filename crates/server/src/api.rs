@@ -388,6 +388,12 @@ impl Ctx<'_> {
         let Some(replicator) = self.replicator() else {
             return Ok(None);
         };
+        // Pushers probe for blobs with HEADs: a blob that is not linked in
+        // this repository must not look present, or the client skips an
+        // upload its manifest then lacks.
+        if head {
+            return Ok(None);
+        }
         match self.state.registry.stat_blob(name, digest).await {
             Ok(_) => Ok(None),
             Err(berth_registry::RegistryError::BlobUnknown(_)) => Ok(replicator

@@ -107,13 +107,34 @@ pub async fn state(State(state): State<AppState>, Query(query): Query<StateQuery
     }
 }
 
+/// Operator actions that change how a region behaves need the region's
+/// replication secret.
+fn authorize(replication: &berth_replication::Replicator, headers: &HeaderMap) -> Option<Response> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    (!replication.authorized(authorization)).then(|| {
+        ApiError::new(ErrorCode::Unauthorized)
+            .message("this action needs the region's replication secret (--replication-secret)")
+            .header(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"berth-replication\"",
+            )
+            .into_response()
+    })
+}
+
 pub async fn pause(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path((peer, action)): Path<(String, String)>,
 ) -> Response {
     let Some(replication) = &state.replication else {
         return not_configured();
     };
+    if let Some(refused) = authorize(replication, &headers) {
+        return refused;
+    }
     let paused = match action.as_str() {
         "pause" => true,
         "resume" => false,
@@ -135,10 +156,17 @@ pub struct ServingQuery {
     enabled: bool,
 }
 
-pub async fn serving(State(state): State<AppState>, Query(query): Query<ServingQuery>) -> Response {
+pub async fn serving(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ServingQuery>,
+) -> Response {
     let Some(replication) = &state.replication else {
         return not_configured();
     };
+    if let Some(refused) = authorize(replication, &headers) {
+        return refused;
+    }
     match replication.set_serving(query.enabled).await {
         Ok(()) => axum::Json(serde_json::json!({ "serving": query.enabled })).into_response(),
         Err(e) => failed(e),

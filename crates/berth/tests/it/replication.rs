@@ -96,6 +96,33 @@ impl Regions {
     }
 }
 
+/// Pauses or resumes, in `reg`'s region, replication from `peer`.
+async fn set_paused(reg: &Registry, peer: &str, paused: bool) {
+    let action = if paused { "pause" } else { "resume" };
+    let r = send(
+        reg.req(
+            reqwest::Method::POST,
+            &format!("/berth/v1/replication/peers/{peer}/{action}"),
+        )
+        .bearer_auth(SECRET),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+}
+
+impl Regions {
+    /// Every region stops (or resumes) applying every other's changes.
+    async fn isolate(&self, isolated: bool) {
+        for (i, reg) in self.regs.iter().enumerate() {
+            for (j, name) in self.names.iter().enumerate() {
+                if i != j {
+                    set_paused(reg, name, isolated).await;
+                }
+            }
+        }
+    }
+}
+
 async fn state(reg: &Registry) -> String {
     let r = reg.get("/berth/v1/replication/state").await;
     assert_eq!(r.status, 200, "{}", r.describe());
@@ -133,6 +160,8 @@ async fn a_push_in_one_region_pulls_at_once_in_another_and_all_regions_converge(
     let regions = Regions::start(&["eu", "us", "ap"]).await;
     let (eu, us, ap) = (&regions.regs[0], &regions.regs[1], &regions.regs[2]);
     let image = Image::oci(fresh_seed(), 3, 200_000);
+    // us is not applying eu's changes: what it serves comes by read-through.
+    set_paused(us, "eu", true).await;
     image.push(eu, "team/app", Some("1.0")).await;
     // At once, in another region: read through, never "manifest unknown".
     let r = us.get("/v2/team/app/manifests/1.0").await;
@@ -141,6 +170,23 @@ async fn a_push_in_one_region_pulls_at_once_in_another_and_all_regions_converge(
     for blob in image.blobs() {
         assert!(us.blob_bytes("team/app", &sha256_digest(blob)).await == blob);
     }
+    let metrics = us.get("/metrics").await.text();
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("berth_replication_read_throughs_total{peer=\"eu\"}")
+            && !l.ends_with(" 0")),
+        "served by read-through: {metrics}"
+    );
+    // A HEAD probe of a blob that is not here does not read through (a
+    // pusher would skip its upload).
+    let r = us
+        .head(&format!(
+            "/v2/team/other/blobs/{}",
+            sha256_digest(&image.layers[0])
+        ))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.describe());
+    set_paused(us, "eu", false).await;
     // An index pushed in a third region.
     let amd = Image::oci(fresh_seed(), 2, 50_000);
     let arm = Image::oci(fresh_seed(), 2, 60_000);
@@ -204,12 +250,23 @@ async fn deletes_propagate_and_concurrent_tag_writes_agree_on_one_winner() {
     let seed = fresh_seed();
     let first = Image::oci(seed, 1, 1000);
     let second = Image::oci(seed + 1, 1, 1000);
-    // The same tag written in two regions at once.
+    // The same tag written in two regions, neither seeing the other's write
+    // before its own.
+    regions.isolate(true).await;
     let (a, b) = tokio::join!(
         first.push(eu, "team/race", Some("latest")),
         second.push(us, "team/race", Some("latest"))
     );
     assert_ne!(a, b);
+    assert_eq!(
+        tag_digest(eu, "team/race", "latest").await.as_deref(),
+        Some(first.digest.as_str())
+    );
+    assert_eq!(
+        tag_digest(us, "team/race", "latest").await.as_deref(),
+        Some(second.digest.as_str())
+    );
+    regions.isolate(false).await;
     regions.converge(Duration::from_secs(30)).await;
     let winner = tag_digest(eu, "team/race", "latest").await.unwrap();
     assert!(winner == first.digest || winner == second.digest);
@@ -257,16 +314,48 @@ async fn deletes_propagate_and_concurrent_tag_writes_agree_on_one_winner() {
         assert_eq!(r.status, 404, "{}", r.describe());
         assert_eq!(tag_digest(reg, "team/race", "v1").await, None);
     }
+
+    // Delete and tag move crossing: eu tags D, us (not seeing it) moves the
+    // tag to E, then eu deletes D. The tag's last write is us's: it must
+    // point at E everywhere, whichever order each region applies them in.
+    let d = Image::oci(seed + 2, 1, 1000);
+    let e = Image::oci(seed + 3, 1, 1000);
+    e.push(us, "team/cross", None).await;
+    regions.converge(Duration::from_secs(30)).await;
+    regions.isolate(true).await;
+    d.push(eu, "team/cross", Some("t")).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    e.push(us, "team/cross", Some("t")).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = eu
+        .delete(&format!("/v2/team/cross/manifests/{}", d.digest))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.describe());
+    regions.isolate(false).await;
+    regions.converge(Duration::from_secs(30)).await;
+    for reg in &regions.regs {
+        assert_eq!(
+            tag_digest(reg, "team/cross", "t").await.as_deref(),
+            Some(e.digest.as_str()),
+            "the tag's last write wins, across the delete"
+        );
+        let r = local_get(reg, &format!("/v2/team/cross/manifests/{}", d.digest)).await;
+        assert_eq!(r.status, 404, "{}", r.describe());
+    }
 }
 
 #[tokio::test]
 async fn a_region_that_was_down_catches_up_and_keeps_its_own_writes() {
     let mut regions = Regions::start(&["eu", "us", "ap"]).await;
     let seed = fresh_seed();
-    // ap writes, and dies at once (kill -9).
+    // ap writes, and dies at once (kill -9), before anyone applied it.
+    set_paused(&regions.regs[0], "ap", true).await;
+    set_paused(&regions.regs[1], "ap", true).await;
     let own = Image::oci(seed, 2, 30_000);
     own.push(&regions.regs[2], "ap/own", Some("1")).await;
     regions.regs[2].kill9();
+    set_paused(&regions.regs[0], "ap", false).await;
+    set_paused(&regions.regs[1], "ap", false).await;
     // Many writes elsewhere meanwhile.
     let mut images = Vec::new();
     for i in 0..20u64 {
@@ -298,6 +387,7 @@ async fn random_writes_in_every_region_with_kills_converge() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     eprintln!("chaos seed {seed}");
     let mut next = 0u64;
+    let mut earlier: Vec<Image> = Vec::new();
     for round in 0..6 {
         let mut pushes = Vec::new();
         for region in 0..3 {
@@ -306,7 +396,14 @@ async fn random_writes_in_every_region_with_kills_converge() {
                 let tag = format!("t{}", rng.random_range(0..4));
                 let op = rng.random_range(0..10);
                 next += 1;
-                pushes.push((region, repo, tag, op, Image::oci(seed + next, 1, 2_000)));
+                // Some writes push content pushed before (a re-push of a
+                // digest, maybe deleted meanwhile, maybe under another tag).
+                let image = if op == 2 && !earlier.is_empty() {
+                    earlier[rng.random_range(0..earlier.len())].clone()
+                } else {
+                    Image::oci(seed + next, 1, 2_000)
+                };
+                pushes.push((region, repo, tag, op, image));
             }
         }
         let work = pushes.iter().map(|(region, repo, tag, op, image)| {
@@ -329,6 +426,7 @@ async fn random_writes_in_every_region_with_kills_converge() {
             }
         });
         futures_util::future::join_all(work).await;
+        earlier.extend(pushes.into_iter().map(|(_, _, _, _, image)| image));
         // A region dies mid-stream and comes back.
         let victim = round % 3;
         regions.regs[victim].kill9();
@@ -478,7 +576,15 @@ async fn pausing_a_peer_and_turning_serving_off() {
     let regions = Regions::start(&["eu", "us"]).await;
     let (eu, us) = (&regions.regs[0], &regions.regs[1]);
     let out = std::process::Command::new(BIN)
-        .args(["replication", "pause", "eu", "--registry", &us.url()])
+        .args([
+            "replication",
+            "pause",
+            "eu",
+            "--registry",
+            &us.url(),
+            "--replication-secret",
+            SECRET,
+        ])
         .output()
         .unwrap();
     assert!(
@@ -494,16 +600,40 @@ async fn pausing_a_peer_and_turning_serving_off() {
     let status = us.get("/berth/v1/replication/status").await.json();
     assert_eq!(status["peers"][0]["paused"], true, "{status}");
     let out = std::process::Command::new(BIN)
-        .args(["replication", "resume", "eu", "--registry", &us.url()])
+        .args([
+            "replication",
+            "resume",
+            "eu",
+            "--registry",
+            &us.url(),
+            "--replication-secret",
+            SECRET,
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
     regions.converge(Duration::from_secs(30)).await;
     expect_local_image(us, "team/paused", "1", &image).await;
 
-    // Serving off: /readyz fails (load balancers fail over); on again.
+    // Without the secret, nobody turns a region off.
     let out = std::process::Command::new(BIN)
         .args(["replication", "serving", "off", "--registry", &eu.url()])
+        .env_remove("BERTH_REPLICATION_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(eu.get("/readyz").await.status, 200);
+    // Serving off: /readyz fails (load balancers fail over); on again.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "replication",
+            "serving",
+            "off",
+            "--registry",
+            &eu.url(),
+            "--replication-secret",
+            SECRET,
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -522,7 +652,15 @@ async fn pausing_a_peer_and_turning_serving_off() {
     image2.push(eu, "team/paused", Some("2")).await;
     regions.converge(Duration::from_secs(30)).await;
     std::process::Command::new(BIN)
-        .args(["replication", "serving", "on", "--registry", &eu.url()])
+        .args([
+            "replication",
+            "serving",
+            "on",
+            "--registry",
+            &eu.url(),
+            "--replication-secret",
+            SECRET,
+        ])
         .output()
         .unwrap();
     assert_eq!(eu.get("/readyz").await.status, 200);

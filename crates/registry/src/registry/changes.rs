@@ -36,7 +36,7 @@ impl Hlc {
         let physical = now_ms() << 16;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
-            let next = physical.max(last + 1);
+            let next = physical.max(last.saturating_add(1));
             match self
                 .last
                 .compare_exchange(last, next, Ordering::AcqRel, Ordering::Relaxed)
@@ -56,6 +56,47 @@ impl Hlc {
 /// The wall-clock milliseconds of a stamp.
 pub fn stamp_ms(stamp: &Stamp) -> u64 {
     stamp.hlc >> 16
+}
+
+/// How far ahead of this node's clock a replicated stamp may be. Further
+/// means a broken clock somewhere: such a change would win every conflict,
+/// so it waits (the worker retries) until the clocks agree.
+const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+
+fn check_skew(stamp: &Stamp) -> Result<()> {
+    if stamp_ms(stamp) > now_ms().saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+            format!(
+                "a change stamped by region {} is {} s ahead of this clock; waiting for clocks to agree",
+                stamp.origin,
+                (stamp_ms(stamp) - now_ms()) / 1000
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// A record that carries the stamp of the write that made it.
+pub(super) trait Stamped: serde::de::DeserializeOwned {
+    fn stamp(&self) -> Option<&Stamp>;
+}
+
+impl Stamped for Stamp {
+    fn stamp(&self) -> Option<&Stamp> {
+        Some(self)
+    }
+}
+
+impl Stamped for TagRecord {
+    fn stamp(&self) -> Option<&Stamp> {
+        self.stamp.as_ref()
+    }
+}
+
+impl Stamped for ManifestRecord {
+    fn stamp(&self) -> Option<&Stamp> {
+        self.stamp.as_ref()
+    }
 }
 
 /// What applying a replicated change did.
@@ -87,6 +128,24 @@ fn newer(a: Option<&Stamp>, b: Option<&Stamp>) -> bool {
 }
 
 impl Registry {
+    /// Moves the clock past a stamp a write is about to overwrite, so that
+    /// the write's own stamp is newer (also across nodes and restarts).
+    pub(super) fn observe_stamp(&self, stamp: Option<&Stamp>) {
+        if let Some(stamp) = stamp
+            && check_skew(stamp).is_ok()
+        {
+            self.hlc.observe(stamp.hlc);
+        }
+    }
+
+    pub(super) fn observe_record<T: Stamped>(&self, kv: Option<&KeyValue>) {
+        if let Some(kv) = kv
+            && let Ok(record) = decode::<T>(&kv.key, &kv.value)
+        {
+            self.observe_stamp(record.stamp());
+        }
+    }
+
     /// A stamp for a write made here now.
     pub fn local_stamp(&self) -> Stamp {
         Stamp {
@@ -113,6 +172,11 @@ impl Registry {
             None => LogHead::default(),
         };
         let seq = head.seq + 1;
+        let epoch = if head.epoch.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            head.epoch.clone()
+        };
         let event = ChangeEvent {
             seq,
             stamp: stamp.clone(),
@@ -121,7 +185,7 @@ impl Registry {
         };
         Ok(txn
             .require_unchanged(keys::CHANGE_HEAD, head_kv.as_ref())
-            .put(keys::CHANGE_HEAD, encode(&LogHead { seq }))
+            .put(keys::CHANGE_HEAD, encode(&LogHead { seq, epoch }))
             .put(keys::change(seq), encode(&event)))
     }
 
@@ -132,14 +196,20 @@ impl Registry {
         }
     }
 
-    /// Changes after `after`, at most `limit`, and the newest sequence.
-    pub async fn changes_after(&self, after: u64, limit: usize) -> Result<(Vec<ChangeEvent>, u64)> {
+    /// Changes after `after`, at most `limit`, with the newest sequence
+    /// and the log's epoch.
+    pub async fn changes_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<ChangeEvent>, u64, String)> {
         let head = match self.meta.get(keys::CHANGE_HEAD.as_bytes()).await? {
-            Some(kv) => decode::<LogHead>(&kv.key, &kv.value)?.seq,
-            None => 0,
+            Some(kv) => decode::<LogHead>(&kv.key, &kv.value)?,
+            None => LogHead::default(),
         };
+        let (epoch, head) = (head.epoch, head.seq);
         if after >= head {
-            return Ok((Vec::new(), head));
+            return Ok((Vec::new(), head, epoch));
         }
         let start = keys::change(after);
         let batch = self
@@ -154,13 +224,15 @@ impl Registry {
         for kv in batch {
             events.push(decode::<ChangeEvent>(&kv.key, &kv.value)?);
         }
-        Ok((events, head))
+        Ok((events, head, epoch))
     }
 
-    /// Waits until a write is logged here, or `timeout` passes. (Writes on
-    /// other nodes of a cluster do not wake it: readers poll as well.)
-    pub async fn wait_for_changes(&self, timeout: std::time::Duration) {
-        let _ = tokio::time::timeout(timeout, self.changes.notified()).await;
+    /// Signalled when a write is logged here. (Writes on other nodes of a
+    /// cluster do not signal it: readers poll as well.) Register interest
+    /// (`Notified::enable`) before reading the log, or a write in between
+    /// is missed until the next poll.
+    pub fn change_signal(&self) -> &tokio::sync::Notify {
+        &self.changes
     }
 
     /// The stamp of a tombstone record, if any.
@@ -198,29 +270,34 @@ impl Registry {
         bytes: Bytes,
         stamp: &Stamp,
     ) -> Result<Applied> {
+        check_skew(stamp)?;
         self.hlc.observe(stamp.hlc);
         let reference = berth_oci::Reference::Digest(digest.clone());
         let (digest, manifest) = self.parse_manifest(&reference, content_type, &bytes)?;
+        let size = bytes.len() as u64;
+        self.put_manifest_bytes(&digest, bytes).await?;
         for _ in 0..TXN_ATTEMPTS {
+            // Present iff its newest put is newer than its newest delete;
+            // the tombstone stays either way.
             let tomb_key = keys::manifest_tombstone(name, &digest);
             let tomb = self.tombstone(&tomb_key).await?;
             if tomb.as_ref().is_some_and(|(_, t)| t > stamp) {
                 return Ok(Applied::Unchanged);
             }
-            let existing = self.find_manifest(name, &digest).await?;
-            if existing
-                .as_ref()
-                .is_some_and(|m| m.stamp.as_ref() >= Some(stamp))
-            {
-                return Ok(Applied::Unchanged);
+            let key = keys::manifest(name, &digest);
+            let existing = self.meta.get(key.as_bytes()).await?;
+            if let Some(kv) = &existing {
+                let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+                if record.stamp.as_ref() >= Some(stamp) {
+                    return Ok(Applied::Unchanged);
+                }
             }
             let (txn, _) = self
-                .store_manifest(name, &digest, &manifest, None, Some(stamp), bytes.clone())
+                .manifest_txn(name, &digest, &manifest, None, Some(stamp), size)
                 .await?;
-            let mut txn = txn.require_unchanged(tomb_key.clone(), tomb.as_ref().map(|(kv, _)| kv));
-            if tomb.is_some() {
-                txn = txn.delete(tomb_key);
-            }
+            let txn = txn
+                .require_unchanged(tomb_key, tomb.as_ref().map(|(kv, _)| kv))
+                .require_unchanged(key, existing.as_ref());
             if self.meta.commit(txn).await? {
                 return Ok(Applied::Changed);
             }
@@ -231,6 +308,7 @@ impl Registry {
     /// Applies a tag or delete change from another region. The manifests a
     /// tag change names must have been stored first.
     pub async fn apply_change(&self, stamp: &Stamp, change: &Change) -> Result<Applied> {
+        check_skew(stamp)?;
         self.hlc.observe(stamp.hlc);
         let parse = |r: &str| {
             RepositoryName::parse(r).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))
@@ -248,19 +326,14 @@ impl Registry {
             Change::Untag { repository, tag } => {
                 self.apply_tag(&parse(repository)?, tag, None, stamp).await
             }
+            // The tags the delete removed at its origin are the ones pointing
+            // at the manifest with older stamps, which the delete removes
+            // here too (whatever arrived in between).
             Change::DeleteManifest {
-                repository,
-                digest,
-                tags,
+                repository, digest, ..
             } => {
-                let name = parse(repository)?;
-                let mut applied = self.apply_manifest_delete(&name, digest, stamp).await?;
-                for tag in tags {
-                    if self.apply_tag(&name, tag, None, stamp).await? == Applied::Changed {
-                        applied = Applied::Changed;
-                    }
-                }
-                Ok(applied)
+                self.apply_manifest_delete(&parse(repository)?, digest, stamp)
+                    .await
             }
         }
     }
@@ -300,39 +373,49 @@ impl Registry {
                 );
             }
             let wins = newer(Some(stamp), newest.as_ref());
-            // A set whose manifest a later delete removed is itself removed.
-            let deleted_by = match (digest, wins) {
-                (Some(d), true) => self
-                    .tombstone(&keys::manifest_tombstone(name, d))
-                    .await?
-                    .map(|(_, t)| t)
-                    .filter(|t| t > stamp),
-                _ => None,
-            };
-            let outcome = match (wins, digest, deleted_by) {
-                (false, _, _) => Applied::Unchanged,
-                (true, Some(d), None) => {
-                    txn = txn.put(
-                        tag_key.clone(),
-                        encode(&TagRecord {
-                            digest: d.clone(),
-                            updated_ms: now_ms(),
-                            stamp: Some(stamp.clone()),
-                        }),
-                    );
-                    txn = self.ensure_repo(name, txn).await?;
-                    Applied::Changed
-                }
-                (true, _, removal) => {
-                    let removal = removal.unwrap_or_else(|| stamp.clone());
-                    if newer(Some(&removal), newest.as_ref()) {
+            let outcome = match (wins, digest) {
+                (false, _) => Applied::Unchanged,
+                (true, Some(d)) => {
+                    let mtomb_key = keys::manifest_tombstone(name, d);
+                    let mtomb = self.tombstone(&mtomb_key).await?;
+                    txn = txn.require_unchanged(mtomb_key, mtomb.as_ref().map(|(kv, _)| kv));
+                    if mtomb.as_ref().is_some_and(|(_, t)| t > stamp) {
+                        // Its manifest was deleted after it: the set is
+                        // hidden (a tombstone with its own stamp), as the
+                        // delete hid it wherever it came first.
                         txn = txn
                             .delete(tag_key.clone())
-                            .put(tomb_key.clone(), encode(&removal));
-                        Applied::Changed
+                            .put(tomb_key.clone(), encode(stamp));
                     } else {
-                        Applied::Unchanged
+                        txn = txn.put(
+                            tag_key.clone(),
+                            encode(&TagRecord {
+                                digest: d.clone(),
+                                updated_ms: now_ms(),
+                                stamp: Some(stamp.clone()),
+                            }),
+                        );
+                        // A tag set is a put of its manifest: a local delete
+                        // of the manifest racing it must see it.
+                        let mkey = keys::manifest(name, d);
+                        let mseen = self.meta.get(mkey.as_bytes()).await?;
+                        txn = txn.require_unchanged(mkey.clone(), mseen.as_ref());
+                        if let Some(kv) = &mseen {
+                            let mut record: ManifestRecord = decode(&kv.key, &kv.value)?;
+                            if record.stamp.as_ref() < Some(stamp) {
+                                record.stamp = Some(stamp.clone());
+                                txn = txn.put(mkey, encode(&record));
+                            }
+                        }
+                        txn = self.ensure_repo(name, txn).await?;
                     }
+                    Applied::Changed
+                }
+                (true, None) => {
+                    txn = txn
+                        .delete(tag_key.clone())
+                        .put(tomb_key.clone(), encode(stamp));
+                    Applied::Changed
                 }
             };
             if self.meta.commit(txn).await? {
@@ -351,6 +434,8 @@ impl Registry {
         stamp: &Stamp,
     ) -> Result<Applied> {
         let tomb_key = keys::manifest_tombstone(name, digest);
+        check_skew(stamp)?;
+        self.hlc.observe(stamp.hlc);
         for _ in 0..TXN_ATTEMPTS {
             let tomb = self.tombstone(&tomb_key).await?;
             if tomb.as_ref().is_some_and(|(_, t)| t >= stamp) {
@@ -364,22 +449,26 @@ impl Registry {
                 .put(tomb_key.clone(), encode(stamp));
             if let Some(kv) = &current {
                 let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+                // Put again after the delete: it stays.
                 if newer(Some(stamp), record.stamp.as_ref()) {
                     txn = txn.delete(key.clone());
                     if let Some(subject) = &record.subject {
                         txn = txn.delete(keys::referrer(name, subject, digest));
                     }
-                    for kv in self.scan_all(&keys::tag_prefix(name)).await? {
-                        let tag: TagRecord = decode(&kv.key, &kv.value)?;
-                        if &tag.digest == digest && newer(Some(stamp), tag.stamp.as_ref()) {
-                            let tag_name =
-                                String::from_utf8_lossy(&kv.key[keys::tag_prefix(name).len()..])
-                                    .into_owned();
-                            txn = txn
-                                .require_version(kv.key.clone(), kv.version)
-                                .delete(kv.key)
-                                .put(keys::tag_tombstone(name, &tag_name), encode(stamp));
-                        }
+                }
+            }
+            // Tags set on it before the delete go, present or not the
+            // manifest: each hidden under its own stamp.
+            let prefix = keys::tag_prefix(name);
+            for kv in self.scan_all(&prefix).await? {
+                let tag: TagRecord = decode(&kv.key, &kv.value)?;
+                if &tag.digest == digest && newer(Some(stamp), tag.stamp.as_ref()) {
+                    let tag_name = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                    txn = txn
+                        .require_version(kv.key.clone(), kv.version)
+                        .delete(kv.key);
+                    if let Some(own) = &tag.stamp {
+                        txn = txn.put(keys::tag_tombstone(name, &tag_name), encode(own));
                     }
                 }
             }
@@ -449,7 +538,7 @@ impl Registry {
     }
 }
 
-fn conflict(what: &str) -> RegistryError {
+pub(super) fn conflict(what: &str) -> RegistryError {
     RegistryError::Store(berth_store::StoreError::Unavailable(format!(
         "{what} kept conflicting with concurrent changes; retry"
     )))
