@@ -1412,6 +1412,8 @@ impl Registry {
     }
 
     async fn delete_tag(&self, name: &RepositoryName, tag: &Tag, logged: bool) -> Result<()> {
+        // Tombstones and the log matter only to replication.
+        let logged = logged && self.region.is_some();
         let key = keys::tag(name, tag.as_str());
         let change = Change::Untag {
             repository: name.to_string(),
@@ -1458,6 +1460,7 @@ impl Registry {
         digest: &Digest,
         logged: bool,
     ) -> Result<()> {
+        let logged = logged && self.region.is_some();
         for _ in 0..TXN_ATTEMPTS {
             let key = keys::manifest(name, digest);
             let seen = self
