@@ -1110,9 +1110,11 @@ impl Registry {
                 .await?;
             // A delete's tombstone stays: the manifest is present because
             // this put is newer than it.
-            txn = txn
-                .require_unchanged(tombstone, tombstone_seen.as_ref())
-                .require_unchanged(keys::manifest(name, &digest), manifest_seen.as_ref());
+            let replicated = self.region.is_some();
+            txn = txn.require_unchanged(tombstone, tombstone_seen.as_ref());
+            if replicated {
+                txn = txn.require_unchanged(keys::manifest(name, &digest), manifest_seen.as_ref());
+            }
             if let Some(tag) = tag {
                 txn = txn
                     .require_unchanged(keys::tag(name, tag.as_str()), tag_seen.as_ref())
@@ -1124,7 +1126,7 @@ impl Registry {
             // An index's push is a put of its children too (in every region
             // alike), so a concurrent delete of a child cannot orphan it.
             for child in manifest.children() {
-                if ManifestKind::from_media_type(&child.media_type).is_none() {
+                if !replicated || ManifestKind::from_media_type(&child.media_type).is_none() {
                     continue;
                 }
                 let key = keys::manifest(name, &child.digest);
@@ -1497,21 +1499,24 @@ impl Registry {
             if let Some(subject) = &record.subject {
                 txn = txn.delete(keys::referrer(name, subject, digest));
             }
-            if logged {
-                let stamp = self.local_stamp();
+            let stamp = logged.then(|| self.local_stamp());
+            if let Some(stamp) = &stamp {
                 txn = txn
                     .require_unchanged(tomb_key.clone(), tomb.as_ref())
-                    .put(tomb_key, encode(&stamp));
+                    .put(tomb_key, encode(stamp));
                 let change = Change::DeleteManifest {
                     repository: name.to_string(),
                     digest: digest.clone(),
                     tags,
                 };
-                txn = self.log_change(txn, &stamp, change).await?;
+                txn = self.log_change(txn, stamp, change).await?;
             }
             if self.meta.commit(txn).await? {
                 if logged {
                     self.changes_committed();
+                    if let Some(stamp) = &stamp {
+                        self.hide_tags_older_than(name, digest, stamp).await?;
+                    }
                 }
                 return Ok(());
             }

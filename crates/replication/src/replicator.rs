@@ -562,7 +562,7 @@ impl Replicator {
             return Ok(0);
         }
         let name = RepositoryName::parse(repository)
-            .map_err(|e| Self::peer_error(peer, format!("invalid repository: {e}")))?;
+            .map_err(|e| RegistryError::ManifestInvalid(format!("invalid repository: {e}")))?;
         let mut copied = 0;
         match &event.change {
             Change::Manifest { digest, .. } | Change::Tag { digest, .. } => {
@@ -642,10 +642,7 @@ impl Replicator {
                 .and_then(|v| v.to_str().ok())
                 .map(berth_oci::media_type::essence);
             if response.content_length().is_some_and(|n| n > limit) {
-                return Err(Self::peer_error(
-                    peer,
-                    format!("manifest {digest} too large"),
-                ));
+                return Err(RegistryError::TooLarge { limit }.into());
             }
             let mut bytes = bytes::BytesMut::new();
             let mut body = response.bytes_stream();
@@ -669,14 +666,12 @@ impl Replicator {
                 .map_err(|e| Self::peer_error(peer, format!("manifest {digest}: {e}")))?;
             if depth < MAX_DEPTH {
                 for child in manifest.children() {
-                    if berth_oci::ManifestKind::from_media_type(&child.media_type).is_some()
-                        && !self
-                            .ensure_manifest(peer, name, &child.digest, stamp, depth + 1, copied)
-                            .await?
-                    {
-                        // A child gone at the origin: the index is not
-                        // stored without it.
-                        return Ok(false);
+                    // A child gone at the origin (deleted there) does not
+                    // hold the index back: the origin has the index
+                    // without it too.
+                    if berth_oci::ManifestKind::from_media_type(&child.media_type).is_some() {
+                        self.ensure_manifest(peer, name, &child.digest, stamp, depth + 1, copied)
+                            .await?;
                     }
                 }
             }

@@ -401,11 +401,14 @@ impl Registry {
                         let mseen = self.meta.get(mkey.as_bytes()).await?;
                         txn = txn.require_unchanged(mkey.clone(), mseen.as_ref());
                         if let Some(kv) = &mseen {
+                            // Rewritten even when its stamp stays, so that
+                            // its version moves and a delete racing this
+                            // set rescans the tags.
                             let mut record: ManifestRecord = decode(&kv.key, &kv.value)?;
                             if record.stamp.as_ref() < Some(stamp) {
                                 record.stamp = Some(stamp.clone());
-                                txn = txn.put(mkey, encode(&record));
                             }
+                            txn = txn.put(mkey, encode(&record));
                         }
                         txn = self.ensure_repo(name, txn).await?;
                     }
@@ -473,10 +476,40 @@ impl Registry {
                 }
             }
             if self.meta.commit(txn).await? {
+                self.hide_tags_older_than(name, digest, stamp).await?;
                 return Ok(Applied::Changed);
             }
         }
         Err(conflict("replicated manifest delete"))
+    }
+
+    /// After a delete of `digest` stamped `stamp` committed: hides the tags
+    /// still pointing at it with older stamps. A tag set that committed
+    /// between the delete's scan and its commit (with the manifest already
+    /// gone, nothing the delete guards changed) is caught here. Idempotent.
+    pub(super) async fn hide_tags_older_than(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        stamp: &Stamp,
+    ) -> Result<()> {
+        let prefix = keys::tag_prefix(name);
+        for kv in self.scan_all(&prefix).await? {
+            let tag: TagRecord = decode(&kv.key, &kv.value)?;
+            if &tag.digest != digest || !newer(Some(stamp), tag.stamp.as_ref()) {
+                continue;
+            }
+            let tag_name = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+            let mut txn = Txn::new()
+                .require_version(kv.key.clone(), kv.version)
+                .delete(kv.key);
+            if let Some(own) = &tag.stamp {
+                txn = txn.put(keys::tag_tombstone(name, &tag_name), encode(own));
+            }
+            // Lost to a newer write of the tag: nothing to hide.
+            self.meta.commit(txn).await?;
+        }
+        Ok(())
     }
 
     /// Every value a tag has had (here or in any region), oldest first.
