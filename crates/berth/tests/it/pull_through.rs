@@ -58,27 +58,6 @@ async fn metric(berth: &Registry, needle: &str) -> u64 {
         .sum()
 }
 
-fn two_platform_index(seed: u64) -> (Vec<u8>, Image, Image) {
-    let amd = Image::oci(seed, 2, 40_000);
-    let mut arm = Image::oci(seed + 100, 3, 30_000);
-    arm.digest = sha256_digest(&arm.manifest);
-    let index = index_json(
-        OCI_INDEX,
-        vec![
-            merge(
-                amd.descriptor(),
-                json!({"platform": {"os": "linux", "architecture": "amd64"}}),
-            ),
-            merge(
-                arm.descriptor(),
-                json!({"platform": {"os": "linux", "architecture": "arm64"}}),
-            ),
-        ],
-        json!({}),
-    );
-    (index, amd, arm)
-}
-
 #[tokio::test]
 async fn cached_images_and_indexes_keep_pulling_when_the_upstream_is_down() {
     if !distribution_available() {
@@ -91,13 +70,7 @@ async fn cached_images_and_indexes_keep_pulling_when_the_upstream_is_down() {
     pusher.image("library/app", "1.0", &image).await;
     let (index, amd, arm) = two_platform_index(seed + 7);
     pusher
-        .image("library/multi", &amd.digest.clone(), &amd)
-        .await;
-    pusher
-        .image("library/multi", &arm.digest.clone(), &arm)
-        .await;
-    pusher
-        .manifest("library/multi", "2", OCI_INDEX, &index)
+        .index("library/multi", "2", &index, &[&amd, &arm])
         .await;
     let uncached = Image::oci(seed + 50, 1, 1000);
     pusher.image("library/never-pulled", "1", &uncached).await;
@@ -119,13 +92,7 @@ async fn cached_images_and_indexes_keep_pulling_when_the_upstream_is_down() {
     // names one, as from a pushed index.
     let (old_index, old_amd, old_arm) = two_platform_index(seed + 300);
     pusher
-        .image("library/old", &old_amd.digest.clone(), &old_amd)
-        .await;
-    pusher
-        .image("library/old", &old_arm.digest.clone(), &old_arm)
-        .await;
-    pusher
-        .manifest("library/old", "1", OCI_INDEX, &old_index)
+        .index("library/old", "1", &old_index, &[&old_amd, &old_arm])
         .await;
     let r = send(
         berth
@@ -432,13 +399,7 @@ async fn mirror_modes_warming_pinning_and_eviction() {
     let seed = fresh_seed();
     let (index, amd, arm) = two_platform_index(seed);
     pusher
-        .image("library/multi", &amd.digest.clone(), &amd)
-        .await;
-    pusher
-        .image("library/multi", &arm.digest.clone(), &arm)
-        .await;
-    pusher
-        .manifest("library/multi", "1", OCI_INDEX, &index)
+        .index("library/multi", "1", &index, &[&amd, &arm])
         .await;
     let fillers: Vec<Image> = (0..3)
         .map(|i| Image::oci(seed + 10 + i, 1, 200_000))

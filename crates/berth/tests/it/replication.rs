@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::support::*;
 
@@ -188,24 +188,9 @@ async fn a_push_in_one_region_pulls_at_once_in_another_and_all_regions_converge(
     assert_eq!(r.status, 404, "{}", r.describe());
     set_paused(us, "eu", false).await;
     // An index pushed in a third region.
-    let amd = Image::oci(fresh_seed(), 2, 50_000);
-    let arm = Image::oci(fresh_seed(), 2, 60_000);
+    let (index, amd, arm) = two_platform_index(fresh_seed());
     amd.push(ap, "team/multi", None).await;
     arm.push(ap, "team/multi", None).await;
-    let index = index_json(
-        OCI_INDEX,
-        vec![
-            merge(
-                amd.descriptor(),
-                json!({"platform": {"os": "linux", "architecture": "amd64"}}),
-            ),
-            merge(
-                arm.descriptor(),
-                json!({"platform": {"os": "linux", "architecture": "arm64"}}),
-            ),
-        ],
-        json!({}),
-    );
     ap.push_manifest("team/multi", "2", OCI_INDEX, &index).await;
 
     regions.converge(Duration::from_secs(30)).await;

@@ -1110,6 +1110,23 @@ impl Image {
     }
 }
 
+/// An OCI index over a linux/amd64 image (2 layers) and a linux/arm64 one (3
+/// layers): the index bytes and the two images.
+pub fn two_platform_index(seed: u64) -> (Vec<u8>, Image, Image) {
+    let amd = Image::oci(seed, 2, 40_000);
+    let arm = Image::oci(seed + 100, 3, 30_000);
+    let platform = |arch: &str| json!({"platform": {"os": "linux", "architecture": arch}});
+    let index = index_json(
+        OCI_INDEX,
+        vec![
+            merge(amd.descriptor(), platform("amd64")),
+            merge(arm.descriptor(), platform("arm64")),
+        ],
+        json!({}),
+    );
+    (index, amd, arm)
+}
+
 /// An artifact manifest (OCI image manifest with `artifactType` and the empty config).
 pub fn artifact_manifest(
     artifact_type: &str,

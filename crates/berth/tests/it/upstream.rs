@@ -495,6 +495,14 @@ impl Pusher {
         );
     }
 
+    /// Pushes the images by digest, then the index over them as `tag`.
+    pub async fn index(&self, repo: &str, tag: &str, index: &[u8], images: &[&Image]) {
+        for image in images {
+            self.image(repo, &image.digest, image).await;
+        }
+        self.manifest(repo, tag, OCI_INDEX, index).await;
+    }
+
     pub async fn image(&self, repo: &str, tag: &str, image: &Image) {
         for b in image.blobs() {
             self.blob(repo, b).await;
