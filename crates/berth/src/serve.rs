@@ -218,8 +218,12 @@ fn open_cache(
 
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal: in files and journals they are noise
+    // that breaks grep.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
