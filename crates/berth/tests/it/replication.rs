@@ -475,12 +475,23 @@ async fn a_hung_peer_does_not_hold_up_local_work() {
     }
     // A miss asks the hung peer, and gives up after the read-through timeout
     // instead of hanging with it.
+    // Behaviour, not speed: the configured bound (1 s) with a wide margin.
+    let started = Instant::now();
     let r = send(
         reg.req(reqwest::Method::GET, "/v2/team/missing/manifests/1")
             .timeout(Duration::from_secs(10)),
     )
     .await;
     expect_error(&r, 404, &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a miss waited {:?} on the hung peer",
+        started.elapsed()
+    );
+    // Local work meanwhile never waited on it: a local pull does not ask.
+    let image = Image::oci(fresh_seed(), 1, 1000);
+    image.push(&reg, "team/app", Some("after")).await;
+    assert_eq!(reg.get("/v2/team/app/manifests/after").await.status, 200);
     held.abort();
 }
 
@@ -750,16 +761,48 @@ async fn a_cluster_region_replicates_and_survives_losing_nodes() {
     assert!(eventually(Duration::from_secs(30), || synced(&eu_nodes[1], &us)).await);
     expect_local_image(&us, "team/app", "1", &from_eu).await;
 
-    // Lose two eu nodes, the replication leader among them or not: the one
-    // left takes the work over.
-    eu_nodes[0].kill9();
-    eu_nodes[2].kill9();
+    // Kill the eu node that replicates from us (the holder of its lease,
+    // as its log says) and one more: the node left takes the work over.
+    let leads = |node: &Registry| {
+        node.log()
+            .lines()
+            .rfind(|l| l.contains("job=\"replication-us\""))
+            .is_some_and(|l| l.contains("leading=true"))
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            eu_nodes.iter().any(&leads)
+        })
+        .await,
+        "no eu node leads replication from us: {}",
+        eu_nodes[0].log_tail(30)
+    );
+    let leader = (0..3)
+        .find(|&i| leads(&eu_nodes[i]))
+        .expect("a leader was found");
+    let survivor = (leader + 1) % 3;
+    for (i, node) in eu_nodes.iter_mut().enumerate() {
+        if i != survivor {
+            node.kill9();
+        }
+    }
     let from_us = Image::oci(seed + 1, 2, 100_000);
     from_us.push(&us, "team/app", Some("2")).await;
+    let caught_up = eventually(Duration::from_secs(45), || async {
+        local_get(&eu_nodes[survivor], "/v2/team/app/manifests/2")
+            .await
+            .status
+            == 200
+    })
+    .await;
     assert!(
-        eventually(Duration::from_secs(45), || synced(&eu_nodes[1], &us)).await,
-        "eu's remaining node did not catch up: {}",
-        eu_nodes[1].log_tail(30)
+        caught_up,
+        "eu's remaining node did not take replication over: {}",
+        eu_nodes[survivor].log_tail(30)
     );
-    expect_local_image(&eu_nodes[1], "team/app", "2", &from_us).await;
+    assert!(
+        leads(&eu_nodes[survivor]),
+        "the survivor now holds the lease"
+    );
+    expect_local_image(&eu_nodes[survivor], "team/app", "2", &from_us).await;
 }
