@@ -8,6 +8,16 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+mod cache;
+mod engines;
+mod replication;
+
+use cache::upstreams;
+pub use cache::{CacheSettings, FileUpstream};
+pub use engines::{EtcdAccess, Metadata, Storage};
+use replication::replication;
+pub use replication::{FilePeer, ReplicationSettings};
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -152,70 +162,6 @@ pub struct ServeArgs {
     pub read_through_timeout_ms: Option<u64>,
 }
 
-/// A peer region in the TOML file (`[[peer]]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FilePeer {
-    pub name: String,
-    pub url: String,
-    /// The secret to present to this peer (default: replication_secret).
-    pub secret: Option<String>,
-    #[serde(default)]
-    pub include: Vec<String>,
-    #[serde(default)]
-    pub exclude: Vec<String>,
-}
-
-/// A configured peer region.
-#[derive(Debug, Clone)]
-pub struct PeerSetting {
-    pub name: String,
-    pub url: String,
-    pub secret: String,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-}
-
-/// Geo-replication settings (present when a region is named).
-#[derive(Debug, Clone)]
-pub struct ReplicationSettings {
-    pub region: String,
-    pub secret: String,
-    pub peers: Vec<PeerSetting>,
-    pub read_through_timeout: Duration,
-}
-
-/// An upstream in the TOML file (`[[upstream]]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileUpstream {
-    pub namespace: String,
-    pub url: String,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// A file holding the password (trailing newline ignored).
-    pub password_file: Option<PathBuf>,
-}
-
-/// A configured upstream.
-#[derive(Debug, Clone)]
-pub struct UpstreamSetting {
-    pub namespace: String,
-    pub url: String,
-    pub credentials: Option<(String, String)>,
-}
-
-/// The pull-through cache's settings.
-#[derive(Debug, Clone, Default)]
-pub struct CacheSettings {
-    pub upstreams: Vec<UpstreamSetting>,
-    pub mirror_default: Option<String>,
-    pub tag_ttl: Duration,
-    pub max_bytes: u64,
-    pub evict_interval: Duration,
-    pub upstream_timeout: Duration,
-}
-
 /// The TOML file: the same options, all optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,102 +204,6 @@ struct FileConfig {
     peer: Vec<FilePeer>,
     replication_secret: Option<String>,
     read_through_timeout_ms: Option<u64>,
-}
-
-/// Where metadata lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Metadata {
-    /// redb, in `<data_dir>/meta.redb`.
-    Redb,
-    /// An etcd cluster: client endpoints and the key prefix of this registry.
-    Etcd {
-        endpoints: Vec<String>,
-        prefix: String,
-    },
-}
-
-impl Metadata {
-    /// Parses `redb` or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`.
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let invalid = |why: &str| ConfigError::Metadata(format!("{s:?}: {why}"));
-        if s == "redb" {
-            return Ok(Metadata::Redb);
-        }
-        let Some(rest) = s.strip_prefix("etcd://") else {
-            return Err(invalid(
-                "expected `redb` or `etcd://HOST:PORT,...[/PREFIX]`",
-            ));
-        };
-        let (hosts, prefix) = match rest.split_once('/') {
-            Some((hosts, prefix)) => (hosts, prefix),
-            None => (rest, "berth"),
-        };
-        let prefix = prefix.trim_matches('/');
-        if prefix.is_empty() {
-            return Err(invalid("the key prefix must not be empty"));
-        }
-        let endpoints: Vec<String> = hosts
-            .split(',')
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("http://{h}"))
-            .collect();
-        if endpoints.is_empty() {
-            return Err(invalid("no etcd endpoint given"));
-        }
-        Ok(Metadata::Etcd {
-            endpoints,
-            prefix: format!("/{prefix}/"),
-        })
-    }
-}
-
-/// Where blobs live.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Storage {
-    /// Files under the data directory.
-    Fs,
-    /// An S3-compatible bucket, with a key prefix (empty or ending in `/`).
-    S3 { bucket: String, prefix: String },
-}
-
-impl Storage {
-    /// Parses `fs` or `s3://BUCKET[/PREFIX]`.
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        if s == "fs" {
-            return Ok(Storage::Fs);
-        }
-        let invalid = |why: &str| ConfigError::Storage(format!("{s:?}: {why}"));
-        let Some(rest) = s.strip_prefix("s3://") else {
-            return Err(invalid("expected `fs` or `s3://BUCKET[/PREFIX]`"));
-        };
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        // S3's bucket naming rules.
-        let valid_bucket = (3..=63).contains(&bucket.len())
-            && bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !valid_bucket {
-            return Err(invalid("not a valid bucket name"));
-        }
-        let prefix = prefix.trim_matches('/');
-        Ok(Storage::S3 {
-            bucket: bucket.to_string(),
-            prefix: if prefix.is_empty() {
-                String::new()
-            } else {
-                format!("{prefix}/")
-            },
-        })
-    }
-}
-
-/// How this node connects to etcd, beyond the endpoints.
-#[derive(Debug, Clone, Default)]
-pub struct EtcdAccess {
-    pub timeout: Duration,
-    pub user: Option<(String, String)>,
-    pub ca_file: Option<PathBuf>,
-    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -422,162 +272,6 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         source: Box::new(source),
     })
-}
-
-fn valid_region(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && berth_proxy::valid_namespace(name)
-}
-
-/// Replication settings from flags (`--peer NAME=URL`) and the file.
-fn replication(
-    region: Option<String>,
-    secret: Option<String>,
-    flags: &[String],
-    file: &[FilePeer],
-    read_through_timeout_ms: u64,
-) -> Result<Option<ReplicationSettings>, ConfigError> {
-    let flags: Vec<&String> = flags.iter().filter(|f| !f.is_empty()).collect();
-    let Some(region) = region else {
-        if !flags.is_empty() || !file.is_empty() {
-            return Err(ConfigError::Invalid(
-                "peers need this region's name (--region)".into(),
-            ));
-        }
-        return Ok(None);
-    };
-    if !valid_region(&region) {
-        return Err(ConfigError::Invalid(format!(
-            "region name {region:?}: use 1-32 lowercase letters, digits or '-'"
-        )));
-    }
-    let Some(secret) = secret.filter(|s| !s.is_empty()) else {
-        return Err(ConfigError::Invalid(
-            "a region needs --replication-secret (peers authenticate with it)".into(),
-        ));
-    };
-    let mut peers: Vec<PeerSetting> = file
-        .iter()
-        .map(|p| PeerSetting {
-            name: p.name.clone(),
-            url: p.url.clone(),
-            secret: p.secret.clone().unwrap_or_else(|| secret.clone()),
-            include: p.include.clone(),
-            exclude: p.exclude.clone(),
-        })
-        .collect();
-    for flag in flags {
-        let Some((name, url)) = flag.split_once('=') else {
-            return Err(ConfigError::Invalid(format!(
-                "--peer {flag:?}: expected NAME=URL, e.g. us=https://us.registry.example"
-            )));
-        };
-        peers.retain(|p| p.name != name);
-        peers.push(PeerSetting {
-            name: name.to_string(),
-            url: url.to_string(),
-            secret: secret.clone(),
-            include: Vec::new(),
-            exclude: Vec::new(),
-        });
-    }
-    for p in &peers {
-        if !valid_region(&p.name) || p.name == region {
-            return Err(ConfigError::Invalid(format!(
-                "peer name {:?}: a region name other than this one's",
-                p.name
-            )));
-        }
-        if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
-            return Err(ConfigError::Invalid(format!(
-                "peer {} URL {:?} must start with http:// or https://",
-                p.name, p.url
-            )));
-        }
-    }
-    if read_through_timeout_ms == 0 {
-        return Err(ConfigError::Zero("read_through_timeout_ms"));
-    }
-    Ok(Some(ReplicationSettings {
-        region,
-        secret,
-        peers,
-        read_through_timeout: Duration::from_millis(read_through_timeout_ms),
-    }))
-}
-
-/// Upstreams from flags (`NAMESPACE=URL`) and the file; a flag replaces the
-/// file's entry for the same namespace.
-fn upstreams(flags: &[String], file: &[FileUpstream]) -> Result<Vec<UpstreamSetting>, ConfigError> {
-    let mut out: Vec<UpstreamSetting> = Vec::new();
-    for entry in file {
-        let password = match (&entry.password, &entry.password_file) {
-            (Some(p), None) => Some(p.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-            ),
-            (None, None) => None,
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(format!(
-                    "upstream {}: password and password_file exclude each other",
-                    entry.namespace
-                )));
-            }
-        };
-        let credentials = match (&entry.username, password) {
-            (Some(u), Some(p)) => Some((u.clone(), p)),
-            (None, None) => None,
-            _ => {
-                return Err(ConfigError::Invalid(format!(
-                    "upstream {}: username and password go together",
-                    entry.namespace
-                )));
-            }
-        };
-        out.push(UpstreamSetting {
-            namespace: entry.namespace.clone(),
-            url: entry.url.clone(),
-            credentials,
-        });
-    }
-    for flag in flags.iter().filter(|f| !f.is_empty()) {
-        let Some((namespace, url)) = flag.split_once('=') else {
-            return Err(ConfigError::Invalid(format!(
-                "--upstream {flag:?}: expected NAMESPACE=URL, e.g. docker.io=https://registry-1.docker.io"
-            )));
-        };
-        out.retain(|u| u.namespace != namespace);
-        out.push(UpstreamSetting {
-            namespace: namespace.to_string(),
-            url: url.to_string(),
-            credentials: None,
-        });
-    }
-    for u in &out {
-        if !berth_proxy::valid_namespace(&u.namespace) {
-            return Err(ConfigError::Invalid(format!(
-                "upstream namespace {:?}: use a repository path such as docker.io or ghcr.io",
-                u.namespace
-            )));
-        }
-        if !(u.url.starts_with("http://") || u.url.starts_with("https://")) {
-            return Err(ConfigError::Invalid(format!(
-                "upstream {} URL {:?} must start with http:// or https://",
-                u.namespace, u.url
-            )));
-        }
-    }
-    Ok(out)
 }
 
 impl ServeConfig {
