@@ -1,0 +1,451 @@
+//! Turning a request's credentials into an [`Identity`]: Basic credentials
+//! (htpasswd users, API tokens), Bearer tokens (Berth's own, an external
+//! issuer's, a peer region's secret) and client certificates.
+//!
+//! Checks that cost something are cached: a verified password for
+//! [`AuthSettings::credential_ttl`] (keyed by a SHA-256 of the credentials,
+//! so the cache holds no password), a verified JWT until it expires. Failed
+//! attempts are throttled per client address and user name.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::apitoken::{self, ApiTokens};
+use crate::header::{Credentials, HeaderError, parse_authorization};
+use crate::htpasswd::Htpasswd;
+use crate::identity::Identity;
+use crate::jwt::{self, Claims, JwtError, KeySet, PrincipalKind};
+use crate::keystore::KeyStore;
+use crate::policy::Policy;
+use crate::throttle::Throttle;
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An existing token server whose tokens this registry accepts (docker_auth,
+/// Harbor, GitLab): its `access` claims are enforced exactly.
+pub struct ExternalIssuer {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub keys: KeySet,
+}
+
+/// How a peer region proves who it is: a secret it presents as a Bearer
+/// token, or the subject (CN) of its client certificate.
+#[derive(Clone)]
+pub struct PeerCredential {
+    pub name: String,
+    pub secret: Option<String>,
+    pub certificate: Option<String>,
+}
+
+pub struct AuthSettings {
+    /// Authentication is configured: everything not granted is denied.
+    /// Without it the registry is open (only loopback, or an explicit
+    /// opt-in) and only peer credentials are checked.
+    pub enabled: bool,
+    pub policy: Policy,
+    /// Challenges name the built-in token endpoint (else Basic).
+    pub token_service: bool,
+    /// `iss` of Berth's tokens.
+    pub issuer: String,
+    /// `service` of the challenge and `aud` of Berth's tokens.
+    pub service: String,
+    pub token_ttl: Duration,
+    pub external: Option<ExternalIssuer>,
+    pub peers: Vec<PeerCredential>,
+    /// How long a verified password is remembered.
+    pub credential_ttl: Duration,
+}
+
+#[derive(Debug)]
+pub enum AuthFailure {
+    /// Wrong password, unknown user, or an unknown, revoked or expired API
+    /// token.
+    BadCredentials {
+        user: String,
+    },
+    /// A Bearer token that does not verify.
+    InvalidToken(JwtError),
+    Malformed(HeaderError),
+    /// Too many failures from this address or for this user.
+    Throttled(Duration),
+    /// Credentials could not be checked now (the MetaStore failed).
+    Unavailable(String),
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthFailure::BadCredentials { .. } => f.write_str("invalid user name or password"),
+            AuthFailure::InvalidToken(e) => write!(f, "invalid token: {e}"),
+            AuthFailure::Malformed(e) => e.fmt(f),
+            AuthFailure::Throttled(wait) => write!(
+                f,
+                "too many failed sign-ins; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+            AuthFailure::Unavailable(why) => write!(f, "cannot check credentials now: {why}"),
+        }
+    }
+}
+
+/// What a request offers to prove who it is.
+pub struct AuthRequest<'a> {
+    pub authorization: Option<&'a [u8]>,
+    /// The verified client certificate's subject (CN).
+    pub certificate: Option<&'a str>,
+    pub client: IpAddr,
+}
+
+#[derive(Clone)]
+struct CachedUser {
+    user: Arc<str>,
+    generation: u64,
+    until: Instant,
+}
+
+#[derive(Clone)]
+struct CachedToken {
+    identity: Identity,
+    exp: u64,
+}
+
+pub struct Authenticator {
+    settings: AuthSettings,
+    htpasswd: RwLock<Option<Arc<Htpasswd>>>,
+    generation: AtomicU64,
+    passwords: quick_cache::sync::Cache<[u8; 32], CachedUser>,
+    jwts: quick_cache::sync::Cache<String, CachedToken>,
+    keys: Option<Arc<KeyStore>>,
+    tokens: Option<Arc<ApiTokens>>,
+    throttle: Throttle,
+    /// bcrypt checks at once; more wait (each costs tens of milliseconds of
+    /// one core).
+    bcrypt_slots: tokio::sync::Semaphore,
+}
+
+fn credential_hash(user: &str, password: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(user.as_bytes());
+    h.update([0]);
+    h.update(password.as_bytes());
+    h.finalize().into()
+}
+
+fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+impl Authenticator {
+    pub fn new(
+        settings: AuthSettings,
+        htpasswd: Option<Htpasswd>,
+        keys: Option<Arc<KeyStore>>,
+        tokens: Option<Arc<ApiTokens>>,
+    ) -> Authenticator {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Authenticator {
+            settings,
+            htpasswd: RwLock::new(htpasswd.map(Arc::new)),
+            generation: AtomicU64::new(0),
+            passwords: quick_cache::sync::Cache::new(16_384),
+            jwts: quick_cache::sync::Cache::new(16_384),
+            keys,
+            tokens,
+            throttle: Throttle::default(),
+            bcrypt_slots: tokio::sync::Semaphore::new(cores.max(2)),
+        }
+    }
+
+    pub fn settings(&self) -> &AuthSettings {
+        &self.settings
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.settings.enabled
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.settings.policy
+    }
+
+    pub fn keys(&self) -> Option<&Arc<KeyStore>> {
+        self.keys.as_ref()
+    }
+
+    pub fn api_tokens(&self) -> Option<&Arc<ApiTokens>> {
+        self.tokens.as_ref()
+    }
+
+    /// Replaces the htpasswd users (a reload); remembered passwords are
+    /// forgotten.
+    pub fn set_htpasswd(&self, file: Htpasswd) {
+        *self.htpasswd.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.passwords.clear();
+        self.jwts.clear();
+    }
+
+    fn htpasswd(&self) -> Option<Arc<Htpasswd>> {
+        self.htpasswd
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Checks a request's credentials.
+    pub async fn authenticate(&self, request: &AuthRequest<'_>) -> Result<Identity, AuthFailure> {
+        let Some(header) = request.authorization else {
+            return Ok(self.certificate_identity(request.certificate));
+        };
+        let credentials = match parse_authorization(header) {
+            Ok(c) => c,
+            Err(e) if self.settings.enabled => return Err(AuthFailure::Malformed(e)),
+            // An open registry ignores what it does not check.
+            Err(_) => return Ok(self.certificate_identity(request.certificate)),
+        };
+        match credentials {
+            Credentials::Bearer(token) => {
+                if let Some(peer) = self.peer_by_secret(&token) {
+                    return Ok(Identity::Peer(peer));
+                }
+                if !self.settings.enabled {
+                    return Ok(self.certificate_identity(request.certificate));
+                }
+                let address = format!("ip:{}", request.client);
+                self.throttle
+                    .check(&[&address])
+                    .map_err(AuthFailure::Throttled)?;
+                match self.verify_bearer(&token).await {
+                    Ok(identity) => Ok(identity),
+                    Err(e) => {
+                        self.throttle.failed(&[&address]);
+                        Err(AuthFailure::InvalidToken(e))
+                    }
+                }
+            }
+            Credentials::Basic { username, password } => {
+                if !self.settings.enabled {
+                    return Ok(self.certificate_identity(request.certificate));
+                }
+                self.basic(&username, &password, request.client).await
+            }
+        }
+    }
+
+    fn certificate_identity(&self, certificate: Option<&str>) -> Identity {
+        let Some(subject) = certificate else {
+            return Identity::Anonymous;
+        };
+        if let Some(peer) = self
+            .settings
+            .peers
+            .iter()
+            .find(|p| p.certificate.as_deref() == Some(subject))
+        {
+            return Identity::Peer(peer.name.clone());
+        }
+        if self.settings.enabled {
+            Identity::Certificate(subject.to_string())
+        } else {
+            Identity::Anonymous
+        }
+    }
+
+    fn peer_by_secret(&self, presented: &str) -> Option<String> {
+        let mut found = None;
+        // Every secret is compared, in constant time, whatever matched.
+        for peer in &self.settings.peers {
+            if let Some(secret) = &peer.secret {
+                let equal: bool = presented.as_bytes().ct_eq(secret.as_bytes()).into();
+                if equal && found.is_none() {
+                    found = Some(peer.name.clone());
+                }
+            }
+        }
+        found
+    }
+
+    /// Checks Basic credentials: an API token secret, or an htpasswd user.
+    pub async fn basic(
+        &self,
+        username: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<Identity, AuthFailure> {
+        let address = format!("ip:{client}");
+        let user_key = format!("user:{username}");
+        self.throttle
+            .check(&[&address, &user_key])
+            .map_err(AuthFailure::Throttled)?;
+        let fail = || {
+            self.throttle.failed(&[&address, &user_key]);
+            AuthFailure::BadCredentials {
+                user: username.to_string(),
+            }
+        };
+        if apitoken::looks_like_secret(password) {
+            let Some(tokens) = &self.tokens else {
+                return Err(fail());
+            };
+            return match tokens.lookup(password, now_ms()).await {
+                Ok(Some(token)) => Ok(Identity::ApiToken(token)),
+                Ok(None) => Err(fail()),
+                Err(e) => Err(AuthFailure::Unavailable(e.to_string())),
+            };
+        }
+        let Some(file) = self.htpasswd() else {
+            return Err(fail());
+        };
+        let key = credential_hash(username, password);
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(hit) = self.passwords.get(&key)
+            && hit.generation == generation
+            && hit.until > Instant::now()
+            && &*hit.user == username
+        {
+            return Ok(Identity::User(username.to_string()));
+        }
+        let verified = {
+            let _slot = self.bcrypt_slots.acquire().await.ok();
+            let (user, pass) = (username.to_string(), password.to_string());
+            tokio::task::spawn_blocking(move || file.verify(&user, &pass))
+                .await
+                .unwrap_or(false)
+        };
+        if !verified {
+            return Err(fail());
+        }
+        self.passwords.insert(
+            key,
+            CachedUser {
+                user: username.into(),
+                generation,
+                until: Instant::now() + self.settings.credential_ttl,
+            },
+        );
+        Ok(Identity::User(username.to_string()))
+    }
+
+    async fn verify_bearer(&self, token: &str) -> Result<Identity, JwtError> {
+        if !looks_like_jwt(token) {
+            return Err(JwtError::Malformed);
+        }
+        let now = now_ms() / 1000;
+        if let Some(hit) = self.jwts.get(token) {
+            if hit.exp + jwt::LEEWAY_SECS <= now {
+                self.jwts.remove(token);
+                return Err(JwtError::Expired);
+            }
+            return self.still_valid(hit.identity);
+        }
+        let kid = jwt::key_id(token)?;
+        let own = match (&self.keys, &kid) {
+            (Some(keys), Some(kid)) => keys.key_set().contains(kid) || keys.refresh_for(kid).await,
+            _ => false,
+        };
+        let identity = if own {
+            let keys = self.keys.as_ref().map(|k| k.key_set()).unwrap_or_default();
+            let claims = jwt::verify(token, &keys, &self.settings.issuer, &self.settings.service)?;
+            Identity::Bearer(Arc::new(claims))
+        } else if let Some(external) = &self.settings.external {
+            let claims = jwt::verify(token, &external.keys, &external.issuer, &external.service)?;
+            Identity::External(Arc::new(claims))
+        } else {
+            return Err(JwtError::UnknownKey);
+        };
+        let exp = match &identity {
+            Identity::Bearer(c) | Identity::External(c) => c.exp,
+            _ => 0,
+        };
+        self.jwts.insert(
+            token.to_string(),
+            CachedToken {
+                identity: identity.clone(),
+                exp,
+            },
+        );
+        self.still_valid(identity)
+    }
+
+    /// A Berth token stands only while what it was issued to does: an API
+    /// token not revoked (and not made again), an htpasswd user still in
+    /// the file.
+    fn still_valid(&self, identity: Identity) -> Result<Identity, JwtError> {
+        let Identity::Bearer(claims) = &identity else {
+            return Ok(identity);
+        };
+        let Some(berth) = &claims.berth else {
+            return Ok(identity);
+        };
+        let standing = match berth.kind {
+            PrincipalKind::Token => match (&self.tokens, &berth.tid) {
+                (Some(tokens), Some(tid)) => tokens.live(&claims.sub, tid, now_ms()),
+                _ => false,
+            },
+            PrincipalKind::User => self.htpasswd().is_some_and(|f| f.contains(&claims.sub)),
+            PrincipalKind::Certificate | PrincipalKind::Anonymous => true,
+        };
+        if standing {
+            Ok(identity)
+        } else {
+            Err(JwtError::Revoked)
+        }
+    }
+
+    /// The claims a Berth token for `identity` starts from (who it is).
+    pub(crate) fn subject_claims(
+        &self,
+        identity: &Identity,
+    ) -> Option<(String, PrincipalKind, Option<String>)> {
+        match identity {
+            Identity::Anonymous => Some((String::new(), PrincipalKind::Anonymous, None)),
+            Identity::User(u) => Some((u.clone(), PrincipalKind::User, None)),
+            Identity::Certificate(c) => Some((c.clone(), PrincipalKind::Certificate, None)),
+            Identity::ApiToken(t) => Some((
+                t.name().to_string(),
+                PrincipalKind::Token,
+                Some(t.record.id.clone()),
+            )),
+            // Peers read feeds with their secret; external tokens are the
+            // external server's business; a token is not re-issued.
+            Identity::Peer(_) | Identity::Bearer(_) | Identity::External(_) => None,
+        }
+    }
+
+    pub(crate) fn claims_template(&self) -> (&str, &str, Duration) {
+        (
+            &self.settings.issuer,
+            &self.settings.service,
+            self.settings.token_ttl,
+        )
+    }
+
+    /// The current signing key, if this region issues tokens.
+    pub(crate) fn signing_key(&self) -> Option<crate::keys::SigningKey> {
+        self.keys.as_ref()?.signing_key(now_ms())
+    }
+
+    /// For tests and the token endpoint: the claims of a token string this
+    /// node would accept.
+    pub async fn verify_token(&self, token: &str) -> Result<Identity, JwtError> {
+        self.verify_bearer(token).await
+    }
+}
+
+impl Claims {
+    pub fn is_berth_anonymous(&self) -> bool {
+        self.berth.as_ref().map(|b| b.kind) == Some(PrincipalKind::Anonymous)
+    }
+}
