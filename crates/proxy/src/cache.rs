@@ -707,22 +707,28 @@ impl PullThroughCache {
             Err(RegistryError::BlobUnknown(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        if head {
-            // A HEAD links nothing: pushers probe with HEADs, and a link in
-            // the cache's repository must not make them skip an upload.
-            if let Some(size) = self.registry.stored_blob_size(digest).await? {
+        // The same content may be stored under another name already. It is
+        // used only when a manifest cached in this repository names it:
+        // the upstream repository then has it, and a digest alone never
+        // reads another repository's blob through the cache.
+        if self.registry.references_blob(&target.local, digest).await? {
+            if head {
+                // A HEAD links nothing: pushers probe with HEADs, and a link
+                // in the cache's repository must not make them skip an
+                // upload.
+                if let Some(size) = self.registry.stored_blob_size(digest).await? {
+                    self.metrics.served(ns, "blob", "hit");
+                    return Ok(BlobAnswer::Remote { size });
+                }
+            } else if self
+                .registry
+                .mount_blob(&target.local, digest, None)
+                .await?
+                .is_some()
+            {
                 self.metrics.served(ns, "blob", "hit");
-                return Ok(BlobAnswer::Remote { size });
+                return Ok(BlobAnswer::Local);
             }
-        } else if self
-            .registry
-            .mount_blob(&target.local, digest, None)
-            .await?
-            .is_some()
-        {
-            // The same content cached or pushed under another name.
-            self.metrics.served(ns, "blob", "hit");
-            return Ok(BlobAnswer::Local);
         }
         let upstream = self.upstream(ns)?;
         if head {

@@ -512,6 +512,20 @@ impl Registry {
             .collect())
     }
 
+    /// Whether a manifest recorded in `name` references `digest`: the
+    /// repository then has the right to its content (a cache may link a
+    /// blob it holds elsewhere instead of fetching it again).
+    pub async fn references_blob(&self, name: &RepositoryName, digest: &Digest) -> Result<bool> {
+        for manifest in self.manifest_digests(name).await? {
+            if let Some(record) = self.find_manifest(name, &manifest).await?
+                && record.references.contains(digest)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Single-request upload (`POST ?digest=` or a PUT without session data).
     pub async fn put_blob(
         &self,
