@@ -22,7 +22,7 @@ use crate::identity::Identity;
 use crate::jwt::{self, Claims, JwtError, KeySet, PrincipalKind};
 use crate::keystore::KeyStore;
 use crate::policy::Policy;
-use crate::throttle::Throttle;
+use crate::throttle::LoginThrottle;
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -78,8 +78,12 @@ pub enum AuthFailure {
     /// A Bearer token that does not verify.
     InvalidToken(JwtError),
     Malformed(HeaderError),
-    /// Too many failures from this address or for this user.
-    Throttled(Duration),
+    /// Too many failures from this address or for this user (named when
+    /// the attempt named one).
+    Throttled {
+        wait: Duration,
+        user: Option<String>,
+    },
     /// Credentials could not be checked now (the MetaStore failed).
     Unavailable(String),
 }
@@ -90,7 +94,7 @@ impl std::fmt::Display for AuthFailure {
             AuthFailure::BadCredentials { .. } => f.write_str("invalid user name or password"),
             AuthFailure::InvalidToken(e) => write!(f, "invalid token: {e}"),
             AuthFailure::Malformed(e) => e.fmt(f),
-            AuthFailure::Throttled(wait) => write!(
+            AuthFailure::Throttled { wait, .. } => write!(
                 f,
                 "too many failed sign-ins; retry in {} s",
                 wait.as_secs().max(1)
@@ -129,7 +133,7 @@ pub struct Authenticator {
     jwts: quick_cache::sync::Cache<String, CachedToken>,
     keys: Option<Arc<KeyStore>>,
     tokens: Option<Arc<ApiTokens>>,
-    throttle: Throttle,
+    throttle: LoginThrottle,
     /// bcrypt checks at once; more wait (each costs tens of milliseconds of
     /// one core).
     bcrypt_slots: tokio::sync::Semaphore,
@@ -163,7 +167,7 @@ impl Authenticator {
             jwts: quick_cache::sync::Cache::new(16_384),
             keys,
             tokens,
-            throttle: Throttle::default(),
+            throttle: LoginThrottle::default(),
             bcrypt_slots: tokio::sync::Semaphore::new(cores.max(2)),
         }
     }
@@ -223,14 +227,14 @@ impl Authenticator {
                 if !self.settings.enabled {
                     return Ok(self.certificate_identity(request.certificate));
                 }
-                let address = format!("ip:{}", request.client);
+                let address = request.client.to_string();
                 self.throttle
-                    .check(&[&address])
-                    .map_err(AuthFailure::Throttled)?;
+                    .check(&address, None)
+                    .map_err(|wait| AuthFailure::Throttled { wait, user: None })?;
                 match self.verify_bearer(&token).await {
                     Ok(identity) => Ok(identity),
                     Err(e) => {
-                        self.throttle.failed(&[&address]);
+                        self.throttle.failed(&address, None);
                         Err(AuthFailure::InvalidToken(e))
                     }
                 }
@@ -284,13 +288,26 @@ impl Authenticator {
         password: &str,
         client: IpAddr,
     ) -> Result<Identity, AuthFailure> {
-        let address = format!("ip:{client}");
-        let user_key = format!("user:{username}");
+        let address = client.to_string();
+        let key = credential_hash(username, password);
+        let generation = self.generation.load(Ordering::Acquire);
+        // A credential verified recently passes before any throttle: the
+        // clients using it are not held up by someone guessing it.
+        if let Some(hit) = self.passwords.get(&key)
+            && hit.generation == generation
+            && hit.until > Instant::now()
+            && &*hit.user == username
+        {
+            return Ok(Identity::User(username.to_string()));
+        }
         self.throttle
-            .check(&[&address, &user_key])
-            .map_err(AuthFailure::Throttled)?;
+            .check(&address, Some(username))
+            .map_err(|wait| AuthFailure::Throttled {
+                wait,
+                user: Some(username.to_string()),
+            })?;
         let fail = || {
-            self.throttle.failed(&[&address, &user_key]);
+            self.throttle.failed(&address, Some(username));
             AuthFailure::BadCredentials {
                 user: username.to_string(),
             }
@@ -308,15 +325,6 @@ impl Authenticator {
         let Some(file) = self.htpasswd() else {
             return Err(fail());
         };
-        let key = credential_hash(username, password);
-        let generation = self.generation.load(Ordering::Acquire);
-        if let Some(hit) = self.passwords.get(&key)
-            && hit.generation == generation
-            && hit.until > Instant::now()
-            && &*hit.user == username
-        {
-            return Ok(Identity::User(username.to_string()));
-        }
         let verified = {
             let _slot = self.bcrypt_slots.acquire().await.ok();
             let (user, pass) = (username.to_string(), password.to_string());

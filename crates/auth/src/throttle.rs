@@ -1,18 +1,32 @@
-//! Failed-login throttling: every client address and every user name has a
-//! bucket of [`BURST`] failures that refills at one per [`REFILL`]. While a
-//! bucket is empty, sign-ins for that address or name are refused with a
-//! retry time, before any password is checked: guessing a password becomes
-//! slow, and bcrypt's cost cannot be turned against the server.
+//! Failed-login throttling. Failures are counted in buckets that refill
+//! over time; while a bucket is empty, sign-ins it covers are refused with
+//! a retry time before any password is checked, so guessing is slow and
+//! bcrypt's cost cannot be turned against the server. Three buckets apply
+//! to each attempt (see [`LoginThrottle`]):
 //!
-//! Buckets are per node (a region of N nodes allows N times as many
-//! guesses behind a load balancer that spreads them).
+//! - one user name from one address: 10 failures, then one per 6 s (the
+//!   guesser);
+//! - one user name from anywhere: 100, then one a second (guessing from
+//!   many addresses), so a guesser elsewhere does not lock the user out;
+//! - one address for any name: 100, then one a second (spraying names),
+//!   loose enough that many clients behind one NAT keep working.
+//!
+//! A credential verified recently is accepted from the cache before any
+//! bucket is consulted: running clients are never held up by someone
+//! guessing their password. Buckets are per node (a region of N nodes
+//! allows N times as many guesses behind a load balancer that spreads
+//! them).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Failures of one user name from one address before throttling.
 pub const BURST: f64 = 10.0;
 pub const REFILL: Duration = Duration::from_secs(6);
+/// Failures of one user name, or from one address, before throttling.
+pub const WIDE_BURST: f64 = 100.0;
+pub const WIDE_REFILL: Duration = Duration::from_secs(1);
 /// Buckets kept; past this, the fullest (least interesting) are dropped.
 const MAX_BUCKETS: usize = 65_536;
 
@@ -97,6 +111,59 @@ impl Throttle {
     }
 }
 
+/// The three buckets of a sign-in attempt.
+pub struct LoginThrottle {
+    pair: Throttle,
+    user: Throttle,
+    address: Throttle,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle {
+            pair: Throttle::new(BURST, REFILL),
+            user: Throttle::new(WIDE_BURST, WIDE_REFILL),
+            address: Throttle::new(WIDE_BURST, WIDE_REFILL),
+        }
+    }
+}
+
+impl LoginThrottle {
+    fn keys(address: &str, user: Option<&str>) -> (String, Option<String>) {
+        (
+            format!("{address}\u{0}{}", user.unwrap_or("")),
+            user.map(str::to_string),
+        )
+    }
+
+    /// `Err(wait)` if an attempt for `user` from `address` must wait. A
+    /// token (no user) counts against the address only: tokens cannot be
+    /// guessed, but each bad one costs a signature check.
+    pub fn check(&self, address: &str, user: Option<&str>) -> Result<(), Duration> {
+        let (pair, user) = Self::keys(address, user);
+        let mut wait = Duration::ZERO;
+        for result in [
+            self.address.check(&[address]),
+            user.as_ref().map_or(Ok(()), |_| self.pair.check(&[&pair])),
+            user.map_or(Ok(()), |u| self.user.check(&[&u])),
+        ] {
+            if let Err(w) = result {
+                wait = wait.max(w);
+            }
+        }
+        if wait.is_zero() { Ok(()) } else { Err(wait) }
+    }
+
+    pub fn failed(&self, address: &str, user: Option<&str>) {
+        let (pair, user) = Self::keys(address, user);
+        self.address.failed(&[address]);
+        if let Some(u) = user {
+            self.pair.failed(&[&pair]);
+            self.user.failed(&[&u]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +183,24 @@ mod tests {
         assert!(t.check(&["ip:2", "user:b"]).is_ok());
         std::thread::sleep(Duration::from_millis(250));
         assert!(t.check(&["ip:1", "user:a"]).is_ok());
+    }
+
+    #[test]
+    fn a_guesser_holds_up_only_its_own_address_and_name() {
+        let t = LoginThrottle::default();
+        for _ in 0..BURST as usize {
+            assert!(t.check("10.0.0.1", Some("alice")).is_ok());
+            t.failed("10.0.0.1", Some("alice"));
+        }
+        assert!(t.check("10.0.0.1", Some("alice")).is_err());
+        // alice from elsewhere, and bob from the same address, go on.
+        assert!(t.check("10.0.0.2", Some("alice")).is_ok());
+        assert!(t.check("10.0.0.1", Some("bob")).is_ok());
+        // Spraying names from one address runs out too.
+        for i in 0..WIDE_BURST as usize {
+            t.failed("10.0.0.9", Some(&format!("user{i}")));
+        }
+        assert!(t.check("10.0.0.9", Some("carol")).is_err());
+        assert!(t.check("10.0.0.9", None).is_err());
     }
 }

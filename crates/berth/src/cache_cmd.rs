@@ -11,17 +11,10 @@ use futures_util::StreamExt;
 use berth_proxy::MANIFEST_ACCEPT;
 
 use crate::admin::AdminError;
+use crate::client::Api;
 
 /// Blobs fetched at once while warming.
 const WARM_PARALLEL: usize = 4;
-
-fn client() -> Result<reqwest::Client, AdminError> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .read_timeout(Duration::from_secs(120))
-        .build()
-        .map_err(|e| AdminError::Failed(format!("cannot build an HTTP client: {e}")))
-}
 
 fn failed(what: &str, e: impl std::fmt::Display) -> AdminError {
     AdminError::Failed(format!("{what}: {e}"))
@@ -53,24 +46,26 @@ fn platform_matches(filters: &[String], platform: Option<&serde_json::Value>) ->
     })
 }
 
-struct Warmer {
-    client: reqwest::Client,
-    base: String,
+struct Warmer<'a> {
+    api: &'a Api,
     blobs: u64,
     bytes: u64,
 }
 
-impl Warmer {
+impl Warmer<'_> {
     /// Fetches a manifest through the registry and checks its digest.
     async fn manifest(
         &self,
         name: &str,
         reference: &str,
     ) -> Result<(Digest, Manifest), AdminError> {
-        let url = format!("{}/v2/{name}/manifests/{reference}", self.base);
+        let url = self.api.url(&format!("/v2/{name}/manifests/{reference}"));
         let response = self
-            .client
-            .get(&url)
+            .api
+            .request(
+                reqwest::Method::GET,
+                &format!("/v2/{name}/manifests/{reference}"),
+            )
             .header("accept", MANIFEST_ACCEPT)
             .timeout(Duration::from_secs(120))
             .send()
@@ -112,10 +107,10 @@ impl Warmer {
 
     /// Fetches a blob through the registry (which caches it) and verifies it.
     async fn blob(&self, name: &str, digest: &Digest) -> Result<u64, AdminError> {
-        let url = format!("{}/v2/{name}/blobs/{digest}", self.base);
+        let url = self.api.url(&format!("/v2/{name}/blobs/{digest}"));
         let response = self
-            .client
-            .get(&url)
+            .api
+            .request(reqwest::Method::GET, &format!("/v2/{name}/blobs/{digest}"))
             .send()
             .await
             .map_err(|e| failed(&format!("GET {url}"), e))?;
@@ -207,22 +202,15 @@ impl Warmer {
     }
 }
 
-pub async fn pin(base: &str, image: &str, pinned: bool) -> Result<bool, AdminError> {
-    let client = client()?;
-    let url = format!("{}/berth/v1/cache/pin", base.trim_end_matches('/'));
-    let url = format!(
-        "{url}?image={}&pinned={pinned}",
+pub async fn pin(api: &Api, image: &str, pinned: bool) -> Result<bool, AdminError> {
+    let path = format!(
+        "/berth/v1/cache/pin?image={}&pinned={pinned}",
         berth_oci::query::encode(image)
     );
-    let response = client
-        .post(&url)
-        .send()
+    let body = api
+        .json(reqwest::Method::POST, &path, None, None)
         .await
-        .map_err(|e| failed(&format!("POST {url}"), e))?;
-    if !response.status().is_success() {
-        return Err(failed(image, error_text(response).await));
-    }
-    let body = json_body(response).await.map_err(|e| failed(image, e))?;
+        .map_err(|e| failed(image, e))?;
     println!(
         "{image}: {} ({} cached manifests changed)",
         if pinned { "pinned" } else { "unpinned" },
@@ -232,14 +220,13 @@ pub async fn pin(base: &str, image: &str, pinned: bool) -> Result<bool, AdminErr
 }
 
 pub async fn warm(
-    base: &str,
+    api: &Api,
     images: &[String],
     platforms: &[String],
     pin_them: bool,
 ) -> Result<bool, AdminError> {
     let mut warmer = Warmer {
-        client: client()?,
-        base: base.trim_end_matches('/').to_string(),
+        api,
         blobs: 0,
         bytes: 0,
     };
@@ -248,7 +235,7 @@ pub async fn warm(
         match warmer.warm(image, platforms).await {
             Ok(()) => {
                 if pin_them {
-                    pin(base, image, true).await?;
+                    pin(api, image, true).await?;
                 }
             }
             Err(e) => {
@@ -261,11 +248,6 @@ pub async fn warm(
     Ok(ok)
 }
 
-async fn json_body(response: reqwest::Response) -> Result<serde_json::Value, String> {
-    let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-}
-
 fn age(now_ms: u64, then_ms: u64) -> String {
     let secs = now_ms.saturating_sub(then_ms) / 1000;
     match secs {
@@ -276,18 +258,10 @@ fn age(now_ms: u64, then_ms: u64) -> String {
     }
 }
 
-pub async fn list(base: &str, json: bool) -> Result<bool, AdminError> {
-    let client = client()?;
-    let url = format!("{}/berth/v1/cache", base.trim_end_matches('/'));
-    let response = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| failed(&format!("GET {url}"), e))?;
-    if !response.status().is_success() {
-        return Err(failed(&url, error_text(response).await));
-    }
-    let body = json_body(response).await.map_err(|e| failed(&url, e))?;
+pub async fn list(api: &Api, json: bool) -> Result<bool, AdminError> {
+    let body = api
+        .json(reqwest::Method::GET, "/berth/v1/cache", None, None)
+        .await?;
     if json {
         println!(
             "{}",

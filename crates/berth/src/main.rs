@@ -2,10 +2,13 @@
 
 mod admin;
 mod cache_cmd;
+mod client;
 mod cluster;
 mod config;
 mod replication_cmd;
+mod security;
 mod serve;
+mod token_cmd;
 
 use std::process::ExitCode;
 
@@ -40,16 +43,11 @@ enum Command {
     },
     /// Geo-replication of a running registry's region.
     Replication {
-        /// The registry's URL (a node or the load balancer).
-        #[arg(
-            long,
-            env = "BERTH_REGISTRY",
-            default_value = "http://127.0.0.1:5000",
-            global = true
-        )]
-        registry: String,
-        /// The region's replication secret (needed to pause, resume and
-        /// turn serving off or on).
+        #[command(flatten)]
+        connection: client::Connection,
+        /// The region's replication secret: pauses, resumes and turns
+        /// serving off or on in a region without authentication (with
+        /// authentication, an administrator's credentials do).
         #[arg(
             long,
             env = "BERTH_REPLICATION_SECRET",
@@ -62,17 +60,50 @@ enum Command {
     },
     /// The pull-through cache of a running registry.
     Cache {
-        /// The registry's URL (a node or the load balancer).
-        #[arg(
-            long,
-            env = "BERTH_REGISTRY",
-            default_value = "http://127.0.0.1:5000",
-            global = true
-        )]
-        registry: String,
+        #[command(flatten)]
+        connection: client::Connection,
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// API tokens for machines, and the token service's signing keys.
+    Token {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create an API token; prints its secret once (use it as the password
+    /// with any user name, with Basic auth or at the token endpoint).
+    Create {
+        name: String,
+        /// Repository globs it may act on (repeatable or comma-separated;
+        /// `*` stays within a path segment, `**` crosses them).
+        #[arg(long = "repositories", required = true, value_delimiter = ',')]
+        repositories: Vec<String>,
+        /// Actions: pull, push, delete, admin (comma-separated).
+        #[arg(long, required = true, value_delimiter = ',')]
+        actions: Vec<String>,
+        /// Lifetime such as 90d or 12h [default: until revoked].
+        #[arg(long, value_parser = token_cmd::parse_lifetime)]
+        expires: Option<u64>,
+    },
+    /// List API tokens (never their secrets).
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an API token on every node of the region.
+    Revoke { name: String },
+    /// List the token service's signing keys.
+    Keys,
+    /// Add a new signing key; older keys keep verifying until their tokens
+    /// expire, and are dropped by a later rotation.
+    RotateKey,
 }
 
 #[derive(Subcommand)]
@@ -203,36 +234,57 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Replication {
-            registry,
+            connection,
             replication_secret,
             command,
         } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(30))?;
             let secret = replication_secret.as_deref();
             match command {
-                ReplicationCommand::Status { json } => {
-                    replication_cmd::status(&registry, json).await
-                }
+                ReplicationCommand::Status { json } => replication_cmd::status(&api, json).await,
                 ReplicationCommand::Pause { peer } => {
-                    replication_cmd::pause(&registry, secret, &peer, true).await
+                    replication_cmd::pause(&api, secret, &peer, true).await
                 }
                 ReplicationCommand::Resume { peer } => {
-                    replication_cmd::pause(&registry, secret, &peer, false).await
+                    replication_cmd::pause(&api, secret, &peer, false).await
                 }
                 ReplicationCommand::Serving { state } => {
-                    replication_cmd::serving(&registry, secret, state == "on").await
+                    replication_cmd::serving(&api, secret, state == "on").await
                 }
             }
         }),
-        Command::Cache { registry, command } => run_admin(|| async move {
+        Command::Cache {
+            connection,
+            command,
+        } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(120))?;
             match command {
                 CacheCommand::Warm {
                     images,
                     platforms,
                     pin,
-                } => cache_cmd::warm(&registry, &images, &platforms, pin).await,
-                CacheCommand::Ls { json } => cache_cmd::list(&registry, json).await,
-                CacheCommand::Pin { image } => cache_cmd::pin(&registry, &image, true).await,
-                CacheCommand::Unpin { image } => cache_cmd::pin(&registry, &image, false).await,
+                } => cache_cmd::warm(&api, &images, &platforms, pin).await,
+                CacheCommand::Ls { json } => cache_cmd::list(&api, json).await,
+                CacheCommand::Pin { image } => cache_cmd::pin(&api, &image, true).await,
+                CacheCommand::Unpin { image } => cache_cmd::pin(&api, &image, false).await,
+            }
+        }),
+        Command::Token {
+            connection,
+            command,
+        } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(30))?;
+            match command {
+                TokenCommand::Create {
+                    name,
+                    repositories,
+                    actions,
+                    expires,
+                } => token_cmd::create(&api, &name, &repositories, &actions, expires).await,
+                TokenCommand::Ls { json } => token_cmd::list(&api, json).await,
+                TokenCommand::Revoke { name } => token_cmd::revoke(&api, &name).await,
+                TokenCommand::Keys => token_cmd::keys(&api).await,
+                TokenCommand::RotateKey => token_cmd::rotate(&api).await,
             }
         }),
         Command::Serve(args) => {

@@ -1,61 +1,30 @@
 //! `berth replication`: a region's replication status, pausing a peer, and
 //! turning serving off and on for failover drills, through the running
-//! registry's HTTP API.
-
-use std::time::Duration;
+//! registry's HTTP API. With authentication these need an administrator;
+//! on an open registry, pausing and serving need the replication secret.
 
 use crate::admin::AdminError;
-
-async fn call(
-    method: reqwest::Method,
-    url: &str,
-    secret: Option<&str>,
-) -> Result<serde_json::Value, AdminError> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| AdminError::Failed(format!("HTTP client: {e}")))?;
-    let mut request = client.request(method.clone(), url);
-    if let Some(secret) = secret {
-        request = request.bearer_auth(secret);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| AdminError::Failed(format!("{method} {url}: {e}")))?;
-    let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| AdminError::Failed(format!("{method} {url}: {e}")))?;
-    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    if !status.is_success() {
-        let message = body["errors"][0]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        return Err(AdminError::Failed(format!("HTTP {status}: {message}")));
-    }
-    Ok(body)
-}
+use crate::client::Api;
 
 /// Prints each peer's state. Exits 1 if a peer has an error or serving is
 /// off.
-pub async fn status(base: &str, json: bool) -> Result<bool, AdminError> {
-    let base = base.trim_end_matches('/');
-    let body = call(
-        reqwest::Method::GET,
-        &format!("{base}/berth/v1/replication/status"),
-        None,
-    )
-    .await?;
-    let state = call(
-        reqwest::Method::GET,
-        &format!("{base}/berth/v1/replication/state"),
-        None,
-    )
-    .await?;
+pub async fn status(api: &Api, json: bool) -> Result<bool, AdminError> {
+    let body = api
+        .json(
+            reqwest::Method::GET,
+            "/berth/v1/replication/status",
+            None,
+            None,
+        )
+        .await?;
+    let state = api
+        .json(
+            reqwest::Method::GET,
+            "/berth/v1/replication/state",
+            None,
+            None,
+        )
+        .await?;
     if json {
         let both = serde_json::json!({ "status": body, "state": state });
         println!(
@@ -105,18 +74,19 @@ pub async fn status(base: &str, json: bool) -> Result<bool, AdminError> {
 }
 
 pub async fn pause(
-    base: &str,
+    api: &Api,
     secret: Option<&str>,
     peer: &str,
     paused: bool,
 ) -> Result<bool, AdminError> {
     let action = if paused { "pause" } else { "resume" };
-    call(
+    api.json(
         reqwest::Method::POST,
         &format!(
-            "{}/berth/v1/replication/peers/{peer}/{action}",
-            base.trim_end_matches('/')
+            "/berth/v1/replication/peers/{}/{action}",
+            berth_oci::query::encode(peer)
         ),
+        None,
         secret,
     )
     .await?;
@@ -127,13 +97,11 @@ pub async fn pause(
     Ok(true)
 }
 
-pub async fn serving(base: &str, secret: Option<&str>, enabled: bool) -> Result<bool, AdminError> {
-    call(
+pub async fn serving(api: &Api, secret: Option<&str>, enabled: bool) -> Result<bool, AdminError> {
+    api.json(
         reqwest::Method::POST,
-        &format!(
-            "{}/berth/v1/region/serving?enabled={enabled}",
-            base.trim_end_matches('/')
-        ),
+        &format!("/berth/v1/region/serving?enabled={enabled}"),
+        None,
         secret,
     )
     .await?;

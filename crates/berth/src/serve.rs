@@ -46,6 +46,8 @@ pub enum ServeError {
     Cache(berth_proxy::CacheError),
     #[error("cannot join the cluster: {0}")]
     Cluster(crate::cluster::ClusterError),
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
 }
 
 /// Opens the configured metadata engine.
@@ -153,7 +155,7 @@ fn open_replication(
         meta.clone(),
         ReplicationOptions {
             region: settings.region.clone(),
-            secret: settings.secret.clone(),
+            tls: crate::security::peer_tls(config)?,
             peers: settings
                 .peers
                 .iter()
@@ -184,6 +186,7 @@ fn open_cache(
     if settings.upstreams.is_empty() {
         return Ok(None);
     }
+    let tls = crate::security::upstream_tls(config)?;
     let upstreams = settings
         .upstreams
         .iter()
@@ -197,6 +200,7 @@ fn open_cache(
             bearer: None,
             headers: Vec::new(),
             timeout: settings.upstream_timeout,
+            tls: tls.clone(),
         })
         .collect();
     let cache = PullThroughCache::new(
@@ -292,8 +296,13 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         })?;
     let cache = open_cache(&config, &registry, &meta)?;
     let replicator = open_replication(&config, &registry, &meta)?;
+    let security = crate::security::start(&config, &meta).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = Metrics::with_extra(|prometheus| {
+        security.security.register_metrics(prometheus);
+        if let Some(tls) = &security.tls {
+            tls.register_metrics(prometheus);
+        }
         if let Some(cache) = &cache {
             cache.metrics().register(prometheus);
         }
@@ -306,6 +315,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         metrics: Arc::new(metrics),
         cache: cache.clone(),
         replication: replicator.clone(),
+        security: security.security.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -414,9 +424,15 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             "pull-through cache upstream"
         );
     }
+    let scheme = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(
         node = %node.name(),
-        "berth {} listening on http://{local}, blobs in {storage}, metadata in {metadata}",
+        authentication = security.security.auth.enabled(),
+        "berth {} listening on {scheme}://{local}, blobs in {storage}, metadata in {metadata}",
         env!("CARGO_PKG_VERSION"),
     );
     ready.store(true, Ordering::Release);
@@ -436,6 +452,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     let drained = berth_server::serve(
         listener,
         app,
+        security.tls.clone(),
         ServeOptions {
             header_read_timeout: config.header_read_timeout,
             shutdown_grace: config.shutdown_grace,
@@ -444,6 +461,9 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     )
     .await;
     reaper.abort();
+    for task in &security.tasks {
+        task.abort();
+    }
     for worker in workers {
         worker.abort();
     }

@@ -17,4 +17,6 @@ pub use cache::{
     parse_image, valid_namespace,
 };
 pub use metrics::CacheMetrics;
-pub use upstream::{Credentials, FailureKind, MANIFEST_ACCEPT, UpstreamConfig, UpstreamError};
+pub use upstream::{
+    ClientTls, Credentials, FailureKind, MANIFEST_ACCEPT, UpstreamConfig, UpstreamError,
+};

@@ -43,6 +43,48 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// How an outgoing HTTPS client verifies servers and proves who it is:
+/// extra CA certificates trusted besides the system's, and a client
+/// certificate (mTLS, as a peer region presents to another).
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// PEM certificates (a bundle).
+    pub ca_pem: Option<Vec<u8>>,
+    /// A PEM private key and certificate chain.
+    pub identity_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("extra_ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Applies the settings to a client being built.
+    pub fn apply(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, String> {
+        let mut builder = builder;
+        if let Some(ca) = &self.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(ca)
+                .map_err(|e| format!("invalid CA certificate file: {e}"))?;
+            if certs.is_empty() {
+                return Err("the CA certificate file holds no certificate".into());
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        if let Some(identity) = &self.identity_pem {
+            builder = builder.identity(
+                reqwest::Identity::from_pem(identity)
+                    .map_err(|e| format!("invalid client certificate or key: {e}"))?,
+            );
+        }
+        Ok(builder)
+    }
+}
+
 /// One upstream registry, as configured.
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
@@ -59,6 +101,7 @@ pub struct UpstreamConfig {
     /// Time allowed for a metadata request (manifest, HEAD, token) in all,
     /// and for each read of a blob body.
     pub timeout: Duration,
+    pub tls: ClientTls,
 }
 
 impl UpstreamConfig {
@@ -169,21 +212,26 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
-        let http = reqwest::Client::builder()
+        let fail = |message: String| UpstreamError {
+            namespace: config.namespace.clone(),
+            url: config.url.clone(),
+            kind: FailureKind::Other,
+            message,
+        };
+        let builder = reqwest::Client::builder()
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .read_timeout(config.timeout)
             .user_agent(concat!(
                 "berth/",
                 env!("CARGO_PKG_VERSION"),
                 " (pull-through cache)"
-            ))
+            ));
+        let http = config
+            .tls
+            .apply(builder)
+            .map_err(fail)?
             .build()
-            .map_err(|e| UpstreamError {
-                namespace: config.namespace.clone(),
-                url: config.url.clone(),
-                kind: FailureKind::Other,
-                message: format!("cannot build an HTTP client: {e}"),
-            })?;
+            .map_err(|e| fail(format!("cannot build an HTTP client: {e}")))?;
         Ok(Self {
             base: config.url.trim_end_matches('/').to_string(),
             config,
@@ -521,6 +569,7 @@ mod tests {
 
     fn config(namespace: &str, url: &str) -> UpstreamConfig {
         UpstreamConfig {
+            tls: ClientTls::default(),
             namespace: namespace.into(),
             url: url.into(),
             credentials: None,

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_oci::{Digest, Manifest, Reference, RepositoryName};
-use berth_proxy::{BlobAnswer, CacheError, CacheOptions, PullThroughCache, Target, UpstreamConfig};
+use berth_proxy::{
+    BlobAnswer, CacheError, CacheOptions, ClientTls, PullThroughCache, Target, UpstreamConfig,
+};
 use berth_registry::{Applied, Change, ChangeEvent, Registry, RegistryError, Stamp, now_ms};
 use berth_store::{ByteStream, MetaStore, Txn};
 use futures_util::StreamExt;
@@ -30,8 +32,9 @@ const MANIFEST_ACCEPT: &str = berth_proxy::MANIFEST_ACCEPT;
 pub struct PeerConfig {
     pub name: String,
     pub url: String,
-    /// The bearer secret this region presents to the peer.
-    pub secret: String,
+    /// The bearer secret this region presents to the peer (none when it
+    /// proves itself with a client certificate).
+    pub secret: Option<String>,
     /// Repository globs to replicate from this peer (empty: all).
     pub include: Vec<String>,
     /// Repository globs never replicated from this peer.
@@ -41,14 +44,15 @@ pub struct PeerConfig {
 #[derive(Clone, Debug)]
 pub struct ReplicationOptions {
     pub region: String,
-    /// What peers must present to read this region's feed.
-    pub secret: String,
     pub peers: Vec<PeerConfig>,
     /// Bound on a read-through request to a peer (and each read of a blob).
     pub read_through_timeout: Duration,
     /// How long a feed request waits for new changes.
     pub feed_wait: Duration,
     pub spool_dir: PathBuf,
+    /// How peers' certificates are verified, and this region's client
+    /// certificate for them.
+    pub tls: ClientTls,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,11 +169,12 @@ impl Replicator {
                 namespace: p.name.clone(),
                 url: p.url.clone(),
                 credentials: None,
-                bearer: Some(p.secret.clone()),
+                bearer: p.secret.clone(),
                 // The peer answers from its own storage: no read-through
                 // back and forth between regions.
                 headers: vec![("x-berth-local-only".to_string(), "1".to_string())],
                 timeout: options.read_through_timeout,
+                tls: options.tls.clone(),
             })
             .collect();
         let peers_cache = PullThroughCache::new(
@@ -185,9 +190,13 @@ impl Replicator {
                 outage_backoff: Duration::from_secs(5),
             },
         )?;
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .read_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(30));
+        let http = options
+            .tls
+            .apply(builder)
+            .map_err(|e| ReplicationError::Config(format!("peer TLS: {e}")))?
             .build()
             .map_err(|e| ReplicationError::Config(format!("HTTP client: {e}")))?;
         Ok(Self {
@@ -211,17 +220,6 @@ impl Replicator {
 
     pub fn peers(&self) -> impl Iterator<Item = &str> {
         self.options.peers.iter().map(|p| p.name.as_str())
-    }
-
-    /// Whether a request's `Authorization` header carries this region's
-    /// secret.
-    pub fn authorized(&self, authorization: Option<&str>) -> bool {
-        let Some(token) = authorization.and_then(|a| a.strip_prefix("Bearer ")) else {
-            return false;
-        };
-        // Compared without an early exit on the first differing byte.
-        let (a, b) = (token.as_bytes(), self.options.secret.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
     /// This region's changes after `after`, waiting up to `wait` for some.
@@ -249,6 +247,19 @@ impl Replicator {
             let left = (deadline - now).min(Duration::from_millis(250));
             let _ = tokio::time::timeout(left, signal).await;
         }
+    }
+
+    /// The `Authorization` header for a peer, when it takes a secret.
+    fn credentials(peer: &PeerConfig) -> reqwest::header::HeaderMap {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(secret) = &peer.secret
+            && let Ok(mut value) =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}"))
+        {
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        headers
     }
 
     fn peer(&self, name: &str) -> Result<&PeerConfig> {
@@ -507,7 +518,7 @@ impl Replicator {
         let response = self
             .http
             .get(&url)
-            .bearer_auth(&peer.secret)
+            .headers(Self::credentials(peer))
             .timeout(wait + Duration::from_secs(10))
             .send()
             .await
@@ -620,7 +631,7 @@ impl Replicator {
             let response = self
                 .http
                 .get(&url)
-                .bearer_auth(&peer.secret)
+                .headers(Self::credentials(peer))
                 .header("accept", MANIFEST_ACCEPT)
                 .header("x-berth-local-only", "1")
                 .timeout(Duration::from_secs(30))
@@ -726,7 +737,7 @@ impl Replicator {
         let response = self
             .http
             .get(&url)
-            .bearer_auth(&peer.secret)
+            .headers(Self::credentials(peer))
             .header("x-berth-local-only", "1")
             .send()
             .await

@@ -1,17 +1,26 @@
-//! Berth's HTTP layer: the OCI Distribution API on `/v2/`, health probes and
-//! Prometheus metrics. Maps domain errors to the spec's JSON errors; knows
+//! Berth's HTTP layer: the OCI Distribution API on `/v2/`, the token
+//! service, health probes and Prometheus metrics, over HTTP or TLS. Every
+//! request passes the security guard (authentication, the policy, audit)
+//! before its handler. Maps domain errors to the spec's JSON errors; knows
 //! nothing about how content is stored.
 
+mod access;
 mod api;
+pub mod audit;
 mod cache_admin;
 mod error;
 mod headers;
 mod health;
 mod metrics;
 mod middleware;
+mod reload;
 mod replication_admin;
 mod route;
+pub mod security;
 mod serve;
+pub mod tls;
+mod token;
+mod token_admin;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -21,7 +30,9 @@ use berth_registry::Registry;
 use berth_replication::Replicator;
 
 pub use metrics::Metrics;
-pub use serve::{ServeOptions, serve};
+pub use reload::{FileWatch, fingerprint as reload_fingerprint, watch as watch_files};
+pub use security::{Cidr, Security};
+pub use serve::{ConnInfo, ServeOptions, serve};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -35,6 +46,8 @@ pub struct AppState {
     pub cache: Option<Arc<PullThroughCache>>,
     /// Geo-replication, when this region has peers or serves a feed.
     pub replication: Option<Arc<Replicator>>,
+    /// Authentication, the access policy and the audit trail.
+    pub security: Arc<Security>,
 }
 
 /// Protection against slow or too many clients.
@@ -80,7 +93,26 @@ pub fn router(state: AppState) -> axum::Router {
             axum::routing::post(replication_admin::serving),
         )
         .route("/berth/v1/tags/history", get(replication_admin::history))
+        .route(
+            "/berth/v1/tokens",
+            get(token_admin::list).post(token_admin::create),
+        )
+        .route(
+            "/berth/v1/tokens/{name}",
+            axum::routing::delete(token_admin::revoke),
+        )
+        .route("/berth/v1/auth/keys", get(token_admin::keys))
+        .route(
+            "/berth/v1/auth/keys/rotate",
+            axum::routing::post(token_admin::rotate),
+        )
+        .route(access::TOKEN_PATH, any(token::token))
+        .route(access::JWKS_PATH, get(token::jwks))
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::observe,

@@ -1,8 +1,8 @@
 //! Per-request observation: a request id on the response and on every log
 //! line (through a tracing span), metrics, and the API version header.
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -49,9 +49,16 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The request's id, for handlers and the audit trail.
+#[derive(Clone)]
+pub struct RequestId(pub Arc<str>);
+
+pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(request.headers().get(&REQUEST_ID));
+    request
+        .extensions_mut()
+        .insert(RequestId(Arc::from(id.as_str())));
     let route = label_for_path(request.uri().path());
     let method = method_label(request.method());
     let span = tracing::info_span!("request", id = %id, method, path = %request.uri().path());

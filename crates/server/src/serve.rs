@@ -1,7 +1,10 @@
-//! The accept loop: hyper connections with header timeouts, and a graceful
-//! drain that lets in-flight requests finish.
+//! The accept loop: TLS when configured, hyper connections with header
+//! timeouts, and a graceful drain that lets in-flight requests finish.
+//! Every request carries its connection's [`ConnInfo`].
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -9,6 +12,21 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::ServiceExt as _;
+
+use crate::tls::{Tls, certificate_subject};
+
+/// Time a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the connection tells about the client.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The verified client certificate's subject (mTLS).
+    pub certificate: Option<Arc<str>>,
+    pub tls: bool,
+}
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -33,6 +51,7 @@ impl Default for ServeOptions {
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
+    tls: Option<Arc<Tls>>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
@@ -59,12 +78,48 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
+                let app = app.clone();
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
+                let acceptor = tls.as_ref().map(|t| t.acceptor());
                 tokio::spawn(async move {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    if let Err(e) = watcher.watch(conn).await {
+                    let with_info = |info: ConnInfo| {
+                        TowerToHyperService::new(app.map_request(move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                            request.extensions_mut().insert(info.clone());
+                            request
+                        }))
+                    };
+                    let result = match acceptor {
+                        None => {
+                            let info = ConnInfo { peer, certificate: None, tls: false };
+                            let conn = builder.serve_connection(TokioIo::new(stream), with_info(info));
+                            watcher.watch(conn).await
+                        }
+                        Some(acceptor) => {
+                            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let certificate = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(certificate_subject)
+                                .map(Arc::from);
+                            let info = ConnInfo { peer, certificate, tls: true };
+                            let conn = builder.serve_connection(TokioIo::new(stream), with_info(info));
+                            watcher.watch(conn).await
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });

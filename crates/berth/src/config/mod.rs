@@ -11,12 +11,14 @@ use serde::Deserialize;
 mod cache;
 mod engines;
 mod replication;
+mod security;
 
 use cache::upstreams;
 pub use cache::{CacheSettings, FileUpstream};
 pub use engines::{EtcdAccess, Metadata, Storage};
 use replication::replication;
 pub use replication::{FilePeer, ReplicationSettings};
+pub use security::{SecurityArgs, SecuritySettings};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,6 +162,8 @@ pub struct ServeArgs {
     /// Milliseconds a read-through to a peer may take [default: 1000].
     #[arg(long, env = "BERTH_READ_THROUGH_TIMEOUT_MS")]
     pub read_through_timeout_ms: Option<u64>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// The TOML file: the same options, all optional.
@@ -204,6 +208,8 @@ struct FileConfig {
     peer: Vec<FilePeer>,
     replication_secret: Option<String>,
     read_through_timeout_ms: Option<u64>,
+    #[serde(flatten)]
+    security: security::FileSecurity,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +237,7 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     pub cache: CacheSettings,
     pub replication: Option<ReplicationSettings>,
+    pub security: SecuritySettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,7 +371,9 @@ impl ServeConfig {
                 .or(file.read_through_timeout_ms)
                 .unwrap_or(1000),
         )?;
+        let security = security::resolve(args.security, file.security, listen)?;
         let config = ServeConfig {
+            security,
             cache,
             replication,
             listen,

@@ -12,8 +12,12 @@ use super::ConfigError;
 pub struct FilePeer {
     pub name: String,
     pub url: String,
-    /// The secret to present to this peer (default: replication_secret).
+    /// The secret shared with this peer: presented to it, and accepted
+    /// from it as its credential (default: replication_secret).
     pub secret: Option<String>,
+    /// The subject (CN) of the client certificate this peer presents, when
+    /// it proves itself with one (mTLS) instead of a secret.
+    pub tls_identity: Option<String>,
     #[serde(default)]
     pub include: Vec<String>,
     #[serde(default)]
@@ -25,7 +29,8 @@ pub struct FilePeer {
 pub struct PeerSetting {
     pub name: String,
     pub url: String,
-    pub secret: String,
+    pub secret: Option<String>,
+    pub tls_identity: Option<String>,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
 }
@@ -34,7 +39,8 @@ pub struct PeerSetting {
 #[derive(Debug, Clone)]
 pub struct ReplicationSettings {
     pub region: String,
-    pub secret: String,
+    /// Accepted from any peer (the region-wide shared secret).
+    pub secret: Option<String>,
     pub peers: Vec<PeerSetting>,
     pub read_through_timeout: Duration,
 }
@@ -70,17 +76,14 @@ pub(super) fn replication(
             "region name {region:?}: use 1-32 lowercase letters, digits or '-'"
         )));
     }
-    let Some(secret) = secret.filter(|s| !s.is_empty()) else {
-        return Err(ConfigError::Invalid(
-            "a region needs --replication-secret (peers authenticate with it)".into(),
-        ));
-    };
+    let secret = secret.filter(|s| !s.is_empty());
     let mut peers: Vec<PeerSetting> = file
         .iter()
         .map(|p| PeerSetting {
             name: p.name.clone(),
             url: p.url.clone(),
-            secret: p.secret.clone().unwrap_or_else(|| secret.clone()),
+            secret: p.secret.clone().or_else(|| secret.clone()),
+            tls_identity: p.tls_identity.clone(),
             include: p.include.clone(),
             exclude: p.exclude.clone(),
         })
@@ -96,6 +99,7 @@ pub(super) fn replication(
             name: name.to_string(),
             url: url.to_string(),
             secret: secret.clone(),
+            tls_identity: None,
             include: Vec::new(),
             exclude: Vec::new(),
         });
@@ -113,6 +117,17 @@ pub(super) fn replication(
                 p.name, p.url
             )));
         }
+        if p.secret.is_none() && p.tls_identity.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "peer {}: no credential; give it a secret (or --replication-secret) or a tls_identity",
+                p.name
+            )));
+        }
+    }
+    if peers.is_empty() && secret.is_none() {
+        return Err(ConfigError::Invalid(
+            "a region needs --replication-secret (peers authenticate with it) or [[peer]] entries with credentials".into(),
+        ));
     }
     if read_through_timeout_ms == 0 {
         return Err(ConfigError::Zero("read_through_timeout_ms"));

@@ -371,7 +371,7 @@ async fn sigterm_drains_in_flight_upload_and_exits_zero() {
     reg.sigterm();
 
     // Readiness must drop (503) or the listener must be closed; never 200 any more.
-    let probe = new_client();
+    let probe = berth_client();
     let ready_url = format!("{}/readyz", reg.url());
     let not_ready = eventually(Duration::from_secs(2), || {
         let probe = probe.clone();

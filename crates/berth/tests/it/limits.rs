@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::support::*;
 
@@ -25,20 +24,23 @@ async fn start_partial_patch(
     upload_url: &str,
     announced: usize,
     sent: usize,
-) -> TcpStream {
-    let mut stream = TcpStream::connect(reg.host_port()).await.unwrap();
+) -> RawConn {
+    let mut stream = reg.raw_stream().await;
     let head = format!(
         "PATCH {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {announced}\r\n\r\n",
         path_of(upload_url),
         reg.host_port()
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(&with_credentials(head.as_bytes()))
+        .await
+        .unwrap();
     stream.write_all(&vec![b'x'; sent]).await.unwrap();
     stream.flush().await.unwrap();
     stream
 }
 
-async fn read_status(stream: &mut TcpStream, within: Duration) -> Option<u16> {
+async fn read_status(stream: &mut RawConn, within: Duration) -> Option<u16> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + within;

@@ -1,7 +1,9 @@
 //! Integration tests for the `berth` registry binary, driven over HTTP against the
 //! OCI Distribution Specification v1.1.
 
+mod pki;
 mod support;
+mod tls;
 
 mod api_base;
 mod blobs;
@@ -18,6 +20,7 @@ mod pull_through;
 mod referrers;
 mod replication;
 mod s3_store;
+mod security;
 mod skopeo;
 mod tags_catalog;
 mod uploads;

@@ -429,7 +429,7 @@ async fn mirror_modes_warming_pinning_and_eviction() {
     assert_eq!(r.status, 200, "{}", r.describe());
 
     // Warm one platform and pin it, with the operator command.
-    let out = std::process::Command::new(BIN)
+    let out = berth_cli()
         .args([
             "cache",
             "warm",
@@ -485,7 +485,7 @@ async fn mirror_modes_warming_pinning_and_eviction() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let listed = || async {
-        let out = std::process::Command::new(BIN)
+        let out = berth_cli()
             .args(["cache", "ls", "--json", "--registry", &berth.url()])
             .output()
             .unwrap();

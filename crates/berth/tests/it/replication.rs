@@ -23,7 +23,10 @@ fn region_options(names: &[String], ports: &[u16], i: usize) -> Options {
         .flag("--replication-secret", SECRET);
     for (j, name) in names.iter().enumerate() {
         if j != i {
-            options = options.flag("--peer", format!("{name}=http://127.0.0.1:{}", ports[j]));
+            options = options.flag(
+                "--peer",
+                format!("{name}={}://127.0.0.1:{}", scheme(), ports[j]),
+            );
         }
     }
     options
@@ -96,16 +99,36 @@ impl Regions {
     }
 }
 
+/// A request that changes how a region serves: on an open registry it
+/// carries the replication secret; with authentication (the secure pass)
+/// the client's administrator credentials go instead, and the secret, a
+/// peer's credential, would be refused.
+fn region_control(rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    if secure_pass() {
+        rb
+    } else {
+        rb.bearer_auth(SECRET)
+    }
+}
+
+/// `berth replication ARGS` with the credential a region-control command
+/// needs (see [`region_control`]).
+fn control_command(args: &[&str]) -> std::process::Command {
+    let mut cmd = berth_cli();
+    cmd.args(args);
+    if !secure_pass() {
+        cmd.args(["--replication-secret", SECRET]);
+    }
+    cmd
+}
+
 /// Pauses or resumes, in `reg`'s region, replication from `peer`.
 async fn set_paused(reg: &Registry, peer: &str, paused: bool) {
     let action = if paused { "pause" } else { "resume" };
-    let r = send(
-        reg.req(
-            reqwest::Method::POST,
-            &format!("/berth/v1/replication/peers/{peer}/{action}"),
-        )
-        .bearer_auth(SECRET),
-    )
+    let r = send(region_control(reg.req(
+        reqwest::Method::POST,
+        &format!("/berth/v1/replication/peers/{peer}/{action}"),
+    )))
     .await;
     assert_eq!(r.status, 200, "{}", r.describe());
 }
@@ -212,7 +235,7 @@ async fn a_push_in_one_region_pulls_at_once_in_another_and_all_regions_converge(
         .map(|p| p["bytes_copied"].as_u64().unwrap())
         .sum();
     assert!(copied > 0, "{status}");
-    let out = std::process::Command::new(BIN)
+    let out = berth_cli()
         .args(["replication", "status", "--registry", &us.url()])
         .output()
         .unwrap();
@@ -224,7 +247,7 @@ async fn a_push_in_one_region_pulls_at_once_in_another_and_all_regions_converge(
     );
     assert!(stdout.contains("eu") && stdout.contains("ap"), "{stdout}");
     // The feed is for peers only.
-    let r = eu.get("/berth/v1/replication/feed?after=0").await;
+    let r = send(new_client().get(format!("{}/berth/v1/replication/feed?after=0", eu.url()))).await;
     assert_eq!(r.status, 401, "{}", r.describe());
 }
 
@@ -571,16 +594,7 @@ async fn replication_figures() {
 async fn pausing_a_peer_and_turning_serving_off() {
     let regions = Regions::start(&["eu", "us"]).await;
     let (eu, us) = (&regions.regs[0], &regions.regs[1]);
-    let out = std::process::Command::new(BIN)
-        .args([
-            "replication",
-            "pause",
-            "eu",
-            "--registry",
-            &us.url(),
-            "--replication-secret",
-            SECRET,
-        ])
+    let out = control_command(&["replication", "pause", "eu", "--registry", &us.url()])
         .output()
         .unwrap();
     assert!(
@@ -595,46 +609,29 @@ async fn pausing_a_peer_and_turning_serving_off() {
     assert_eq!(r.status, 404, "paused: nothing applied: {}", r.describe());
     let status = us.get("/berth/v1/replication/status").await.json();
     assert_eq!(status["peers"][0]["paused"], true, "{status}");
-    let out = std::process::Command::new(BIN)
-        .args([
-            "replication",
-            "resume",
-            "eu",
-            "--registry",
-            &us.url(),
-            "--replication-secret",
-            SECRET,
-        ])
+    let out = control_command(&["replication", "resume", "eu", "--registry", &us.url()])
         .output()
         .unwrap();
     assert!(out.status.success());
     regions.converge(Duration::from_secs(30)).await;
     expect_local_image(us, "team/paused", "1", &image).await;
 
-    // Without the secret, nobody turns a region off.
+    // Without the secret (or an administrator), nobody turns a region off.
     let out = std::process::Command::new(BIN)
         .args(["replication", "serving", "off", "--registry", &eu.url()])
         .env_remove("BERTH_REPLICATION_SECRET")
+        .env_remove("BERTH_PASSWORD")
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert_eq!(eu.get("/readyz").await.status, 200);
     // Serving off: /readyz fails (load balancers fail over); on again.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "replication",
-            "serving",
-            "off",
-            "--registry",
-            &eu.url(),
-            "--replication-secret",
-            SECRET,
-        ])
+    let out = control_command(&["replication", "serving", "off", "--registry", &eu.url()])
         .output()
         .unwrap();
     assert!(out.status.success());
     assert_eq!(eu.get("/readyz").await.status, 503);
-    let out = std::process::Command::new(BIN)
+    let out = berth_cli()
         .args(["replication", "status", "--registry", &eu.url()])
         .output()
         .unwrap();
@@ -647,16 +644,7 @@ async fn pausing_a_peer_and_turning_serving_off() {
     let image2 = Image::oci(fresh_seed(), 1, 1000);
     image2.push(eu, "team/paused", Some("2")).await;
     regions.converge(Duration::from_secs(30)).await;
-    std::process::Command::new(BIN)
-        .args([
-            "replication",
-            "serving",
-            "on",
-            "--registry",
-            &eu.url(),
-            "--replication-secret",
-            SECRET,
-        ])
+    control_command(&["replication", "serving", "on", "--registry", &eu.url()])
         .output()
         .unwrap();
     assert_eq!(eu.get("/readyz").await.status, 200);
@@ -670,7 +658,8 @@ async fn peer_filters_choose_what_replicates() {
     std::fs::write(
         &config,
         format!(
-            "region = \"us\"\nreplication_secret = \"{SECRET}\"\n[[peer]]\nname = \"eu\"\nurl = \"http://127.0.0.1:{}\"\ninclude = [\"team/*\"]\nexclude = [\"team/private*\"]\n",
+            "region = \"us\"\nreplication_secret = \"{SECRET}\"\n[[peer]]\nname = \"eu\"\nurl = \"{}://127.0.0.1:{}\"\ninclude = [\"team/*\"]\nexclude = [\"team/private*\"]\n",
+            scheme(),
             ports[0]
         ),
     )
@@ -739,7 +728,7 @@ async fn a_cluster_region_replicates_and_survives_losing_nodes() {
     let synced = |a: &Registry, b: &Registry| {
         let (a, b) = (a.url(), b.url());
         async move {
-            let client = new_client();
+            let client = berth_client();
             let get = |u: String| {
                 let client = client.clone();
                 async move {

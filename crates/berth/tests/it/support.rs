@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Method, RequestBuilder};
+use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -314,19 +315,144 @@ application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, */*";
 
-pub fn new_client() -> Client {
+fn client_builder() -> reqwest::ClientBuilder {
+    client_builder_trusting(secure_pass())
+}
+
+/// A client builder that trusts the shared test CA when `trust_ca`.
+pub fn client_builder_trusting(trust_ca: bool) -> reqwest::ClientBuilder {
     let mut headers = HeaderMap::new();
     headers.insert(
         reqwest::header::ACCEPT,
         reqwest::header::HeaderValue::from_static(MANIFEST_ACCEPT),
     );
-    Client::builder()
+    let builder = Client::builder()
         .default_headers(headers)
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .expect("client")
+        .connect_timeout(Duration::from_secs(5));
+    if trust_ca {
+        let ca = fs::read(crate::pki::Pki::shared().ca()).unwrap();
+        builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
+    } else {
+        builder
+    }
+}
+
+/// A client without credentials (for upstreams, and anonymous requests).
+pub fn new_client() -> Client {
+    client_builder().build().expect("client")
+}
+
+/// A client for Berth: in the secure pass it trusts the test CA and signs
+/// in as the pass's administrator.
+pub fn berth_client() -> Client {
+    let mut builder = client_builder();
+    if secure_pass() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::ACCEPT,
+            reqwest::header::HeaderValue::from_static(MANIFEST_ACCEPT),
+        );
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&berth_auth::header::basic_header(
+                SECURE_USER,
+                SECURE_PASSWORD,
+            ))
+            .unwrap(),
+        );
+        builder = builder.default_headers(headers);
+    }
+    builder.build().expect("client")
+}
+
+// ---------------------------------------------------------------------------
+// The secure pass
+// ---------------------------------------------------------------------------
+
+/// `BERTH_IT_SECURE=1` runs the suite again with TLS and authentication on
+/// every registry: HTTPS with a test CA, an htpasswd user that the policy
+/// makes administrator everywhere, and clients that sign in as it.
+pub fn secure_pass() -> bool {
+    std::env::var("BERTH_IT_SECURE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+pub const SECURE_USER: &str = "berth-it";
+pub const SECURE_PASSWORD: &str = "berth-it-password";
+
+pub fn scheme() -> &'static str {
+    if secure_pass() { "https" } else { "http" }
+}
+
+const SECURE_POLICY: &str =
+    "\n[[access]]\nrepositories = [\"**\"]\nusers = [\"berth-it\"]\nactions = [\"admin\"]\n";
+
+/// The pass's flags added to a registry's own: TLS, the htpasswd file, the
+/// CA for peers, and the policy (merged into the test's own configuration
+/// file when it has one).
+/// Whether a test configures security itself (the pass leaves it alone).
+fn self_secured(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a == "--tls-cert" || a == "--htpasswd" || a == "--insecure-open")
+}
+
+fn secure_args(workdir: &Path, args: &[String]) -> Vec<String> {
+    if self_secured(args) {
+        return args.to_vec();
+    }
+    static HTPASSWD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let pki = crate::pki::Pki::shared();
+    let htpasswd = HTPASSWD.get_or_init(|| {
+        let path = pki.dir().join("htpasswd");
+        crate::pki::htpasswd(&path, &[(SECURE_USER, SECURE_PASSWORD)]);
+        path
+    });
+    let server = crate::pki::shared_server();
+    let mut out = Vec::new();
+    let mut own_config = None;
+    let mut iter = args.iter();
+    while let Some(a) = iter.next() {
+        if a == "--config" {
+            own_config = iter.next().cloned();
+        } else {
+            out.push(a.clone());
+        }
+    }
+    let mut config = match &own_config {
+        Some(path) => fs::read_to_string(path).unwrap(),
+        None => String::new(),
+    };
+    config.push_str(SECURE_POLICY);
+    // Beside the PKI, not in the registry's directory (tests check what
+    // appears there).
+    let merged = pki
+        .dir()
+        .join(format!("config-{}.toml", unique_name(workdir)));
+    fs::write(&merged, config).unwrap();
+    for (flag, value) in [
+        ("--config", merged.display().to_string()),
+        ("--tls-cert", server.cert.display().to_string()),
+        ("--tls-key", server.key.display().to_string()),
+        ("--htpasswd", htpasswd.display().to_string()),
+        ("--peer-ca-file", pki.ca().display().to_string()),
+    ] {
+        out.push(flag.into());
+        out.push(value);
+    }
+    out
+}
+
+/// The `berth` binary for operator commands, pointed at the pass's CA and
+/// credentials when it runs.
+pub fn berth_cli() -> Command {
+    let mut cmd = Command::new(BIN);
+    if secure_pass() {
+        cmd.env("BERTH_CA_FILE", crate::pki::Pki::shared().ca())
+            .env("BERTH_USERNAME", SECURE_USER)
+            .env("BERTH_PASSWORD", SECURE_PASSWORD);
+    }
+    cmd
 }
 
 /// Appends `key=value` to a URL that may already carry a query string.
@@ -381,9 +507,25 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Listen on this port, also after restarts (peers know it).
     pub port: Option<u16>,
+    /// The registry serves HTTPS (its flags name the certificate): URLs use
+    /// https and clients trust the shared test CA.
+    pub tls: bool,
+    /// A client certificate (PEM key and chain) the readiness probe and the
+    /// default client present, for registries that require one.
+    pub client_identity: Option<Vec<u8>>,
 }
 
 impl Options {
+    /// A client for a registry started with these options (outside the
+    /// secure pass).
+    fn own_client(&self) -> Client {
+        let mut builder = client_builder_trusting(self.tls);
+        if let Some(pem) = &self.client_identity {
+            builder = builder.identity(reqwest::Identity::from_pem(pem).expect("client identity"));
+        }
+        builder.build().expect("client")
+    }
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -398,6 +540,24 @@ impl Options {
         self.port = Some(port);
         self
     }
+    /// Serve HTTPS with the shared test CA's server certificate.
+    pub fn tls(mut self) -> Self {
+        let server = crate::pki::shared_server();
+        self.tls = true;
+        self.flag("--tls-cert", server.cert.display())
+            .flag("--tls-key", server.key.display())
+    }
+    /// Present this client certificate (PEM key and chain).
+    pub fn client_identity(mut self, pem: Vec<u8>) -> Self {
+        self.client_identity = Some(pem);
+        self
+    }
+    /// Serve HTTPS with these files (the test rotates them).
+    pub fn tls_files(mut self, cert: &Path, key: &Path) -> Self {
+        self.tls = true;
+        self.flag("--tls-cert", cert.display())
+            .flag("--tls-key", key.display())
+    }
     pub fn data_dir(mut self, d: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(d.into());
         self
@@ -409,6 +569,7 @@ impl Options {
 }
 
 pub struct Registry {
+    tls: bool,
     workdir: tempfile::TempDir,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -440,14 +601,22 @@ impl Registry {
             .unwrap_or_else(|| workdir.path().join("data"));
         fs::create_dir_all(&data_dir).expect("create data dir");
         let log_path = workdir.path().join("berth.log");
+        let pass = secure_pass() && !self_secured(&opts.args);
+        let tls = opts.tls || pass;
+        let client = if pass {
+            berth_client()
+        } else {
+            opts.own_client()
+        };
         let mut r = Registry {
+            tls,
             workdir,
             data_dir,
             log_path,
             opts,
             child: None,
             port: 0,
-            client: new_client(),
+            client,
             exit_status: None,
         };
         r.spawn_and_wait().await;
@@ -467,13 +636,18 @@ impl Registry {
                 .expect("open log");
             writeln!(log, "===== berth-it: starting berth on port {port} =====").ok();
             let log2 = log.try_clone().expect("clone log");
+            let args = if secure_pass() {
+                secure_args(self.workdir.path(), &self.opts.args)
+            } else {
+                self.opts.args.clone()
+            };
             let mut cmd = Command::new(BIN);
             cmd.arg("serve")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--data-dir")
                 .arg(&self.data_dir)
-                .args(&self.opts.args)
+                .args(&args)
                 .args(etcd_metadata_args(&self.data_dir))
                 .args(s3_storage_args(&self.data_dir))
                 .stdin(Stdio::null())
@@ -531,7 +705,11 @@ impl Registry {
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         let url = format!("{}/readyz", self.url());
-        let probe = new_client();
+        let probe = if secure_pass() && !self_secured(&self.opts.args) {
+            berth_client()
+        } else {
+            self.opts.own_client()
+        };
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(st)) = child.try_wait()
@@ -554,7 +732,12 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     pub fn host_port(&self) -> String {
@@ -567,6 +750,12 @@ impl Registry {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The client the helpers (`get`, `push_blob`, `Image::push`...) use:
+    /// a security test makes it an administrator's.
+    pub fn set_client(&mut self, client: Client) {
+        self.client = client;
     }
 
     pub fn pid(&self) -> u32 {
@@ -644,7 +833,11 @@ impl Registry {
                 self.kill9();
             }
         }
-        self.client = new_client();
+        self.client = if secure_pass() && !self_secured(&self.opts.args) {
+            berth_client()
+        } else {
+            self.opts.own_client()
+        };
         self.spawn_and_wait().await;
     }
 
@@ -798,7 +991,13 @@ impl Registry {
     /// Sends a raw HTTP/1.1 request over a fresh TCP connection and reads the response
     /// until the server closes the connection (or `timeout`).
     pub async fn raw(&self, request: &[u8], timeout: Duration) -> RawResp {
-        raw_request(&self.host_port(), request, timeout).await
+        raw_request_to(&self.host_port(), self.tls, request, timeout).await
+    }
+
+    /// An open connection for hand-written requests (TLS when it serves
+    /// TLS).
+    pub async fn raw_stream(&self) -> RawConn {
+        raw_connect(&self.host_port(), self.tls).await
     }
 }
 
@@ -890,12 +1089,66 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     out
 }
 
+pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawStream for T {}
+pub type RawConn = Box<dyn RawStream>;
+
+/// A connection for raw requests: plain TCP, or TLS to the shared test CA's
+/// certificate (HTTP/1.1).
+pub async fn raw_connect(addr: &str, tls: bool) -> RawConn {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    if !tls {
+        return Box::new(tcp);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = fs::read(crate::pki::Pki::shared().ca()).unwrap();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    Box::new(connector.connect(name, tcp).await.expect("TLS handshake"))
+}
+
+/// In the secure pass, the pass's credentials go after the request line.
+pub fn with_credentials(request: &[u8]) -> Vec<u8> {
+    if !secure_pass() {
+        return request.to_vec();
+    }
+    match request.windows(2).position(|w| w == b"\r\n") {
+        Some(i) => {
+            let header = format!(
+                "Authorization: {}\r\n",
+                berth_auth::header::basic_header(SECURE_USER, SECURE_PASSWORD)
+            );
+            let mut out = request[..i + 2].to_vec();
+            out.extend_from_slice(header.as_bytes());
+            out.extend_from_slice(&request[i + 2..]);
+            out
+        }
+        None => request.to_vec(),
+    }
+}
+
 pub async fn raw_request(addr: &str, request: &[u8], timeout: Duration) -> RawResp {
+    raw_request_to(addr, secure_pass(), request, timeout).await
+}
+
+pub async fn raw_request_to(addr: &str, tls: bool, request: &[u8], timeout: Duration) -> RawResp {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
+        let mut s = raw_connect(addr, tls).await;
+        s.write_all(&with_credentials(request))
             .await
-            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.write_all(request).await.expect("write raw request");
+            .expect("write raw request");
         let mut buf = Vec::new();
         let mut tmp = [0u8; 16384];
         loop {

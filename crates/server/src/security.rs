@@ -1,0 +1,590 @@
+//! The security layer in front of every route: the request's credentials
+//! become an identity, the route's requirement (see `access`) is checked
+//! against the policy once, here, and the outcome is audited. Handlers
+//! never check again; they find the caller in the request's extensions.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use berth_auth::{
+    Action, AuthFailure, AuthRequest, Authenticator, Decision, Identity, MetricsAccess, Requirement,
+};
+use berth_oci::ErrorCode;
+use http::{HeaderMap, Method, StatusCode, Uri, header};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::AppState;
+use crate::access::{self, TOKEN_PATH};
+use crate::audit::{Audit, AuditEvent};
+use crate::error::ApiError;
+use crate::headers::DOCKER_CONTENT_DIGEST;
+use crate::middleware::RequestId;
+use crate::route::Route;
+use crate::serve::ConnInfo;
+
+/// An address range whose `X-Forwarded-For` and `X-Forwarded-Proto` are
+/// believed (the load balancers in front of Berth).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// `10.0.0.0/8`, `::1/128` or a single address.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { net: addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client may arrive as an IPv4-mapped IPv6 address.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (net, addr, width) = match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => (u32::from(n) as u128, u32::from(a) as u128, 32),
+            (IpAddr::V6(n), IpAddr::V6(a)) => (u128::from(n), u128::from(a), 128),
+            _ => return false,
+        };
+        let host_bits = width - u32::from(self.prefix);
+        if host_bits >= 128 {
+            return true;
+        }
+        (net >> host_bits) == (addr >> host_bits)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Default)]
+pub struct SecurityMetrics {
+    pub auth_failures: Family<FailureLabels, Counter>,
+    pub denied: Counter,
+    pub tokens_issued: Counter,
+}
+
+/// Authentication, authorization and audit, as configured.
+pub struct Security {
+    pub auth: Arc<Authenticator>,
+    pub audit: Arc<Audit>,
+    pub metrics_access: MetricsAccess,
+    /// The token endpoint's URL for challenges, when it cannot be derived
+    /// from the request (a load balancer that rewrites the host).
+    pub token_realm: Option<String>,
+    pub trusted_proxies: Vec<Cidr>,
+    /// For a request without a usable `Host`.
+    pub advertise_url: String,
+    pub metrics: SecurityMetrics,
+}
+
+impl Security {
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "auth_failures",
+            "Refused credentials by reason (bad_credentials, invalid_token, malformed, throttled, unavailable)",
+            self.metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "auth_denied",
+            "Requests by known callers that the policy refused (403)",
+            self.metrics.denied.clone(),
+        );
+        registry.register(
+            "auth_tokens_issued",
+            "Tokens issued by the token service",
+            self.metrics.tokens_issued.clone(),
+        );
+        self.audit.register_metrics(registry);
+    }
+
+    /// The client's address: the connection's, or, from a trusted proxy,
+    /// the last address in `X-Forwarded-For` that is not a trusted proxy.
+    pub fn client_address(&self, conn: Option<&ConnInfo>, headers: &HeaderMap) -> IpAddr {
+        let peer = conn.map_or(IpAddr::from([127, 0, 0, 1]), |c| c.peer.ip());
+        if !self.trusted(peer) {
+            return peer;
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .collect();
+        forwarded
+            .iter()
+            .rev()
+            .find(|a| !self.trusted(**a))
+            .or(forwarded.first())
+            .copied()
+            .unwrap_or(peer)
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
+
+    /// The token endpoint's absolute URL as this client reaches it.
+    pub fn realm(&self, conn: Option<&ConnInfo>, headers: &HeaderMap, uri: &Uri) -> String {
+        if let Some(realm) = &self.token_realm {
+            return realm.clone();
+        }
+        let from_proxy = conn.is_some_and(|c| self.trusted(c.peer.ip()));
+        let forwarded = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+        };
+        let scheme = match forwarded("x-forwarded-proto") {
+            Some(p) if from_proxy && (p == "https" || p == "http") => p,
+            _ if conn.is_some_and(|c| c.tls) => "https".into(),
+            _ => "http".into(),
+        };
+        let host = forwarded("x-forwarded-host")
+            .filter(|_| from_proxy)
+            .or_else(|| {
+                headers
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+            .or_else(|| uri.authority().map(|a| a.to_string()))
+            .filter(|h| valid_host(h));
+        match host {
+            Some(host) => format!("{scheme}://{host}{TOKEN_PATH}"),
+            None => format!("{}{TOKEN_PATH}", self.advertise_url.trim_end_matches('/')),
+        }
+    }
+
+    /// The `WWW-Authenticate` value for a 401.
+    pub fn challenge(&self, realm: &str, scope: Option<&str>, error: Option<&str>) -> String {
+        let settings = self.auth.settings();
+        let (realm, service) = match &settings.external {
+            Some(external) => (external.realm.as_str(), external.service.as_str()),
+            None if settings.token_service => (realm, settings.service.as_str()),
+            None => return "Basic realm=\"berth\", charset=\"UTF-8\"".into(),
+        };
+        let mut value = format!("Bearer realm=\"{realm}\",service=\"{service}\"");
+        if let Some(scope) = scope {
+            value.push_str(&format!(",scope=\"{scope}\""));
+        }
+        if let Some(error) = error {
+            value.push_str(&format!(",error=\"{error}\""));
+        }
+        value
+    }
+}
+
+/// A `Host` as it may appear in a URL: no quotes, spaces or paths, so it
+/// cannot break out of the challenge's quoted realm.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+}
+
+/// Who made the request, as the guard established it.
+#[derive(Clone)]
+pub struct Caller {
+    pub identity: Identity,
+    pub client: IpAddr,
+}
+
+/// What a handler adds to the request's audit event.
+#[derive(Clone, Default)]
+pub struct AuditNote {
+    pub event: Option<&'static str>,
+    pub detail: String,
+}
+
+fn unauthorized(message: String, challenge: String) -> Response {
+    ApiError::new(ErrorCode::Unauthorized)
+        .message(message)
+        .header(header::WWW_AUTHENTICATE, challenge)
+        .into_response()
+}
+
+pub fn throttled(wait: std::time::Duration) -> Response {
+    ApiError::new(ErrorCode::TooManyRequests)
+        .message(format!(
+            "too many failed sign-ins from this address or for this user; retry in {} s",
+            wait.as_secs().max(1)
+        ))
+        .header(header::RETRY_AFTER, (wait.as_secs() + 1).to_string())
+        .into_response()
+}
+
+impl Security {
+    /// The answer to credentials that did not check out.
+    pub fn failure_response(&self, failure: &AuthFailure, realm: &str) -> Response {
+        let reason = match failure {
+            AuthFailure::BadCredentials { .. } => "bad_credentials",
+            AuthFailure::InvalidToken(_) => "invalid_token",
+            AuthFailure::Malformed(_) => "malformed",
+            AuthFailure::Throttled { .. } => "throttled",
+            AuthFailure::Unavailable(_) => "unavailable",
+        };
+        self.metrics
+            .auth_failures
+            .get_or_create(&FailureLabels { reason })
+            .inc();
+        match failure {
+            AuthFailure::Throttled { wait, .. } => throttled(*wait),
+            AuthFailure::Unavailable(_) => ApiError::new(ErrorCode::Unavailable)
+                .message(failure.to_string())
+                .header(header::RETRY_AFTER, "1")
+                .into_response(),
+            AuthFailure::InvalidToken(_) => unauthorized(
+                failure.to_string(),
+                self.challenge(realm, None, Some("invalid_token")),
+            ),
+            _ => unauthorized(failure.to_string(), self.challenge(realm, None, None)),
+        }
+    }
+}
+
+pub fn failed_user(failure: &AuthFailure) -> String {
+    match failure {
+        AuthFailure::BadCredentials { user }
+        | AuthFailure::Throttled {
+            user: Some(user), ..
+        } => format!("user:{user}"),
+        _ => "unknown".into(),
+    }
+}
+
+/// The guard: authenticate, authorize, audit.
+pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let security = state.security.clone();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let requirement = access::requirement(
+        &method,
+        &path,
+        request.uri().query(),
+        security.metrics_access,
+    );
+    if requirement == Requirement::Nothing {
+        return next.run(request).await;
+    }
+    let conn = request.extensions().get::<ConnInfo>().cloned();
+    let client = security.client_address(conn.as_ref(), request.headers());
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.to_string())
+        .unwrap_or_default();
+    let audit_base = |identity: String, outcome: &'static str, status: u16| AuditEvent {
+        identity,
+        client: client.to_string(),
+        outcome,
+        status,
+        method: method.to_string(),
+        path: path.clone(),
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
+    // An open registry checks only peer credentials (the feed, region
+    // control); everything else is everyone's.
+    let open = !security.auth.enabled()
+        && !matches!(requirement, Requirement::Feed | Requirement::RegionControl);
+    let identity = if open {
+        Ok(Identity::Anonymous)
+    } else {
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes().to_vec());
+        security
+            .auth
+            .authenticate(&AuthRequest {
+                authorization: authorization.as_deref(),
+                certificate: conn.as_ref().and_then(|c| c.certificate.as_deref()),
+                client,
+            })
+            .await
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(failure) => {
+            let realm = security.realm(conn.as_ref(), request.headers(), request.uri());
+            let response = security.failure_response(&failure, &realm);
+            let mut event = audit_base(failed_user(&failure), "failed", response.status().as_u16());
+            event.event = "auth_failed";
+            event.detail = failure.to_string();
+            security.audit.record(event);
+            return response;
+        }
+    };
+    let decision = security.auth.authorize(&identity, &requirement);
+    let route_action = primary_action(&requirement);
+    match decision {
+        Decision::Allow => {}
+        Decision::Challenge {
+            scope,
+            insufficient,
+        } => {
+            let realm = security.realm(conn.as_ref(), request.headers(), request.uri());
+            let error = insufficient.then_some("insufficient_scope");
+            return unauthorized(
+                if insufficient {
+                    "the token does not grant this action; request one with the scope in the challenge".into()
+                } else {
+                    "authentication required".into()
+                },
+                security.challenge(&realm, scope.as_deref(), error),
+            );
+        }
+        Decision::Deny => {
+            security.metrics.denied.inc();
+            let mut event = audit_base(identity.display(), "denied", 403);
+            event.event = "denied";
+            event.action = route_action;
+            event.repository = requirement_repository(&requirement);
+            security.audit.record(event);
+            return ApiError::new(ErrorCode::Denied)
+                .message(format!(
+                    "{} may not {} {}",
+                    identity.display(),
+                    if route_action.is_empty() {
+                        "call"
+                    } else {
+                        route_action
+                    },
+                    match requirement_repository(&requirement) {
+                        Some(r) => r,
+                        None => "this endpoint".into(),
+                    }
+                ))
+                .into_response();
+        }
+    }
+    if security.auth.enabled() {
+        restrict_mount(&security.auth, &identity, &mut request);
+    }
+    request.extensions_mut().insert(Caller {
+        identity: identity.clone(),
+        client,
+    });
+    let uri = request.uri().clone();
+    let response = next.run(request).await;
+    if let Some(mut event) = audited(&method, &uri, &requirement, &response) {
+        let base = audit_base(identity.display(), "", response.status().as_u16());
+        event.identity = base.identity;
+        event.client = base.client;
+        event.status = base.status;
+        event.method = base.method;
+        event.path = base.path;
+        event.request_id = base.request_id;
+        event.outcome = if response.status().is_success() {
+            "ok"
+        } else if response.status().is_client_error() {
+            "denied"
+        } else {
+            "error"
+        };
+        if let Some(note) = response.extensions().get::<AuditNote>() {
+            if let Some(kind) = note.event {
+                event.event = kind;
+            }
+            event.detail = note.detail.clone();
+        }
+        security.audit.record(event);
+    }
+    response
+}
+
+fn primary_action(requirement: &Requirement) -> &'static str {
+    match requirement {
+        Requirement::Repositories(needs) => needs.first().map_or("", |(_, a)| a.as_str()),
+        Requirement::Admin
+        | Requirement::RepositoryAdmin(_)
+        | Requirement::RegionControl
+        | Requirement::Feed => "admin",
+        Requirement::Catalog => "pull",
+        _ => "",
+    }
+}
+
+fn requirement_repository(requirement: &Requirement) -> Option<String> {
+    match requirement {
+        Requirement::Repositories(needs) => needs.first().map(|(n, _)| n.clone()),
+        Requirement::RepositoryAdmin(n) => Some(n.clone()),
+        _ => None,
+    }
+}
+
+/// A mount needs pull on its source. Without it, or without a source (a
+/// mount from anywhere would let a digest read another repository's blob),
+/// the mount is dropped from the request and the client gets an upload
+/// session, which clients handle as "not mountable" (a 401 would make
+/// containerd abort the push).
+fn restrict_mount(auth: &Authenticator, identity: &Identity, request: &mut Request) {
+    if *request.method() != Method::POST
+        || !matches!(
+            Route::parse(request.uri().path()),
+            Route::UploadStart { .. }
+        )
+    {
+        return;
+    }
+    let Ok(pairs) = berth_oci::query::parse_pairs(request.uri().query()) else {
+        return;
+    };
+    if !pairs.iter().any(|(k, _)| k == "mount") {
+        return;
+    }
+    let allowed = pairs
+        .iter()
+        .find(|(k, _)| k == "from")
+        .is_some_and(|(_, from)| auth.granted(identity, from).allows(Action::Pull));
+    if allowed {
+        return;
+    }
+    let kept: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k != "mount" && k != "from")
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                berth_oci::query::encode(k),
+                berth_oci::query::encode(v)
+            )
+        })
+        .collect();
+    let path = request.uri().path().to_string();
+    let path_and_query = if kept.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    let mut parts = request.uri().clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+}
+
+/// The audit event of a request that changed something, if it did.
+fn audited(
+    method: &Method,
+    uri: &Uri,
+    requirement: &Requirement,
+    response: &Response,
+) -> Option<AuditEvent> {
+    let digest = response
+        .headers()
+        .get(&DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut event = AuditEvent::default();
+    match requirement {
+        Requirement::Admin | Requirement::RepositoryAdmin(_) | Requirement::RegionControl => {
+            if matches!(*method, Method::GET | Method::HEAD) {
+                return None;
+            }
+            event.event = "admin";
+            event.action = "admin";
+            event.repository = requirement_repository(requirement);
+            return Some(event);
+        }
+        Requirement::Repositories(_) => {}
+        _ => return None,
+    }
+    match Route::parse(uri.path()) {
+        Route::Manifest { name, reference } if *method == Method::PUT => {
+            event.event = "push";
+            event.action = "push";
+            event.repository = Some(name.to_string());
+            event.reference = Some(reference.to_string());
+            event.digest = digest;
+        }
+        Route::Manifest { name, reference } if *method == Method::DELETE => {
+            event.event = "delete";
+            event.action = "delete";
+            event.repository = Some(name.to_string());
+            event.reference = Some(reference.to_string());
+        }
+        Route::Blob { name, digest: d } if *method == Method::DELETE => {
+            event.event = "delete";
+            event.action = "delete";
+            event.repository = Some(name.to_string());
+            event.digest = Some(d.to_string());
+        }
+        Route::UploadStart { name } | Route::Upload { name, .. }
+            if response.status() == StatusCode::CREATED =>
+        {
+            let mount = uri.query().is_some_and(|q| q.contains("mount="));
+            event.event = if mount { "mount" } else { "upload" };
+            event.action = "push";
+            event.repository = Some(name.to_string());
+            event.digest = digest;
+        }
+        _ => return None,
+    }
+    Some(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("127.0.0.1")
+                .unwrap()
+                .contains("127.0.0.1".parse().unwrap())
+        );
+        assert!(
+            !Cidr::parse("127.0.0.1")
+                .unwrap()
+                .contains("127.0.0.2".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("::/0")
+                .unwrap()
+                .contains("2001:db8::1".parse().unwrap())
+        );
+        for bad in ["", "10.0.0.0/33", "x", "10.0.0.0/x", "::/129"] {
+            assert!(Cidr::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hosts_cannot_break_the_challenge() {
+        assert!(valid_host("registry.example:5000"));
+        assert!(valid_host("[::1]:5000"));
+        assert!(!valid_host("a\",b"));
+        assert!(!valid_host("a/b"));
+        assert!(!valid_host(""));
+    }
+}
