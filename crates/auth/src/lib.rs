@@ -7,37 +7,49 @@
 //! may do; the server asks it once per request, in front of every route.
 
 pub mod action;
+#[cfg(feature = "service")]
 pub mod apitoken;
+#[cfg(feature = "service")]
 pub mod authenticator;
+#[cfg(feature = "service")]
 pub mod authorize;
 pub mod glob;
 pub mod header;
 pub mod htpasswd;
+#[cfg(feature = "service")]
 pub mod identity;
+#[cfg(feature = "service")]
 pub mod issue;
 pub mod jwt;
 pub mod keys;
+#[cfg(feature = "service")]
 pub mod keystore;
 pub mod policy;
 pub mod scope;
 pub mod throttle;
 
 pub use action::{Action, Actions};
+#[cfg(feature = "service")]
 pub use apitoken::{ApiToken, ApiTokenError, ApiTokenRecord, ApiTokens, NewToken};
+#[cfg(feature = "service")]
 pub use authenticator::{
     AuthFailure, AuthRequest, AuthSettings, Authenticator, ExternalIssuer, PeerCredential, now_ms,
 };
+#[cfg(feature = "service")]
 pub use authorize::{Decision, MetricsAccess, Requirement, challenge_scope};
 pub use glob::Glob;
 pub use header::{Credentials, HeaderError, parse_authorization};
 pub use htpasswd::{Htpasswd, HtpasswdError};
+#[cfg(feature = "service")]
 pub use identity::Identity;
+#[cfg(feature = "service")]
 pub use issue::{IssueError, IssuedToken};
 pub use jwt::{Access, Claims, JwtError, KeySet, PrincipalKind};
 pub use keys::{KeyError, SigningKey, VerifyingKey};
+#[cfg(feature = "service")]
 pub use keystore::{KeyInfo, KeyStore, KeyStoreError};
 pub use policy::{AccessRule, Policy, PolicyError, Subject};
 pub use scope::{Scope, ScopeError, parse_scope, parse_scopes};
 
-#[cfg(test)]
+#[cfg(all(test, feature = "service"))]
 mod tests;
