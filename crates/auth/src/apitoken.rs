@@ -379,6 +379,18 @@ impl ApiTokens {
         Ok((!token.expired(now_ms)).then_some(token))
     }
 
+    /// The token a secret belongs to, from memory only.
+    pub fn known(&self, secret: &str, now_ms: u64) -> Option<Arc<ApiToken>> {
+        let hash = hash_secret(secret);
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_hash
+            .get(&hash)
+            .filter(|t| !t.expired(now_ms))
+            .cloned()
+    }
+
     /// A token by name as this node knows it (for the JWTs issued for it).
     pub fn by_name(&self, name: &str) -> Option<Arc<ApiToken>> {
         self.loaded

@@ -97,7 +97,7 @@ impl std::fmt::Display for AuthFailure {
             AuthFailure::Throttled { wait, .. } => write!(
                 f,
                 "too many failed sign-ins; retry in {} s",
-                wait.as_secs().max(1)
+                (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
             ),
             AuthFailure::Unavailable(why) => write!(f, "cannot check credentials now: {why}"),
         }
@@ -119,6 +119,18 @@ struct CachedUser {
     until: Instant,
 }
 
+/// A credential that failed: its repetitions are refused from memory.
+#[derive(Clone)]
+struct FailedCredential {
+    generation: u64,
+    until: Instant,
+}
+
+/// How long a failed credential is remembered: a client retrying the same
+/// wrong password is refused at once, without bcrypt and without counting
+/// again (the same password again is no new guess).
+const FAILED_TTL: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 struct CachedToken {
     identity: Identity,
@@ -130,6 +142,7 @@ pub struct Authenticator {
     htpasswd: RwLock<Option<Arc<Htpasswd>>>,
     generation: AtomicU64,
     passwords: quick_cache::sync::Cache<[u8; 32], CachedUser>,
+    failed: quick_cache::sync::Cache<[u8; 32], FailedCredential>,
     jwts: quick_cache::sync::Cache<String, CachedToken>,
     keys: Option<Arc<KeyStore>>,
     tokens: Option<Arc<ApiTokens>>,
@@ -164,6 +177,7 @@ impl Authenticator {
             htpasswd: RwLock::new(htpasswd.map(Arc::new)),
             generation: AtomicU64::new(0),
             passwords: quick_cache::sync::Cache::new(16_384),
+            failed: quick_cache::sync::Cache::new(16_384),
             jwts: quick_cache::sync::Cache::new(16_384),
             keys,
             tokens,
@@ -198,7 +212,13 @@ impl Authenticator {
         *self.htpasswd.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.passwords.clear();
+        self.failed.clear();
         self.jwts.clear();
+    }
+
+    /// Whether the htpasswd file has this user.
+    pub fn knows_user(&self, user: &str) -> bool {
+        self.htpasswd().is_some_and(|f| f.contains(user))
     }
 
     fn htpasswd(&self) -> Option<Arc<Htpasswd>> {
@@ -213,6 +233,13 @@ impl Authenticator {
         let Some(header) = request.authorization else {
             return Ok(self.certificate_identity(request.certificate));
         };
+        // The hot path: a token verified before, found without parsing or
+        // copying the header.
+        if self.settings.enabled
+            && let Some(identity) = self.remembered_bearer(header)
+        {
+            return identity.map_err(AuthFailure::InvalidToken);
+        }
         let credentials = match parse_authorization(header) {
             Ok(c) => c,
             Err(e) if self.settings.enabled => return Err(AuthFailure::Malformed(e)),
@@ -227,17 +254,12 @@ impl Authenticator {
                 if !self.settings.enabled {
                     return Ok(self.certificate_identity(request.certificate));
                 }
-                let address = request.client.to_string();
-                self.throttle
-                    .check(&address, None)
-                    .map_err(|wait| AuthFailure::Throttled { wait, user: None })?;
-                match self.verify_bearer(&token).await {
-                    Ok(identity) => Ok(identity),
-                    Err(e) => {
-                        self.throttle.failed(&address, None);
-                        Err(AuthFailure::InvalidToken(e))
-                    }
-                }
+                // Not throttled: a token cannot be guessed, and refusing a
+                // bad one costs about what serving a request does (a valid
+                // token must never wait behind someone else's garbage).
+                self.verify_bearer(&token)
+                    .await
+                    .map_err(AuthFailure::InvalidToken)
             }
             Credentials::Basic { username, password } => {
                 if !self.settings.enabled {
@@ -288,7 +310,6 @@ impl Authenticator {
         password: &str,
         client: IpAddr,
     ) -> Result<Identity, AuthFailure> {
-        let address = client.to_string();
         let key = credential_hash(username, password);
         let generation = self.generation.load(Ordering::Acquire);
         // A credential verified recently passes before any throttle: the
@@ -300,14 +321,37 @@ impl Authenticator {
         {
             return Ok(Identity::User(username.to_string()));
         }
+        if let Some(miss) = self.failed.get(&key)
+            && miss.generation == generation
+            && miss.until > Instant::now()
+        {
+            return Err(AuthFailure::BadCredentials {
+                user: username.to_string(),
+            });
+        }
+        // An API token this node knows passes from memory, before any
+        // throttle (its lookup costs nothing to protect).
+        if apitoken::looks_like_secret(password)
+            && let Some(tokens) = &self.tokens
+            && let Some(token) = tokens.known(password, now_ms())
+        {
+            return Ok(Identity::ApiToken(token));
+        }
         self.throttle
-            .check(&address, Some(username))
+            .check(client, username)
             .map_err(|wait| AuthFailure::Throttled {
                 wait,
                 user: Some(username.to_string()),
             })?;
         let fail = || {
-            self.throttle.failed(&address, Some(username));
+            self.throttle.failed(client, username);
+            self.failed.insert(
+                key,
+                FailedCredential {
+                    generation,
+                    until: Instant::now() + FAILED_TTL,
+                },
+            );
             AuthFailure::BadCredentials {
                 user: username.to_string(),
             }
@@ -346,17 +390,31 @@ impl Authenticator {
         Ok(Identity::User(username.to_string()))
     }
 
+    /// A verified token's identity from the cache, if the header carries
+    /// one (`None`: not a remembered token; parse it).
+    fn remembered_bearer(&self, header: &[u8]) -> Option<Result<Identity, JwtError>> {
+        let rest = header
+            .strip_prefix(b"Bearer ")
+            .or_else(|| header.strip_prefix(b"bearer "))?;
+        let token = std::str::from_utf8(rest).ok()?;
+        self.cached_token(token)
+    }
+
+    fn cached_token(&self, token: &str) -> Option<Result<Identity, JwtError>> {
+        let hit = self.jwts.get(token)?;
+        if hit.exp + jwt::LEEWAY_SECS <= now_ms() / 1000 {
+            self.jwts.remove(token);
+            return Some(Err(JwtError::Expired));
+        }
+        Some(self.still_valid(hit.identity))
+    }
+
     async fn verify_bearer(&self, token: &str) -> Result<Identity, JwtError> {
         if !looks_like_jwt(token) {
             return Err(JwtError::Malformed);
         }
-        let now = now_ms() / 1000;
-        if let Some(hit) = self.jwts.get(token) {
-            if hit.exp + jwt::LEEWAY_SECS <= now {
-                self.jwts.remove(token);
-                return Err(JwtError::Expired);
-            }
-            return self.still_valid(hit.identity);
+        if let Some(remembered) = self.cached_token(token) {
+            return remembered;
         }
         let kid = jwt::key_id(token)?;
         let own = match (&self.keys, &kid) {

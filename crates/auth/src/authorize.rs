@@ -58,13 +58,6 @@ pub enum Decision {
 }
 
 impl Authenticator {
-    fn subject<'a>(&self, identity: &'a Identity) -> Subject<'a> {
-        match identity.policy_user() {
-            Some(u) => Subject::User(u),
-            None => Subject::Anonymous,
-        }
-    }
-
     /// What `identity` may do to repository `name`, public grants included.
     pub fn granted(&self, identity: &Identity, name: &str) -> Actions {
         if !self.enabled() {
@@ -107,24 +100,36 @@ impl Authenticator {
         }
     }
 
-    /// Region-wide grants (rules and tokens over `**`).
+    /// Region-wide grants (rules and API tokens over `**`). A registry
+    /// token never carries them: a token handed out for one pull must not
+    /// administer the region, so administration needs the credentials
+    /// themselves (a password, an API token, a certificate).
     pub fn granted_everywhere(&self, identity: &Identity) -> Actions {
         if !self.enabled() {
             return Actions::of(&Action::ALL);
         }
         match identity {
             Identity::ApiToken(t) => t.granted_everywhere(),
-            Identity::Peer(_) | Identity::External(_) | Identity::Anonymous => Actions::NONE,
-            other => match self.subject(other) {
-                Subject::User(u) => self.policy().granted_everywhere(Subject::User(u)),
-                Subject::Anonymous => Actions::NONE,
-            },
+            Identity::User(u) | Identity::Certificate(u) => {
+                self.policy().granted_everywhere(Subject::User(u))
+            }
+            Identity::Peer(_)
+            | Identity::External(_)
+            | Identity::Bearer(_)
+            | Identity::Anonymous => Actions::NONE,
         }
     }
 
-    /// Whether the catalog may list repository `name` for this caller.
+    /// Whether the catalog may list repository `name` for this caller. A
+    /// Berth token carrying `registry:catalog:*` lists what its subject may
+    /// pull (the token names no repositories for a listing).
     pub fn may_list(&self, identity: &Identity, name: &str) -> bool {
-        self.granted(identity, name).allows(Action::Pull)
+        match identity {
+            Identity::Bearer(c) if c.grants_catalog() => {
+                self.obtainable(identity, name).allows(Action::Pull)
+            }
+            _ => self.granted(identity, name).allows(Action::Pull),
+        }
     }
 
     pub fn authorize(&self, identity: &Identity, requirement: &Requirement) -> Decision {

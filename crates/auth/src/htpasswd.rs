@@ -30,9 +30,14 @@ pub enum HtpasswdError {
 }
 
 /// The users of one htpasswd file.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Htpasswd {
     users: HashMap<String, String>,
+    /// The highest bcrypt cost in the file.
+    cost: u32,
+    /// A hash of that cost that no password matches, made on first use: an
+    /// unknown user costs as much time as a known one.
+    dummy: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for Htpasswd {
@@ -97,7 +102,16 @@ impl Htpasswd {
             }
             users.insert(user.to_string(), hash.to_string());
         }
-        Ok(Htpasswd { users })
+        let cost = users
+            .values()
+            .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
+            .max()
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        Ok(Htpasswd {
+            users,
+            cost,
+            dummy: std::sync::OnceLock::new(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -119,14 +133,19 @@ impl Htpasswd {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
             None => {
-                let _ = bcrypt::verify(password, DUMMY_HASH);
+                let dummy = self.dummy.get_or_init(|| {
+                    bcrypt::hash(rand::random::<[u8; 16]>(), self.cost)
+                        .unwrap_or_else(|_| DUMMY_HASH.to_string())
+                });
+                let _ = bcrypt::verify(password, dummy);
                 false
             }
         }
     }
 }
 
-/// A valid bcrypt hash (cost 10) of a random string nobody knows.
+/// A valid bcrypt hash (cost 10) of a random string nobody knows (used if
+/// a dummy of the file's cost cannot be made).
 const DUMMY_HASH: &str = "$2y$10$ajQdUWhEbwhu99cqZfcFLuaH.52oLi5zHzrbqBGp.RsvfmjGhxwQi";
 
 #[cfg(test)]

@@ -78,6 +78,7 @@ impl Authenticator {
             jti: hex::encode(rand::random::<[u8; 16]>()),
             access: access.clone(),
             berth: Some(BerthClaims { kind, tid }),
+            grants: Vec::new(),
         };
         Ok(IssuedToken {
             token: jwt::sign(&key, &claims)?,

@@ -77,23 +77,53 @@ pub struct Claims {
     pub access: Vec<Access>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub berth: Option<BerthClaims>,
+    /// The repository entries of `access`, parsed once when the token is
+    /// verified (a token is checked on every request it carries).
+    #[serde(skip)]
+    pub grants: Vec<(String, Actions)>,
+}
+
+/// The actions of one `access` entry (`*` being every content action).
+fn entry_actions(actions: &[String]) -> Actions {
+    actions
+        .iter()
+        .fold(Actions::NONE, |acc, action| match action.as_str() {
+            "*" => acc.union(Actions::ALL_CONTENT),
+            a => match Action::parse(a) {
+                Some(Action::Admin) | None => acc,
+                Some(action) => acc.with(action),
+            },
+        })
 }
 
 impl Claims {
+    /// Parses the repository entries into [`Claims::grants`].
+    pub fn index_grants(&mut self) {
+        let mut grants: Vec<(String, Actions)> = Vec::new();
+        for a in self.access.iter().filter(|a| a.kind == "repository") {
+            let actions = entry_actions(&a.actions);
+            match grants.iter_mut().find(|(n, _)| *n == a.name) {
+                Some((_, acc)) => *acc = acc.union(actions),
+                None => grants.push((a.name.clone(), actions)),
+            }
+        }
+        self.grants = grants;
+    }
+
     /// What the token grants on repository `name`: exactly its `access`
-    /// entries (`*` being every content action).
+    /// entries.
     pub fn granted(&self, name: &str) -> Actions {
+        if !self.grants.is_empty() || self.access.is_empty() {
+            return self
+                .grants
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(Actions::NONE, |(_, a)| *a);
+        }
         self.access
             .iter()
             .filter(|a| a.kind == "repository" && a.name == name)
-            .flat_map(|a| a.actions.iter())
-            .fold(Actions::NONE, |acc, action| match action.as_str() {
-                "*" => acc.union(Actions::ALL_CONTENT),
-                a => match Action::parse(a) {
-                    Some(Action::Admin) | None => acc,
-                    Some(action) => acc.with(action),
-                },
-            })
+            .fold(Actions::NONE, |acc, a| acc.union(entry_actions(&a.actions)))
     }
 
     /// Whether the token lists the catalog.
@@ -211,10 +241,11 @@ pub fn verify(
         validation.set_issuer(&[issuer]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
-            Ok(data) => {
+            Ok(mut data) => {
                 if data.claims.access.len() > MAX_ACCESS {
                     return Err(JwtError::TooManyAccess);
                 }
+                data.claims.index_grants();
                 return Ok(data.claims);
             }
             Err(e) => {
@@ -262,6 +293,7 @@ mod tests {
                 kind: PrincipalKind::User,
                 tid: None,
             }),
+            grants: Vec::new(),
         }
     }
 

@@ -6,16 +6,18 @@
 //!
 //! - one user name from one address: 10 failures, then one per 6 s (the
 //!   guesser);
-//! - one user name from anywhere: 100, then one a second (guessing from
-//!   many addresses), so a guesser elsewhere does not lock the user out;
+//! - one user name from any address that has failed for it: 100, then one
+//!   a second (guessing from many addresses). An address with no failure
+//!   for that name is not held back by it, so guessers elsewhere never lock
+//!   a user out of a clean address;
 //! - one address for any name: 100, then one a second (spraying names),
 //!   loose enough that many clients behind one NAT keep working.
 //!
-//! A credential verified recently is accepted from the cache before any
-//! bucket is consulted: running clients are never held up by someone
-//! guessing their password. Buckets are per node (a region of N nodes
-//! allows N times as many guesses behind a load balancer that spreads
-//! them).
+//! IPv6 addresses count by /64 (one host owns a whole /64). A credential
+//! verified recently, and a repeated wrong one, are answered from memory
+//! before any bucket is consulted (see the authenticator). Buckets are per
+//! node (a region of N nodes allows N times as many guesses behind a load
+//! balancer that spreads them).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -83,6 +85,15 @@ impl Throttle {
         if wait.is_zero() { Ok(()) } else { Err(wait) }
     }
 
+    /// Whether `key` has failures that have not refilled yet.
+    pub fn has_failed(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets
+            .get(key)
+            .is_some_and(|b| self.refill(*b, now).tokens < self.burst)
+    }
+
     /// Records a failure against each key.
     pub fn failed(&self, keys: &[&str]) {
         let now = Instant::now();
@@ -94,9 +105,13 @@ impl Throttle {
                 b.tokens + gained < burst
             });
             if buckets.len() >= MAX_BUCKETS {
-                // Still full of live buckets: an attack from very many
-                // addresses. Start over rather than grow without bound.
-                buckets.clear();
+                // Still full of live buckets (an attack from very many
+                // addresses): forget the fullest half, the least used up,
+                // and keep the emptied ones that throttle someone now.
+                let mut levels: Vec<f64> = buckets.values().map(|b| b.tokens).collect();
+                levels.sort_by(f64::total_cmp);
+                let cut = levels[levels.len() / 2];
+                buckets.retain(|_, b| b.tokens < cut);
             }
         }
         for key in keys {
@@ -128,25 +143,33 @@ impl Default for LoginThrottle {
     }
 }
 
-impl LoginThrottle {
-    fn keys(address: &str, user: Option<&str>) -> (String, Option<String>) {
-        (
-            format!("{address}\u{0}{}", user.unwrap_or("")),
-            user.map(str::to_string),
-        )
+/// The key of a client address: IPv4 as is, IPv6 by its /64.
+fn address_key(address: std::net::IpAddr) -> String {
+    match address {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
     }
+}
 
-    /// `Err(wait)` if an attempt for `user` from `address` must wait. A
-    /// token (no user) counts against the address only: tokens cannot be
-    /// guessed, but each bad one costs a signature check.
-    pub fn check(&self, address: &str, user: Option<&str>) -> Result<(), Duration> {
-        let (pair, user) = Self::keys(address, user);
+impl LoginThrottle {
+    /// `Err(wait)` if a sign-in as `user` from `address` must wait.
+    pub fn check(&self, address: std::net::IpAddr, user: &str) -> Result<(), Duration> {
+        let address = address_key(address);
+        let pair = format!("{address}\u{0}{user}");
         let mut wait = Duration::ZERO;
-        for result in [
-            self.address.check(&[address]),
-            user.as_ref().map_or(Ok(()), |_| self.pair.check(&[&pair])),
-            user.map_or(Ok(()), |u| self.user.check(&[&u])),
-        ] {
+        let mut results = vec![self.address.check(&[&address]), self.pair.check(&[&pair])];
+        // The user-wide bucket holds back only addresses that have failed
+        // for this user: a clean address is never locked out by others.
+        if self.pair.has_failed(&pair) {
+            results.push(self.user.check(&[user]));
+        }
+        for result in results {
             if let Err(w) = result {
                 wait = wait.max(w);
             }
@@ -154,13 +177,11 @@ impl LoginThrottle {
         if wait.is_zero() { Ok(()) } else { Err(wait) }
     }
 
-    pub fn failed(&self, address: &str, user: Option<&str>) {
-        let (pair, user) = Self::keys(address, user);
-        self.address.failed(&[address]);
-        if let Some(u) = user {
-            self.pair.failed(&[&pair]);
-            self.user.failed(&[&u]);
-        }
+    pub fn failed(&self, address: std::net::IpAddr, user: &str) {
+        let address = address_key(address);
+        self.address.failed(&[&address]);
+        self.pair.failed(&[&format!("{address}\u{0}{user}")]);
+        self.user.failed(&[user]);
     }
 }
 
@@ -185,22 +206,43 @@ mod tests {
         assert!(t.check(&["ip:1", "user:a"]).is_ok());
     }
 
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn a_guesser_holds_up_only_its_own_address_and_name() {
         let t = LoginThrottle::default();
         for _ in 0..BURST as usize {
-            assert!(t.check("10.0.0.1", Some("alice")).is_ok());
-            t.failed("10.0.0.1", Some("alice"));
+            assert!(t.check(ip("10.0.0.1"), "alice").is_ok());
+            t.failed(ip("10.0.0.1"), "alice");
         }
-        assert!(t.check("10.0.0.1", Some("alice")).is_err());
+        assert!(t.check(ip("10.0.0.1"), "alice").is_err());
         // alice from elsewhere, and bob from the same address, go on.
-        assert!(t.check("10.0.0.2", Some("alice")).is_ok());
-        assert!(t.check("10.0.0.1", Some("bob")).is_ok());
+        assert!(t.check(ip("10.0.0.2"), "alice").is_ok());
+        assert!(t.check(ip("10.0.0.1"), "bob").is_ok());
         // Spraying names from one address runs out too.
         for i in 0..WIDE_BURST as usize {
-            t.failed("10.0.0.9", Some(&format!("user{i}")));
+            t.failed(ip("10.0.0.9"), &format!("user{i}"));
         }
-        assert!(t.check("10.0.0.9", Some("carol")).is_err());
-        assert!(t.check("10.0.0.9", None).is_err());
+        assert!(t.check(ip("10.0.0.9"), "carol").is_err());
+        // One IPv6 host is one /64.
+        for i in 0..BURST as usize {
+            t.failed(ip(&format!("2001:db8:1:2::{i:x}")), "dave");
+        }
+        assert!(t.check(ip("2001:db8:1:2::ffff"), "dave").is_err());
+        assert!(t.check(ip("2001:db8:1:3::1"), "dave").is_ok());
+    }
+
+    #[test]
+    fn guessers_everywhere_do_not_lock_a_clean_address_out() {
+        let t = LoginThrottle::default();
+        // The user-wide bucket emptied from many addresses...
+        for i in 0..(WIDE_BURST as usize + 10) {
+            t.failed(ip(&format!("10.1.{}.{}", i / 250, i % 250)), "erin");
+        }
+        // ...holds back those addresses, not a new one.
+        assert!(t.check(ip("10.1.0.1"), "erin").is_err());
+        assert!(t.check(ip("192.0.2.1"), "erin").is_ok());
     }
 }

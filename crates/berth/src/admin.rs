@@ -55,8 +55,12 @@ async fn readiness(client: &reqwest::Client, address: &str) -> (bool, String) {
 /// their leader, and storage health. Returns whether everything is healthy.
 pub async fn cluster_status(config: &ServeConfig) -> Result<bool, AdminError> {
     let (meta, options) = connect(config).await?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
+    // Nodes serving TLS with a private CA: their CA is the peers' one.
+    let tls = crate::security::peer_tls(config).map_err(|e| AdminError::Failed(e.to_string()))?;
+    let builder = reqwest::Client::builder().timeout(Duration::from_secs(2));
+    let client = tls
+        .apply(builder)
+        .map_err(AdminError::Failed)?
         .build()
         .map_err(|e| berth_store::StoreError::Unavailable(e.to_string()))?;
     let mut healthy = true;

@@ -224,6 +224,14 @@ pub async fn start(
             }
         }));
     }
+    if let Some(replication) = &config.replication {
+        let short = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() < 16);
+        if short(&replication.secret) || replication.peers.iter().any(|p| short(&p.secret)) {
+            tracing::warn!(
+                "a replication secret is shorter than 16 characters: use long random secrets (openssl rand -base64 32)"
+            );
+        }
+    }
     if settings.insecure_open && !enabled {
         tracing::warn!(
             listen = %config.listen,

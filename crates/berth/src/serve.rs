@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
-use berth_server::{AppState, Metrics, RequestLimits, ServeOptions};
+use berth_server::{AppState, Metrics, RequestLimits, ServeOptions, Shared};
 use berth_store::blob::fs::FsOptions;
 use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
 use berth_store::{
@@ -310,7 +310,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             replicator.metrics().register(prometheus);
         }
     });
-    let state = AppState {
+    let state = AppState::new(Shared {
         registry: registry.clone(),
         metrics: Arc::new(metrics),
         cache: cache.clone(),
@@ -321,7 +321,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             config.body_idle_timeout,
             config.max_concurrent_uploads,
         )),
-    };
+    });
     let app = berth_server::router(state);
 
     let node = Node::join(

@@ -744,7 +744,7 @@ impl PullThroughCache {
         self.metrics.served(ns, "blob", "miss");
         let fill = match self
             .fills
-            .join(digest)
+            .join(&(target.local.to_string(), digest.clone()))
             .map_err(|e| CacheError::Io(format!("cannot start a spool file: {e}")))?
         {
             Joined::Leader(fill) => {
@@ -773,7 +773,9 @@ impl PullThroughCache {
                 size: total,
             }),
             FillState::Done | FillState::Connecting => {
-                // Fetched by a request for another repository, maybe.
+                // Fetched for this repository (fills are per repository),
+                // and linked by the fill's end; linked again for a follower
+                // that arrived after the end.
                 self.registry
                     .mount_blob(&target.local, digest, None)
                     .await?;
@@ -793,7 +795,7 @@ impl PullThroughCache {
         struct Ending<'a> {
             fills: &'a Fills,
             fill: &'a crate::fill::Fill,
-            digest: &'a Digest,
+            key: crate::fill::FillKey,
         }
         impl Drop for Ending<'_> {
             fn drop(&mut self) {
@@ -802,13 +804,13 @@ impl PullThroughCache {
                         "the download stopped unexpectedly".into(),
                     )));
                 }
-                self.fills.finish(self.digest);
+                self.fills.finish(&self.key);
             }
         }
         let _ending = Ending {
             fills: &self.fills,
             fill: &fill,
-            digest: &digest,
+            key: (target.local.to_string(), digest.clone()),
         };
         let ns = target.namespace.clone();
         let outcome = async {

@@ -238,10 +238,16 @@ impl Fill {
     }
 }
 
-/// The downloads in progress on this node, by digest.
+/// What a download is of: a blob of one repository. Requests for the same
+/// digest from another repository do not follow it: each repository's
+/// right to the content is its upstream's to confirm (a follower would
+/// read, and then link, a blob it may have no right to).
+pub type FillKey = (String, Digest);
+
+/// The downloads in progress on this node, by repository and digest.
 pub struct Fills {
     spool_dir: PathBuf,
-    running: Mutex<HashMap<Digest, Arc<Fill>>>,
+    running: Mutex<HashMap<FillKey, Arc<Fill>>>,
 }
 
 pub enum Joined {
@@ -259,13 +265,13 @@ impl Fills {
         })
     }
 
-    /// Joins the download of `digest`, or starts one.
-    pub fn join(&self, digest: &Digest) -> std::io::Result<Joined> {
+    /// Joins the download of `key`, or starts one.
+    pub fn join(&self, key: &FillKey) -> std::io::Result<Joined> {
         let mut running = self
             .running
             .lock()
             .map_err(|_| std::io::Error::other("fill registry poisoned"))?;
-        if let Some(fill) = running.get(digest) {
+        if let Some(fill) = running.get(key) {
             return Ok(Joined::Follower(fill.clone()));
         }
         // Unnamed (O_TMPFILE): gone with the last reader, or with a crash.
@@ -278,15 +284,15 @@ impl Fills {
             spool: Arc::new(spool),
             progress,
         });
-        running.insert(digest.clone(), fill.clone());
+        running.insert(key.clone(), fill.clone());
         Ok(Joined::Leader(fill))
     }
 
     /// Ends a download: later requests start afresh (or find the blob
     /// stored). Readers already following it keep their spool.
-    pub fn finish(&self, digest: &Digest) {
+    pub fn finish(&self, key: &FillKey) {
         if let Ok(mut running) = self.running.lock() {
-            running.remove(digest);
+            running.remove(key);
         }
     }
 }
@@ -316,11 +322,14 @@ mod tests {
     async fn readers_get_every_byte_only_after_success() {
         let dir = tempfile::tempdir().unwrap();
         let fills = Fills::new(dir.path().to_path_buf()).unwrap();
-        let digest = Digest::sha256_of(b"x");
-        let Joined::Leader(fill) = fills.join(&digest).unwrap() else {
+        let key = ("docker.io/a".to_string(), Digest::sha256_of(b"x"));
+        let Joined::Leader(fill) = fills.join(&key).unwrap() else {
             panic!("first join must lead")
         };
-        assert!(matches!(fills.join(&digest).unwrap(), Joined::Follower(_)));
+        assert!(matches!(fills.join(&key).unwrap(), Joined::Follower(_)));
+        // The same digest for another repository is a download of its own.
+        let other = ("docker.io/b".to_string(), key.1.clone());
+        assert!(matches!(fills.join(&other).unwrap(), Joined::Leader(_)));
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         fill.set_state(FillState::Running {
             total: Some(data.len() as u64),
@@ -336,15 +345,18 @@ mod tests {
         fill.set_state(FillState::Done);
         assert_eq!(pending.await.unwrap().unwrap(), data);
         assert_eq!(collect(late).await.unwrap(), data);
-        fills.finish(&digest);
-        assert!(matches!(fills.join(&digest).unwrap(), Joined::Leader(_)));
+        fills.finish(&key);
+        assert!(matches!(fills.join(&key).unwrap(), Joined::Leader(_)));
     }
 
     #[tokio::test]
     async fn a_failed_fill_fails_its_readers_before_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let fills = Fills::new(dir.path().to_path_buf()).unwrap();
-        let Joined::Leader(fill) = fills.join(&Digest::sha256_of(b"y")).unwrap() else {
+        let Joined::Leader(fill) = fills
+            .join(&("docker.io/a".to_string(), Digest::sha256_of(b"y")))
+            .unwrap()
+        else {
             panic!("first join must lead")
         };
         let data = vec![7u8; 600_000];

@@ -37,10 +37,17 @@ const MAX_TOKENS: usize = 4096;
 /// default).
 const DEFAULT_TOKEN_SECS: u64 = 60;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Credentials {
     pub username: String,
     pub password: String,
+}
+
+// Never print a password.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({:?}, <password>)", self.username)
+    }
 }
 
 /// How an outgoing HTTPS client verifies servers and proves who it is:
@@ -86,7 +93,7 @@ impl ClientTls {
 }
 
 /// One upstream registry, as configured.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct UpstreamConfig {
     /// The local namespace it is served under, e.g. `docker.io`.
     pub namespace: String,
@@ -102,6 +109,19 @@ pub struct UpstreamConfig {
     /// and for each read of a blob body.
     pub timeout: Duration,
     pub tls: ClientTls,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("namespace", &self.namespace)
+            .field("url", &self.url)
+            .field("credentials", &self.credentials)
+            .field("bearer", &self.bearer.as_ref().map(|_| "<secret>"))
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
 }
 
 impl UpstreamConfig {

@@ -28,7 +28,7 @@ const MAX_DEPTH: usize = 4;
 
 const MANIFEST_ACCEPT: &str = berth_proxy::MANIFEST_ACCEPT;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PeerConfig {
     pub name: String,
     pub url: String,
@@ -39,6 +39,18 @@ pub struct PeerConfig {
     pub include: Vec<String>,
     /// Repository globs never replicated from this peer.
     pub exclude: Vec<String>,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<secret>"))
+            .field("include", &self.include)
+            .field("exclude", &self.exclude)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug)]

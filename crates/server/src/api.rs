@@ -8,18 +8,17 @@ use axum::response::{IntoResponse, Response};
 use berth_oci::range::parse_content_range;
 use berth_oci::{Digest, ErrorCode, Reference, RepositoryName, media_type};
 use berth_proxy::{BlobAnswer, Target};
-use berth_store::ByteStream;
-use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::AppState;
+use crate::body::{UnreadBody, body_stream, read_bounded};
 use crate::error::{ApiError, CacheSubject, cache_error};
 use crate::headers::{
     DOCKER_CONTENT_DIGEST, DOCKER_UPLOAD_UUID, OCI_FILTERS_APPLIED, OCI_SUBJECT, upload_range,
 };
 use crate::route::Route;
-use crate::security::Caller;
+use crate::security::{CacheRoute, Caller};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -33,6 +32,7 @@ pub async fn not_found() -> Response {
 pub async fn dispatch(
     State(state): State<AppState>,
     caller: Option<axum::Extension<Caller>>,
+    cache_route: Option<axum::Extension<CacheRoute>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -45,16 +45,14 @@ pub async fn dispatch(
     // Computed before the body is wrapped: the wrapper cannot tell.
     let has_body = !http_body::Body::is_end_stream(&body);
     let body = if matches!(method, Method::PUT | Method::PATCH | Method::POST) {
-        Body::from_stream(UnreadBody {
-            frames: Some(body.into_data_stream()),
-            idle: state.limits.body_idle_timeout,
-        })
+        Body::from_stream(UnreadBody::new(body, state.limits.body_idle_timeout))
     } else {
         body
     };
     let ctx = Ctx {
         has_body,
         caller: caller.as_ref().map(|c| &c.0),
+        cache_route: cache_route.as_ref().map(|c| &c.0),
         state: &state,
         method: &method,
         headers: &headers,
@@ -100,14 +98,12 @@ pub async fn dispatch(
     }
 }
 
-/// How much of an abandoned request body is read and discarded, so that a
-/// client still sending can read the error response instead of a reset.
-const DRAIN_CAP: u64 = 16 * 1024 * 1024;
-
 struct Ctx<'a> {
     has_body: bool,
     /// Who is calling, as the security guard established it.
     caller: Option<&'a Caller>,
+    /// The pull-through cache's target, as the guard resolved it.
+    cache_route: Option<&'a CacheRoute>,
     state: &'a AppState,
     method: &'a Method,
     headers: &'a HeaderMap,
@@ -165,85 +161,6 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Some)
             .ok_or_else(|| ApiError::new(ErrorCode::SizeInvalid).message("invalid Content-Length")),
-    }
-}
-
-/// Blob content from the client: counted, and abandoned if the client stops
-/// sending for longer than the idle timeout (a stalled upload must not hold
-/// its slot and its file forever).
-fn body_stream(state: &AppState, body: Body) -> ByteStream {
-    let idle = state.limits.body_idle_timeout;
-    let counter = state.metrics.bytes_in.clone();
-    Box::pin(futures_util::stream::unfold(
-        Some(body.into_data_stream()),
-        move |frames| {
-            let counter = counter.clone();
-            async move {
-                let mut frames = frames?;
-                match tokio::time::timeout(idle, frames.next()).await {
-                    Ok(Some(Ok(chunk))) => {
-                        counter.inc_by(chunk.len() as u64);
-                        Some((Ok(chunk), Some(frames)))
-                    }
-                    Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
-                    Ok(None) => None,
-                    Err(_) => Some((
-                        Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("client sent nothing for {}s", idle.as_secs()),
-                        )),
-                        None,
-                    )),
-                }
-            }
-        },
-    ))
-}
-
-/// A request body that may be dropped before its end (a size limit, a digest
-/// or storage error). The client is then still sending: if nobody reads, it
-/// fails with a broken pipe and never sees the error response. So a dropped
-/// body is drained in the background, up to a cap and the idle timeout.
-struct UnreadBody {
-    frames: Option<axum::body::BodyDataStream>,
-    idle: std::time::Duration,
-}
-
-impl futures_util::Stream for UnreadBody {
-    type Item = Result<bytes::Bytes, axum::Error>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        let Some(frames) = self.frames.as_mut() else {
-            return std::task::Poll::Ready(None);
-        };
-        let next = std::pin::Pin::new(frames).poll_next(cx);
-        if matches!(next, std::task::Poll::Ready(None)) {
-            self.frames = None; // fully read: nothing to drain
-        }
-        next
-    }
-}
-
-impl Drop for UnreadBody {
-    fn drop(&mut self) {
-        let (Some(mut frames), Ok(runtime)) =
-            (self.frames.take(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let idle = self.idle;
-        runtime.spawn(async move {
-            let mut seen = 0u64;
-            while seen <= DRAIN_CAP {
-                match tokio::time::timeout(idle, frames.next()).await {
-                    Ok(Some(Ok(chunk))) => seen += chunk.len() as u64,
-                    _ => break,
-                }
-            }
-        });
     }
 }
 
@@ -312,6 +229,11 @@ fn accepted_types(headers: &HeaderMap) -> Vec<String> {
 impl Ctx<'_> {
     /// The cache target of a read of `name`, if the cache serves it.
     async fn cache_target(&self, name: &str) -> Result<Option<Target>, ApiError> {
+        // Resolved once, by the security guard, which authorized the
+        // repository it resolved to.
+        if let Some(route) = self.cache_route {
+            return Ok(route.0.clone());
+        }
         let Some(cache) = &self.state.cache else {
             return Ok(None);
         };
@@ -440,7 +362,9 @@ impl Ctx<'_> {
         let want = n
             .unwrap_or(registry.limits().max_page)
             .min(registry.limits().max_page);
-        const MAX_SCANNED: usize = 100_000;
+        // Bounded: a caller who may see few repositories gets short pages
+        // (with a Link to go on), not a scan of the whole registry.
+        const MAX_SCANNED: usize = 10_000;
         let mut items = Vec::new();
         let mut cursor = last.map(str::to_string);
         let mut scanned = 0;
@@ -877,39 +801,6 @@ impl Ctx<'_> {
             }
             _ => Err(unsupported()),
         }
-    }
-}
-
-/// Reads a body of at most `limit` bytes. `None` if it is longer (dropping
-/// the rest, which `UnreadBody` drains). Counted in the request-bytes metric;
-/// a client idle for the body idle timeout fails it.
-async fn read_bounded(
-    state: &AppState,
-    body: Body,
-    limit: u64,
-) -> Result<Option<bytes::Bytes>, ApiError> {
-    let idle = state.limits.body_idle_timeout;
-    let mut stream = body.into_data_stream();
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        let next = tokio::time::timeout(idle, stream.next())
-            .await
-            .map_err(|_| {
-                ApiError::new(ErrorCode::ManifestInvalid)
-                    .message(format!("client sent nothing for {}s", idle.as_secs()))
-            })?;
-        let Some(chunk) = next else {
-            return Ok(Some(buf.freeze()));
-        };
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(ErrorCode::ManifestInvalid)
-                .message(format!("reading the request body failed: {e}"))
-        })?;
-        state.metrics.bytes_in.inc_by(chunk.len() as u64);
-        if (buf.len() + chunk.len()) as u64 > limit {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk);
     }
 }
 

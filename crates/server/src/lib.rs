@@ -7,6 +7,7 @@
 mod access;
 mod api;
 pub mod audit;
+mod body;
 mod cache_admin;
 mod error;
 mod headers;
@@ -34,9 +35,26 @@ pub use reload::{FileWatch, fingerprint as reload_fingerprint, watch as watch_fi
 pub use security::{Cidr, Security};
 pub use serve::{ConnInfo, ServeOptions, serve};
 
-/// What every handler shares.
+/// What every handler shares: one reference-counted value, so that the
+/// clone each middleware and handler takes of it is one atomic increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     /// False while starting and while draining; `/readyz` reports it.

@@ -207,6 +207,11 @@ pub struct Caller {
     pub client: IpAddr,
 }
 
+/// Where a read of a pull-through namespace goes, resolved once by the
+/// guard (which authorizes that repository) for the handler.
+#[derive(Clone)]
+pub struct CacheRoute(pub Option<berth_proxy::Target>);
+
 /// What a handler adds to the request's audit event.
 #[derive(Clone, Default)]
 pub struct AuditNote {
@@ -222,12 +227,13 @@ fn unauthorized(message: String, challenge: String) -> Response {
 }
 
 pub fn throttled(wait: std::time::Duration) -> Response {
+    // Whole seconds, rounded up: retrying at Retry-After succeeds.
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
     ApiError::new(ErrorCode::TooManyRequests)
         .message(format!(
-            "too many failed sign-ins from this address or for this user; retry in {} s",
-            wait.as_secs().max(1)
+            "too many failed sign-ins from this address or for this user; retry in {secs} s"
         ))
-        .header(header::RETRY_AFTER, (wait.as_secs() + 1).to_string())
+        .header(header::RETRY_AFTER, secs.to_string())
         .into_response()
 }
 
@@ -247,10 +253,15 @@ impl Security {
             .inc();
         match failure {
             AuthFailure::Throttled { wait, .. } => throttled(*wait),
-            AuthFailure::Unavailable(_) => ApiError::new(ErrorCode::Unavailable)
-                .message(failure.to_string())
-                .header(header::RETRY_AFTER, "1")
-                .into_response(),
+            AuthFailure::Unavailable(why) => {
+                // The store's error stays in the log: callers here are not
+                // signed in.
+                tracing::warn!(error = %why, "cannot check credentials");
+                ApiError::new(ErrorCode::Unavailable)
+                    .message("cannot check credentials now; retry shortly")
+                    .header(header::RETRY_AFTER, "1")
+                    .into_response()
+            }
             AuthFailure::InvalidToken(_) => unauthorized(
                 failure.to_string(),
                 self.challenge(realm, None, Some("invalid_token")),
@@ -260,45 +271,69 @@ impl Security {
     }
 }
 
-pub fn failed_user(failure: &AuthFailure) -> String {
+/// Who a failed sign-in claimed to be, for the audit trail: a user name
+/// only when the htpasswd file knows it (people paste passwords into the
+/// user field; an unknown name is not echoed).
+pub fn failed_user(auth: &Authenticator, failure: &AuthFailure) -> String {
     match failure {
         AuthFailure::BadCredentials { user }
         | AuthFailure::Throttled {
             user: Some(user), ..
-        } => format!("user:{user}"),
+        } if auth.knows_user(user) => format!("user:{user}"),
+        AuthFailure::BadCredentials { .. } | AuthFailure::Throttled { user: Some(_), .. } => {
+            "unknown-user".into()
+        }
         _ => "unknown".into(),
     }
 }
 
+/// A refusal of a request whose body is unread: the body is drained in
+/// the background and the connection closed after the answer, so the
+/// client, still sending, reads the answer instead of a reset, and never
+/// reuses a connection the server is about to drop.
+fn refuse(request: Request, idle: std::time::Duration, mut response: Response) -> Response {
+    if !http_body::Body::is_end_stream(request.body()) {
+        crate::body::drain(request.into_body(), idle);
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// The guard: authenticate, authorize, audit.
 pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let idle = state.limits.body_idle_timeout;
     let security = state.security.clone();
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let requirement = access::requirement(
-        &method,
-        &path,
-        request.uri().query(),
-        security.metrics_access,
-    );
+    // Shared bytes, not a copy.
+    let original = request.uri().clone();
+    let path = original.path();
+    let mut requirement =
+        access::requirement(&method, path, original.query(), security.metrics_access);
     if requirement == Requirement::Nothing {
         return next.run(request).await;
     }
+    // A read served from the pull-through cache (`?ns=`, the mirror
+    // default) is of the cache's repository: authorized as that one.
+    let cache_route = match resolve_cache_route(&state, &method, &original, &requirement).await {
+        Ok(route) => route,
+        Err(response) => return response,
+    };
+    if let Some(CacheRoute(Some(target))) = &cache_route {
+        requirement = Requirement::Repositories(vec![(target.local.to_string(), Action::Pull)]);
+    }
     let conn = request.extensions().get::<ConnInfo>().cloned();
     let client = security.client_address(conn.as_ref(), request.headers());
-    let request_id = request
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.to_string())
-        .unwrap_or_default();
+    let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
     let audit_base = |identity: String, outcome: &'static str, status: u16| AuditEvent {
         identity,
         client: client.to_string(),
         outcome,
         status,
         method: method.to_string(),
-        path: path.clone(),
-        request_id: request_id.clone(),
+        path: path.to_string(),
+        request_id: request_id.as_deref().unwrap_or_default().to_string(),
         ..Default::default()
     };
     // An open registry checks only peer credentials (the feed, region
@@ -308,14 +343,12 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     let identity = if open {
         Ok(Identity::Anonymous)
     } else {
-        let authorization = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes().to_vec());
+        // A cheap clone (shared bytes), so the request can move on.
+        let authorization = request.headers().get(header::AUTHORIZATION).cloned();
         security
             .auth
             .authenticate(&AuthRequest {
-                authorization: authorization.as_deref(),
+                authorization: authorization.as_ref().map(|v| v.as_bytes()),
                 certificate: conn.as_ref().and_then(|c| c.certificate.as_deref()),
                 client,
             })
@@ -326,11 +359,15 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         Err(failure) => {
             let realm = security.realm(conn.as_ref(), request.headers(), request.uri());
             let response = security.failure_response(&failure, &realm);
-            let mut event = audit_base(failed_user(&failure), "failed", response.status().as_u16());
+            let mut event = audit_base(
+                failed_user(&security.auth, &failure),
+                "failed",
+                response.status().as_u16(),
+            );
             event.event = "auth_failed";
             event.detail = failure.to_string();
             security.audit.record(event);
-            return response;
+            return refuse(request, idle, response);
         }
     };
     let decision = security.auth.authorize(&identity, &requirement);
@@ -343,7 +380,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         } => {
             let realm = security.realm(conn.as_ref(), request.headers(), request.uri());
             let error = insufficient.then_some("insufficient_scope");
-            return unauthorized(
+            let response = unauthorized(
                 if insufficient {
                     "the token does not grant this action; request one with the scope in the challenge".into()
                 } else {
@@ -351,6 +388,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
                 },
                 security.challenge(&realm, scope.as_deref(), error),
             );
+            return refuse(request, idle, response);
         }
         Decision::Deny => {
             security.metrics.denied.inc();
@@ -359,7 +397,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
             event.action = route_action;
             event.repository = requirement_repository(&requirement);
             security.audit.record(event);
-            return ApiError::new(ErrorCode::Denied)
+            let response = ApiError::new(ErrorCode::Denied)
                 .message(format!(
                     "{} may not {} {}",
                     identity.display(),
@@ -374,6 +412,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
                     }
                 ))
                 .into_response();
+            return refuse(request, idle, response);
         }
     }
     if security.auth.enabled() {
@@ -383,6 +422,9 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         identity: identity.clone(),
         client,
     });
+    if let Some(route) = cache_route {
+        request.extensions_mut().insert(route);
+    }
     let uri = request.uri().clone();
     let response = next.run(request).await;
     if let Some(mut event) = audited(&method, &uri, &requirement, &response) {
@@ -409,6 +451,46 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         security.audit.record(event);
     }
     response
+}
+
+/// The cache target of a read the cache may serve (`None` when no cache is
+/// configured or the request is not such a read).
+async fn resolve_cache_route(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    requirement: &Requirement,
+) -> Result<Option<CacheRoute>, Response> {
+    let (Some(cache), Requirement::Repositories(needs)) = (&state.cache, requirement) else {
+        return Ok(None);
+    };
+    let route = Route::parse(uri.path());
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    let served = match route {
+        Route::Tags { .. } | Route::Referrers { .. } => true,
+        Route::Manifest { .. } | Route::Blob { .. } => read,
+        _ => false,
+    };
+    let [(name, _)] = needs.as_slice() else {
+        return Ok(None);
+    };
+    if !served {
+        return Ok(None);
+    }
+    let query = berth_oci::query::parse(uri.query()).unwrap_or_default();
+    let target = cache
+        .route(name, query.get("ns").map(String::as_str))
+        .await
+        .map_err(|e| {
+            crate::error::cache_error(e, crate::error::CacheSubject::Manifest, false)
+                .into_response()
+        })?;
+    // Pushers probe for blobs with HEADs: the mirror default never answers
+    // them (the handler serves those locally).
+    let target = target.filter(|t| {
+        !(t.via_mirror_default && *method == Method::HEAD && matches!(route, Route::Blob { .. }))
+    });
+    Ok(Some(CacheRoute(target)))
 }
 
 fn primary_action(requirement: &Requirement) -> &'static str {
@@ -445,16 +527,22 @@ fn restrict_mount(auth: &Authenticator, identity: &Identity, request: &mut Reque
     {
         return;
     }
+    // A query that does not parse is refused by the handler.
     let Ok(pairs) = berth_oci::query::parse_pairs(request.uri().query()) else {
         return;
     };
-    if !pairs.iter().any(|(k, _)| k == "mount") {
+    let count = |key: &str| pairs.iter().filter(|(k, _)| k == key).count();
+    if count("mount") == 0 && count("from") == 0 {
         return;
     }
-    let allowed = pairs
-        .iter()
-        .find(|(k, _)| k == "from")
-        .is_some_and(|(_, from)| auth.granted(identity, from).allows(Action::Pull));
+    // Exactly one mount from exactly one source the caller may pull; a
+    // repeated key (which one would the handler read?) mounts nothing.
+    let allowed = count("mount") == 1
+        && count("from") == 1
+        && pairs
+            .iter()
+            .find(|(k, _)| k == "from")
+            .is_some_and(|(_, from)| auth.granted(identity, from).allows(Action::Pull));
     if allowed {
         return;
     }
@@ -470,18 +558,17 @@ fn restrict_mount(auth: &Authenticator, identity: &Identity, request: &mut Reque
         })
         .collect();
     let path = request.uri().path().to_string();
-    let path_and_query = if kept.is_empty() {
-        path
+    let rewritten = if kept.is_empty() {
+        path.clone()
     } else {
         format!("{path}?{}", kept.join("&"))
     };
-    let mut parts = request.uri().clone().into_parts();
-    if let Ok(pq) = path_and_query.parse() {
-        parts.path_and_query = Some(pq);
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
-        }
-    }
+    // Fail closed: if the rewritten URI does not build, drop the query.
+    let uri = rewritten
+        .parse::<Uri>()
+        .or_else(|_| path.parse::<Uri>())
+        .unwrap_or_else(|_| Uri::from_static("/v2/"));
+    *request.uri_mut() = uri;
 }
 
 /// The audit event of a request that changed something, if it did.
@@ -533,11 +620,16 @@ fn audited(
         Route::UploadStart { name } | Route::Upload { name, .. }
             if response.status() == StatusCode::CREATED =>
         {
-            let mount = uri.query().is_some_and(|q| q.contains("mount="));
+            let pairs = berth_oci::query::parse_pairs(uri.query()).unwrap_or_default();
+            let from = pairs.iter().find(|(k, _)| k == "from").map(|(_, v)| v);
+            let mount = pairs.iter().any(|(k, _)| k == "mount");
             event.event = if mount { "mount" } else { "upload" };
             event.action = "push";
             event.repository = Some(name.to_string());
             event.digest = digest;
+            if mount && let Some(from) = from {
+                event.detail = format!("from {from}");
+            }
         }
         _ => return None,
     }

@@ -181,10 +181,7 @@ pub async fn token(State(state): State<AppState>, request: Request) -> Response 
                     http::HeaderValue::from_static("Basic realm=\"berth\", charset=\"UTF-8\""),
                 );
             }
-            let user = match &failure {
-                AuthFailure::BadCredentials { user } => format!("user:{user}"),
-                _ => "unknown".into(),
-            };
+            let user = crate::security::failed_user(auth, &failure);
             audit(
                 user,
                 "auth_failed",
@@ -206,13 +203,17 @@ pub async fn token(State(state): State<AppState>, request: Request) -> Response 
     };
     security.metrics.tokens_issued.inc();
     let granted = granted_scopes(&issued);
-    audit(
-        identity.display(),
-        "token_issued",
-        "ok",
-        200,
-        granted.clone(),
-    );
+    // Anonymous tokens carry only public grants: not worth an audit line
+    // each (and a flood of them must not crowd the audit file).
+    if !identity.is_anonymous() {
+        audit(
+            identity.display(),
+            "token_issued",
+            "ok",
+            200,
+            granted.clone(),
+        );
+    }
     respond(&issued, granted, oauth)
 }
 

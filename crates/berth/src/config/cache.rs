@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::ConfigError;
 
 /// An upstream in the TOML file (`[[upstream]]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileUpstream {
     pub namespace: String,
@@ -20,11 +20,22 @@ pub struct FileUpstream {
 }
 
 /// A configured upstream.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UpstreamSetting {
     pub namespace: String,
     pub url: String,
     pub credentials: Option<(String, String)>,
+}
+
+// Never print a password.
+impl std::fmt::Debug for UpstreamSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSetting")
+            .field("namespace", &self.namespace)
+            .field("url", &self.url)
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish()
+    }
 }
 
 /// The pull-through cache's settings.

@@ -93,10 +93,22 @@ impl Storage {
 }
 
 /// How this node connects to etcd, beyond the endpoints.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct EtcdAccess {
     pub timeout: Duration,
     pub user: Option<(String, String)>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+// Never print the password.
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("timeout", &self.timeout)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .finish()
+    }
 }

@@ -30,7 +30,7 @@ pub enum LogFormat {
 
 /// `berth serve` options. Every option can also be set in the TOML file under
 /// the same name with underscores (e.g. `data_dir = "/var/lib/berth"`).
-#[derive(Args, Debug, Default)]
+#[derive(Args, Default)]
 pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "BERTH_CONFIG")]
@@ -167,7 +167,7 @@ pub struct ServeArgs {
 }
 
 /// The TOML file: the same options, all optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
@@ -372,6 +372,11 @@ impl ServeConfig {
                 .unwrap_or(1000),
         )?;
         let security = security::resolve(args.security, file.security, listen)?;
+        let scheme = if security.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let config = ServeConfig {
             security,
             cache,
@@ -411,7 +416,7 @@ impl ServeConfig {
             advertise_url: args
                 .advertise_url
                 .or(file.advertise_url)
-                .unwrap_or_else(|| format!("http://{listen}")),
+                .unwrap_or_else(|| format!("{scheme}://{listen}")),
             data_dir: args
                 .data_dir
                 .or(file.data_dir)

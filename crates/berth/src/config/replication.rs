@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::ConfigError;
 
 /// A peer region in the TOML file (`[[peer]]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilePeer {
     pub name: String,
@@ -25,7 +25,7 @@ pub struct FilePeer {
 }
 
 /// A configured peer region.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerSetting {
     pub name: String,
     pub url: String,
@@ -36,13 +36,38 @@ pub struct PeerSetting {
 }
 
 /// Geo-replication settings (present when a region is named).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReplicationSettings {
     pub region: String,
     /// Accepted from any peer (the region-wide shared secret).
     pub secret: Option<String>,
     pub peers: Vec<PeerSetting>,
     pub read_through_timeout: Duration,
+}
+
+// Never print a secret.
+impl std::fmt::Debug for PeerSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSetting")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<secret>"))
+            .field("tls_identity", &self.tls_identity)
+            .field("include", &self.include)
+            .field("exclude", &self.exclude)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ReplicationSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationSettings")
+            .field("region", &self.region)
+            .field("secret", &self.secret.as_ref().map(|_| "<secret>"))
+            .field("peers", &self.peers)
+            .field("read_through_timeout", &self.read_through_timeout)
+            .finish()
+    }
 }
 
 fn valid_region(name: &str) -> bool {
@@ -82,7 +107,11 @@ pub(super) fn replication(
         .map(|p| PeerSetting {
             name: p.name.clone(),
             url: p.url.clone(),
-            secret: p.secret.clone().or_else(|| secret.clone()),
+            secret: p
+                .secret
+                .clone()
+                .filter(|s| !s.is_empty())
+                .or_else(|| secret.clone()),
             tls_identity: p.tls_identity.clone(),
             include: p.include.clone(),
             exclude: p.exclude.clone(),

@@ -3,10 +3,10 @@
 
 mod pki;
 mod support;
-mod tls;
 
 mod api_base;
 mod blobs;
+mod clients;
 mod cluster;
 mod concurrency;
 mod disk_full;
@@ -23,5 +23,6 @@ mod s3_store;
 mod security;
 mod skopeo;
 mod tags_catalog;
+mod tls;
 mod uploads;
 mod upstream;

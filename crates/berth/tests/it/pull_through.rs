@@ -558,3 +558,47 @@ async fn mirror_modes_warming_pinning_and_eviction() {
         .await;
     expect_error(&r, 503, &["UNAVAILABLE"]);
 }
+
+#[tokio::test]
+async fn a_digest_alone_never_reads_another_repositorys_blob_through_the_cache() {
+    if !distribution_available() {
+        return;
+    }
+    let upstream = Distribution::start().await;
+    let proxy = TamperProxy::start(upstream.url()).await;
+    let pusher = Pusher::new(&upstream.url(), None);
+    let seed = fresh_seed();
+    let public = Image::oci(seed, 2, 1500);
+    pusher.image("library/base", "1", &public).await;
+    let berth = Registry::start_with(cached_berth(&proxy.url())).await;
+    // A blob pushed to a local repository, and not upstream.
+    let secret = random_bytes(seed + 1, 3000);
+    let digest = berth.push_blob("private/vault", &secret).await;
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let r = send(berth.req(
+            method.clone(),
+            &format!("/v2/docker.io/library/base/blobs/{digest}"),
+        ))
+        .await;
+        assert_ne!(
+            r.status,
+            200,
+            "{method} through the cache: {}",
+            r.describe()
+        );
+        assert!(r.body.is_empty() || r.body != secret);
+    }
+    // The cache asked the upstream, which does not have it.
+    assert!(proxy.count(&format!("/v2/library/base/blobs/{digest}")) >= 1);
+    // Layers a cached manifest names are still linked from where they are
+    // stored: a second repository sharing the base's layers fetches none.
+    pull_verified(&berth, "docker.io/library/base", "1", &public).await;
+    pusher.image("library/derived", "1", &public).await;
+    let fetched = proxy.count("GET /v2/library/derived/blobs/");
+    pull_verified(&berth, "docker.io/library/derived", "1", &public).await;
+    assert_eq!(
+        proxy.count("GET /v2/library/derived/blobs/"),
+        fetched,
+        "shared layers are linked, not fetched again"
+    );
+}

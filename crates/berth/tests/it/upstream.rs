@@ -57,8 +57,8 @@ pub struct TokenIssuer {
 
 pub const TOKEN_USER: &str = "berth";
 pub const TOKEN_PASSWORD: &str = "secret";
-const ISSUER: &str = "berth-test-issuer";
-const SERVICE: &str = "berth-test-upstream";
+pub const ISSUER: &str = "berth-test-issuer";
+pub const SERVICE: &str = "berth-test-upstream";
 
 fn openssl(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
     use std::io::Write as _;
@@ -320,6 +320,8 @@ pub struct Distribution {
     dir: tempfile::TempDir,
     child: Option<Child>,
     token: Option<(String, PathBuf)>,
+    /// Serves HTTPS with this certificate (signed by the shared test CA).
+    tls: Option<crate::pki::CertPair>,
 }
 
 impl Distribution {
@@ -338,6 +340,24 @@ impl Distribution {
             dir,
             child: None,
             token,
+            tls: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// Over HTTPS, with the shared test CA's server certificate.
+    pub async fn start_tls() -> Distribution {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-upstream-")
+            .tempdir()
+            .unwrap();
+        let mut d = Distribution {
+            port: free_port(),
+            dir,
+            child: None,
+            token: None,
+            tls: Some(crate::pki::shared_server()),
         };
         d.spawn().await;
         d
@@ -351,8 +371,16 @@ impl Distribution {
             ),
             None => String::new(),
         };
+        let tls = match &self.tls {
+            Some(pair) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                pair.cert.display(),
+                pair.key.display()
+            ),
+            None => String::new(),
+        };
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n{auth}",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n{tls}{auth}",
             self.dir.path().join("data").display(),
             self.port
         );
@@ -377,7 +405,7 @@ impl Distribution {
             });
         }
         self.child = Some(cmd.spawn().expect("start docker-registry"));
-        let client = new_client();
+        let client = client_builder_trusting(self.tls.is_some()).build().unwrap();
         let url = format!("{}/v2/", self.url());
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -396,7 +424,8 @@ impl Distribution {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn log(&self) -> String {
@@ -437,7 +466,9 @@ impl Pusher {
         Pusher {
             base: base.to_string(),
             token,
-            client: new_client(),
+            client: client_builder_trusting(base.starts_with("https://"))
+                .build()
+                .unwrap(),
         }
     }
 
