@@ -63,10 +63,14 @@ def conn_for(base, timeout=60):
 
 
 def request(base, method, path, body=None, headers=None, timeout=60):
-    """One request on a fresh connection; returns (status, headers-dict-lower, body bytes)."""
+    """One request on a fresh connection; returns (status, headers-dict-lower, body bytes).
+    BENCH_AUTH, when set, is sent as the Authorization header."""
     c = conn_for(base, timeout)
+    headers = dict(headers or {})
+    if os.environ.get("BENCH_AUTH"):
+        headers["Authorization"] = os.environ["BENCH_AUTH"]
     try:
-        c.request(method, path, body=body, headers=headers or {})
+        c.request(method, path, body=body, headers=headers)
         r = c.getresponse()
         data = r.read()
         hdrs = {k.lower(): v for k, v in r.getheaders()}
@@ -407,6 +411,8 @@ def cmd_wrk_parse(path):
 METRICS = [
     ("manifest_tag_rps", "manifest GET by tag", "req/s", True, "{:,.0f}"),
     ("manifest_digest_rps", "manifest GET by digest", "req/s", True, "{:,.0f}"),
+    ("manifest_tag_basic_rps", "manifest GET by tag, Basic auth (htpasswd, bcrypt cost 5)", "req/s", True, "{:,.0f}"),
+    ("manifest_tag_bearer_rps", "manifest GET by tag, Bearer token", "req/s", True, "{:,.0f}"),
     ("blob_get_gbps", "blob GET 64 MiB, wrk Transfer/sec", "GB/s", True, "{:.2f}"),
     ("blob_get_rps_gbps", "blob GET 64 MiB, req/s × 64 MiB", "GB/s", True, "{:.2f}"),
     ("upload_seq_mbps", "monolithic upload 64 MiB, sequential", "MB/s", True, "{:,.0f}"),
@@ -470,6 +476,16 @@ def cmd_render(results_tsv, meta_tsv, out):
     mdl.append("|" + "|".join(["---", "---", "---:", "---:", "---:"]) + "|")
     for r in rows:
         mdl.append("| " + " | ".join(r) + " |")
+    anon = res.get(("manifest_tag_rps", "berth"))
+    cost = []
+    for key, what in (("manifest_tag_basic_rps", "Basic auth (cached)"), ("manifest_tag_bearer_rps", "a Bearer token")):
+        v = res.get((key, "berth"))
+        try:
+            cost.append(f"Berth with {what}: {float(v) / float(anon):.2f}× of its anonymous throughput.")
+        except (TypeError, ValueError, ZeroDivisionError):
+            pass
+    if cost:
+        mdl += [""] + cost
     mdl += ["",
             "Ratio: for throughput metrics berth/distribution, for times and memory "
             "distribution/berth, so a ratio above 1 always means Berth did better.",
