@@ -337,14 +337,17 @@ impl Authenticator {
         {
             return Ok(Identity::ApiToken(token));
         }
-        self.throttle
-            .check(client, username)
-            .map_err(|wait| AuthFailure::Throttled {
-                wait,
-                user: Some(username.to_string()),
-            })?;
+        // Tokens are taken before anything is checked (so attempts sent at
+        // once wait like attempts sent one by one) and given back on
+        // success: only failures use them up.
+        let attempt =
+            self.throttle
+                .begin(client, username)
+                .map_err(|wait| AuthFailure::Throttled {
+                    wait,
+                    user: Some(username.to_string()),
+                })?;
         let fail = || {
-            self.throttle.failed(client, username);
             self.failed.insert(
                 key,
                 FailedCredential {
@@ -361,9 +364,16 @@ impl Authenticator {
                 return Err(fail());
             };
             return match tokens.lookup(password, now_ms()).await {
-                Ok(Some(token)) => Ok(Identity::ApiToken(token)),
+                Ok(Some(token)) => {
+                    self.throttle.succeeded(attempt);
+                    Ok(Identity::ApiToken(token))
+                }
                 Ok(None) => Err(fail()),
-                Err(e) => Err(AuthFailure::Unavailable(e.to_string())),
+                Err(e) => {
+                    // Not a failure of the credential.
+                    self.throttle.succeeded(attempt);
+                    Err(AuthFailure::Unavailable(e.to_string()))
+                }
             };
         }
         let Some(file) = self.htpasswd() else {
@@ -379,6 +389,7 @@ impl Authenticator {
         if !verified {
             return Err(fail());
         }
+        self.throttle.succeeded(attempt);
         self.passwords.insert(
             key,
             CachedUser {

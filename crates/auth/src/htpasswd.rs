@@ -33,7 +33,7 @@ pub enum HtpasswdError {
 #[derive(Default)]
 pub struct Htpasswd {
     users: HashMap<String, String>,
-    /// The highest bcrypt cost in the file.
+    /// The most common bcrypt cost in the file.
     cost: u32,
     /// A hash of that cost that no password matches, made on first use: an
     /// unknown user costs as much time as a known one.
@@ -102,11 +102,19 @@ impl Htpasswd {
             }
             users.insert(user.to_string(), hash.to_string());
         }
-        let cost = users
+        // The most common cost: unknown users then take as long as most
+        // known ones.
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for cost in users
             .values()
             .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
-            .max()
-            .unwrap_or(bcrypt::DEFAULT_COST);
+        {
+            *counts.entry(cost).or_default() += 1;
+        }
+        let cost = counts
+            .into_iter()
+            .max_by_key(|(cost, n)| (*n, std::cmp::Reverse(*cost)))
+            .map_or(bcrypt::DEFAULT_COST, |(cost, _)| cost);
         Ok(Htpasswd {
             users,
             cost,

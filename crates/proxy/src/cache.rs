@@ -223,35 +223,48 @@ impl PullThroughCache {
     /// prefix (`docker.io/library/alpine`), by containerd's `?ns=docker.io`,
     /// or, for a repository that does not exist here, by the mirror default.
     pub async fn route(&self, name: &str, ns: Option<&str>) -> Result<Option<Target>> {
-        let target =
-            |namespace: &str, remote: &str, via_mirror_default| -> Result<Option<Target>> {
-                let local = RepositoryName::parse(&format!("{namespace}/{remote}"))
-                    .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
-                Ok(Some(Target {
-                    namespace: namespace.to_string(),
-                    remote: remote.to_string(),
-                    local,
-                    via_mirror_default,
-                }))
-            };
-        if let Some(namespace) = self.owner(name) {
-            return target(namespace, &name[namespace.len() + 1..], false);
+        if let Some(explicit) = self.route_explicit(name, ns) {
+            return explicit.map(Some);
         }
-        if let Some(ns) = ns {
-            // containerd names the registry it mirrors: only that upstream
-            // may answer, never another one's content under the same name.
-            return match self.upstreams.contains_key(ns) {
-                true => target(ns, name, false),
-                false => Ok(None),
-            };
-        }
-        if let Some(default) = &self.options.mirror_default
+        if ns.is_none()
             && let Ok(repo) = RepositoryName::parse(name)
             && !self.registry.repository_exists(&repo).await?
         {
-            return target(default, name, true);
+            return self.mirror_target(name).transpose();
         }
         Ok(None)
+    }
+
+    fn target(namespace: &str, remote: &str, via_mirror_default: bool) -> Result<Target> {
+        let local = RepositoryName::parse(&format!("{namespace}/{remote}"))
+            .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
+        Ok(Target {
+            namespace: namespace.to_string(),
+            remote: remote.to_string(),
+            local,
+            via_mirror_default,
+        })
+    }
+
+    /// The routing a request names itself: an upstream's namespace prefix,
+    /// or containerd's `?ns=` (`Some(Ok(None))`-like answers are `None`:
+    /// not routed). Needs no lookup.
+    pub fn route_explicit(&self, name: &str, ns: Option<&str>) -> Option<Result<Target>> {
+        if let Some(namespace) = self.owner(name) {
+            return Some(Self::target(namespace, &name[namespace.len() + 1..], false));
+        }
+        // containerd names the registry it mirrors: only that upstream may
+        // answer, never another one's content under the same name.
+        let ns = ns?;
+        self.upstreams
+            .contains_key(ns)
+            .then(|| Self::target(ns, name, false))
+    }
+
+    /// The mirror default's target for `name`, when one is configured.
+    pub fn mirror_target(&self, name: &str) -> Option<Result<Target>> {
+        let default = self.options.mirror_default.as_deref()?;
+        Some(Self::target(default, name, true))
     }
 
     fn upstream(&self, namespace: &str) -> Result<&Upstream> {

@@ -362,14 +362,16 @@ impl Ctx<'_> {
         let want = n
             .unwrap_or(registry.limits().max_page)
             .min(registry.limits().max_page);
-        // Bounded: a caller who may see few repositories gets short pages
-        // (with a Link to go on), not a scan of the whole registry.
-        const MAX_SCANNED: usize = 10_000;
+        // A caller who may see few repositories gets short pages (with a
+        // Link to go on) after a bounded scan. The Link names the last
+        // repository returned, so a page is never empty while more follow:
+        // the scan goes on until it finds one, or the catalog ends.
+        const SCAN_PER_PAGE: usize = 10_000;
         let mut items = Vec::new();
         let mut cursor = last.map(str::to_string);
         let mut scanned = 0;
         let mut more = want > 0;
-        while more && items.len() < want && scanned < MAX_SCANNED {
+        while more && items.len() < want && (scanned < SCAN_PER_PAGE || items.is_empty()) {
             let page = registry
                 .catalog(cursor.as_deref(), Some(want.max(100)))
                 .await?;

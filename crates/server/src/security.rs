@@ -71,11 +71,31 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
-#[derive(Default)]
 pub struct SecurityMetrics {
     pub auth_failures: Family<FailureLabels, Counter>,
     pub denied: Counter,
     pub tokens_issued: Counter,
+    /// Audit lines of bad tokens left out (see [`Security::audit_token_failure`]).
+    pub audit_suppressed: Counter,
+    /// Per address: bad tokens are not throttled (they cannot be guessed),
+    /// so their audit lines are, lest a flood crowd out the events that
+    /// matter.
+    token_failures: berth_auth::throttle::Throttle,
+}
+
+impl Default for SecurityMetrics {
+    fn default() -> Self {
+        SecurityMetrics {
+            auth_failures: Family::default(),
+            denied: Counter::default(),
+            tokens_issued: Counter::default(),
+            audit_suppressed: Counter::default(),
+            token_failures: berth_auth::throttle::Throttle::new(
+                20.0,
+                std::time::Duration::from_secs(1),
+            ),
+        }
+    }
 }
 
 /// Authentication, authorization and audit, as configured.
@@ -108,6 +128,11 @@ impl Security {
             "auth_tokens_issued",
             "Tokens issued by the token service",
             self.metrics.tokens_issued.clone(),
+        );
+        registry.register(
+            "audit_suppressed",
+            "Audit events of bad tokens left out (more than 20, then one a second, per address)",
+            self.metrics.audit_suppressed.clone(),
         );
         self.audit.register_metrics(registry);
     }
@@ -314,15 +339,6 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     if requirement == Requirement::Nothing {
         return next.run(request).await;
     }
-    // A read served from the pull-through cache (`?ns=`, the mirror
-    // default) is of the cache's repository: authorized as that one.
-    let cache_route = match resolve_cache_route(&state, &method, &original, &requirement).await {
-        Ok(route) => route,
-        Err(response) => return response,
-    };
-    if let Some(CacheRoute(Some(target))) = &cache_route {
-        requirement = Requirement::Repositories(vec![(target.local.to_string(), Action::Pull)]);
-    }
     let conn = request.extensions().get::<ConnInfo>().cloned();
     let client = security.client_address(conn.as_ref(), request.headers());
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
@@ -359,17 +375,41 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         Err(failure) => {
             let realm = security.realm(conn.as_ref(), request.headers(), request.uri());
             let response = security.failure_response(&failure, &realm);
-            let mut event = audit_base(
-                failed_user(&security.auth, &failure),
-                "failed",
-                response.status().as_u16(),
+            let bad_token = matches!(
+                failure,
+                AuthFailure::InvalidToken(_) | AuthFailure::Malformed(_)
             );
-            event.event = "auth_failed";
-            event.detail = failure.to_string();
-            security.audit.record(event);
+            if bad_token
+                && security
+                    .metrics
+                    .token_failures
+                    .take(&client.to_string())
+                    .is_err()
+            {
+                security.metrics.audit_suppressed.inc();
+            } else {
+                let mut event = audit_base(
+                    failed_user(&security.auth, &failure),
+                    "failed",
+                    response.status().as_u16(),
+                );
+                event.event = "auth_failed";
+                event.detail = failure.to_string();
+                security.audit.record(event);
+            }
             return refuse(request, idle, response);
         }
     };
+    // A read served from the pull-through cache (`?ns=`, the mirror
+    // default) is of the cache's repository: authorized as that one.
+    let cache_route =
+        match resolve_cache_route(&state, &identity, &method, &original, &requirement).await {
+            Ok(route) => route,
+            Err(response) => return refuse(request, idle, response),
+        };
+    if let Some(CacheRoute(Some(target))) = &cache_route {
+        requirement = Requirement::Repositories(vec![(target.local.to_string(), Action::Pull)]);
+    }
     let decision = security.auth.authorize(&identity, &requirement);
     let route_action = primary_action(&requirement);
     match decision {
@@ -455,8 +495,14 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
 
 /// The cache target of a read the cache may serve (`None` when no cache is
 /// configured or the request is not such a read).
+///
+/// The mirror default serves names that do not exist here. Whether one
+/// exists is asked only for callers who may pull it here: a caller who may
+/// not gets the mirror (if it may pull that) whether or not the name
+/// exists, so no answer tells it which names exist.
 async fn resolve_cache_route(
     state: &AppState,
+    identity: &Identity,
     method: &Method,
     uri: &Uri,
     requirement: &Requirement,
@@ -477,20 +523,49 @@ async fn resolve_cache_route(
     if !served {
         return Ok(None);
     }
+    let failed = |e| {
+        crate::error::cache_error(e, crate::error::CacheSubject::Manifest, false).into_response()
+    };
     let query = berth_oci::query::parse(uri.query()).unwrap_or_default();
-    let target = cache
-        .route(name, query.get("ns").map(String::as_str))
-        .await
-        .map_err(|e| {
-            crate::error::cache_error(e, crate::error::CacheSubject::Manifest, false)
-                .into_response()
-        })?;
+    let ns = query.get("ns").map(String::as_str);
+    if let Some(explicit) = cache.route_explicit(name, ns) {
+        return Ok(Some(CacheRoute(Some(explicit.map_err(failed)?))));
+    }
+    // An `?ns=` without an upstream stays local.
+    if ns.is_some() {
+        return Ok(Some(CacheRoute(None)));
+    }
+    let Some(mirror) = cache.mirror_target(name) else {
+        return Ok(Some(CacheRoute(None)));
+    };
+    let mirror = mirror.map_err(failed)?;
     // Pushers probe for blobs with HEADs: the mirror default never answers
     // them (the handler serves those locally).
-    let target = target.filter(|t| {
-        !(t.via_mirror_default && *method == Method::HEAD && matches!(route, Route::Blob { .. }))
-    });
-    Ok(Some(CacheRoute(target)))
+    if *method == Method::HEAD && matches!(route, Route::Blob { .. }) {
+        return Ok(Some(CacheRoute(None)));
+    }
+    let auth = &state.security.auth;
+    let local_ok = auth.granted(identity, name).allows(Action::Pull);
+    let mirror_ok = auth
+        .granted(identity, mirror.local.as_str())
+        .allows(Action::Pull);
+    let use_mirror = match (local_ok, mirror_ok) {
+        (_, false) => false,
+        (false, true) => true,
+        (true, true) => {
+            let repo = berth_oci::RepositoryName::parse(name).map_err(|e| {
+                ApiError::new(ErrorCode::NameInvalid)
+                    .message(e.to_string())
+                    .into_response()
+            })?;
+            !state
+                .registry
+                .repository_exists(&repo)
+                .await
+                .map_err(|e| ApiError::from(e).into_response())?
+        }
+    };
+    Ok(Some(CacheRoute(use_mirror.then_some(mirror))))
 }
 
 fn primary_action(requirement: &Requirement) -> &'static str {

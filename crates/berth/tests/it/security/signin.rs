@@ -58,6 +58,32 @@ async fn guessing_passwords_is_throttled_per_address_and_user() {
     assert!(!s.reg.log().contains(ALICE.1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_sent_all_at_once_are_held_back_like_sequential_ones() {
+    if !pki::tools_available() {
+        return;
+    }
+    let s = Secured::start(Options::new()).await;
+    let url = format!("{}/v2/", s.reg.url());
+    let guesses = (0..60).map(|i| {
+        let client = client_with(Some(&basic((ALICE.0, &format!("burst-{i}")))));
+        let url = url.clone();
+        async move { send(client.get(url)).await.status }
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(guesses).await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let held = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(checked + held, statuses.len(), "{statuses:?}");
+    assert!(
+        checked <= throttle_burst(),
+        "at most the burst is checked: {statuses:?}"
+    );
+}
+
+fn throttle_burst() -> usize {
+    berth_auth::throttle::BURST as usize
+}
+
 #[tokio::test]
 async fn htpasswd_changes_take_effect_without_a_restart() {
     if !pki::tools_available() {

@@ -182,7 +182,7 @@ async fn pulling_through_needs_pull_on_the_namespace_and_never_writes() {
     }
     drop(reg);
     // Docker's registry-mirrors: a name that does not exist here reads
-    // docker.io's, and is authorized as docker.io's.
+    // docker.io's, for callers who may pull docker.io's.
     let mirror = Registry::start_with(
         Options::new()
             .tls()
@@ -193,10 +193,36 @@ async fn pulling_through_needs_pull_on_the_namespace_and_never_writes() {
     )
     .await;
     let path = format!("{}/v2/team/x/manifests/3", mirror.url());
+    // alice may not pull docker.io's: she gets the local answer, not its
+    // content.
     let r = send(client_with(Some(&basic(ALICE))).get(&path)).await;
-    expect_error(&r, 403, &["DENIED"]);
+    expect_error(&r, 404, &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"]);
     let r = send(client_with(Some(&basic(BOB))).get(&path)).await;
     assert_eq!(r.status, 200, "{}", r.describe());
+    // No answer tells a caller without rights whether a name exists here.
+    let mut mirror = mirror;
+    mirror.set_client(client_with(Some(&basic(ROOT))));
+    Image::oci(fresh_seed(), 1, 300)
+        .push(&mirror, "private/vault", Some("1"))
+        .await;
+    for who in [None, Some(basic(ALICE)), Some(basic(BOB))] {
+        let client = client_with(who.as_deref());
+        let mut answers = Vec::new();
+        for name in ["private/vault", "private/nothing"] {
+            let r = send(client.get(format!("{}/v2/{name}/manifests/1", mirror.url()))).await;
+            let shape = format!(
+                "{} {}",
+                r.header("www-authenticate").unwrap_or_default(),
+                r.text()
+            )
+            .replace(name, "NAME");
+            answers.push((r.status, shape));
+        }
+        assert_eq!(
+            answers[0], answers[1],
+            "{who:?}: existing and missing names answer alike"
+        );
+    }
 }
 
 #[tokio::test]
