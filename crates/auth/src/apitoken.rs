@@ -255,8 +255,9 @@ impl ApiTokens {
         Ok((record, secret))
     }
 
-    /// Every token, by name.
-    pub async fn list(&self) -> Result<Vec<ApiTokenRecord>, ApiTokenError> {
+    /// Stored records' values in name order, stopping once more than `cap`
+    /// are read.
+    async fn stored(&self, cap: usize) -> Result<Vec<Vec<u8>>, ApiTokenError> {
         let mut out = Vec::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -265,16 +266,22 @@ impl ApiTokens {
                 .scan(RECORD_PREFIX.as_bytes(), after.as_deref(), 1000)
                 .await?;
             let done = page.len() < 1000;
-            for kv in &page {
-                if let Ok(record) = serde_json::from_slice::<ApiTokenRecord>(&kv.value) {
-                    out.push(record);
-                }
-            }
             after = page.last().map(|kv| kv.key.clone());
-            if done || out.len() > MAX_TOKENS {
+            out.extend(page.into_iter().map(|kv| kv.value));
+            if done || out.len() > cap {
                 return Ok(out);
             }
         }
+    }
+
+    /// Every token, by name.
+    pub async fn list(&self) -> Result<Vec<ApiTokenRecord>, ApiTokenError> {
+        Ok(self
+            .stored(MAX_TOKENS)
+            .await?
+            .iter()
+            .filter_map(|v| serde_json::from_slice::<ApiTokenRecord>(v).ok())
+            .collect())
     }
 
     /// Revokes a token at once on this node, within one refresh elsewhere.
@@ -314,25 +321,18 @@ impl ApiTokens {
     /// Re-reads every record (the periodic refresh).
     pub async fn refresh(&self) -> Result<usize, ApiTokenError> {
         let mut fresh = Loaded::default();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .meta
-                .scan(RECORD_PREFIX.as_bytes(), after.as_deref(), 1000)
-                .await?;
-            let done = page.len() < 1000;
-            for kv in &page {
-                if let Some(token) = decode(&kv.value) {
-                    fresh
-                        .by_hash
-                        .insert(token.record.hash.clone(), token.clone());
-                    fresh.by_name.insert(token.record.name.clone(), token);
-                }
-            }
-            after = page.last().map(|kv| kv.key.clone());
-            if done {
-                break;
-            }
+        // No cap: creates racing on several nodes can pass MAX_TOKENS, and
+        // every acknowledged token must keep working.
+        for token in self
+            .stored(usize::MAX)
+            .await?
+            .iter()
+            .filter_map(|v| decode(v))
+        {
+            fresh
+                .by_hash
+                .insert(token.record.hash.clone(), token.clone());
+            fresh.by_name.insert(token.record.name.clone(), token);
         }
         let n = fresh.by_name.len();
         *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = fresh;

@@ -141,14 +141,7 @@ async fn a_region_of_three_nodes_shares_keys_tokens_and_revocations() {
         );
     }
     // An API token made through node 0 works on node 2 at once.
-    let cli = |i: usize| {
-        let mut cmd = Command::new(BIN);
-        cmd.env("BERTH_REGISTRY", nodes[i].url())
-            .env("BERTH_CA_FILE", Pki::shared().ca())
-            .env("BERTH_USERNAME", ROOT.0)
-            .env("BERTH_PASSWORD", ROOT.1);
-        cmd
-    };
+    let cli = |i: usize| super::cli_for(&nodes[i], ROOT);
     let out = cli(0)
         .args([
             "token",

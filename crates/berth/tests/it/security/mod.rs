@@ -150,13 +150,19 @@ impl Secured {
 
     /// The `berth` binary signed in as `who` against this registry.
     pub fn cli(&self, who: (&str, &str)) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.env("BERTH_REGISTRY", self.reg.url())
-            .env("BERTH_CA_FILE", Pki::shared().ca())
-            .env("BERTH_USERNAME", who.0)
-            .env("BERTH_PASSWORD", who.1);
-        cmd
+        cli_for(&self.reg, who)
     }
+}
+
+/// The `berth` binary signed in as `who` against `reg` (which serves TLS
+/// with the shared test CA).
+pub fn cli_for(reg: &Registry, who: (&str, &str)) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("BERTH_REGISTRY", reg.url())
+        .env("BERTH_CA_FILE", Pki::shared().ca())
+        .env("BERTH_USERNAME", who.0)
+        .env("BERTH_PASSWORD", who.1);
+    cmd
 }
 
 pub fn sign_token(key: &SigningKey, sub: &str, access: Vec<Access>, exp_in: i64) -> String {
