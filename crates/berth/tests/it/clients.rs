@@ -225,6 +225,29 @@ impl Lab {
         self.tool(&oras_python().unwrap(), &all).await
     }
 
+    /// `TOOL login` into `auth_file`: skopeo, podman and buildah share
+    /// containers/common's login command.
+    async fn login(&self, tool: &str, auth_file: &str, who: (&str, &str)) -> Ran {
+        let cert_dir = self.cert_dir.display().to_string();
+        let args = [
+            "login",
+            "--cert-dir",
+            &cert_dir,
+            "--authfile",
+            auth_file,
+            "-u",
+            who.0,
+            "-p",
+            who.1,
+            &self.host,
+        ];
+        match tool {
+            "podman" => self.podman(&args).await,
+            "buildah" => self.buildah(&args).await,
+            _ => self.skopeo(&args).await,
+        }
+    }
+
     fn auth_file(&self, name: &str) -> String {
         self.dir
             .join(format!("auth-{name}.json"))
@@ -327,9 +350,9 @@ const NOT_ALLOWED: &[&str] = &["denied", "403", "may not push", "unauthorized"];
 async fn every_client(s: &Secured, lab: &Lab, cast: &Cast, mode: &str, token_service: bool) {
     let host = lab.host.clone();
     let cert_dir = lab.cert_dir.display().to_string();
-    let (pu, pp) = (&cast.pusher.0, &cast.pusher.1);
-    let (ru, rp) = (&cast.puller.0, &cast.puller.1);
-    let (xu, xp) = (&cast.wrong.0, &cast.wrong.1);
+    let (pu, pp) = (cast.pusher.0.as_str(), cast.pusher.1.as_str());
+    let (ru, rp) = (cast.puller.0.as_str(), cast.puller.1.as_str());
+    let (xu, xp) = (cast.wrong.0.as_str(), cast.wrong.1.as_str());
     let push_creds = format!("{pu}:{pp}");
     let pull_creds = format!("{ru}:{rp}");
     let wrong_creds = format!("{xu}:{xp}");
@@ -342,19 +365,7 @@ async fn every_client(s: &Secured, lab: &Lab, cast: &Cast, mode: &str, token_ser
     );
     let push_auth = lab.auth_file(&format!("{mode}-skopeo-push"));
     expect_ok(
-        lab.skopeo(&[
-            "login",
-            "--cert-dir",
-            &cert_dir,
-            "--authfile",
-            &push_auth,
-            "-u",
-            pu,
-            "-p",
-            pp,
-            &host,
-        ])
-        .await,
+        lab.login("skopeo", &push_auth, (pu, pp)).await,
         "skopeo login",
     );
     let target = format!("docker://{host}/team/{mode}-app:1");
@@ -411,18 +422,11 @@ async fn every_client(s: &Secured, lab: &Lab, cast: &Cast, mode: &str, token_ser
         NOT_ALLOWED,
     );
     expect_refused(
-        lab.skopeo(&[
-            "login",
-            "--cert-dir",
-            &cert_dir,
-            "--authfile",
+        lab.login(
+            "skopeo",
             &lab.auth_file(&format!("{mode}-skopeo-bad")),
-            "-u",
-            xu,
-            "-p",
-            xp,
-            &host,
-        ])
+            (xu, xp),
+        )
         .await,
         "skopeo login with a wrong password",
         WRONG,
@@ -432,19 +436,7 @@ async fn every_client(s: &Secured, lab: &Lab, cast: &Cast, mode: &str, token_ser
     let pd = lab.image(&format!("{mode}-pd")).await;
     let pd_auth = lab.auth_file(&format!("{mode}-podman-push"));
     expect_ok(
-        lab.podman(&[
-            "login",
-            "--cert-dir",
-            &cert_dir,
-            "--authfile",
-            &pd_auth,
-            "-u",
-            pu,
-            "-p",
-            pp,
-            &host,
-        ])
-        .await,
+        lab.login("podman", &pd_auth, (pu, pp)).await,
         "podman login",
     );
     let remote = format!("{host}/team/{mode}-pod:1");
@@ -490,18 +482,11 @@ async fn every_client(s: &Secured, lab: &Lab, cast: &Cast, mode: &str, token_ser
         NOT_ALLOWED,
     );
     expect_refused(
-        lab.podman(&[
-            "login",
-            "--cert-dir",
-            &cert_dir,
-            "--authfile",
+        lab.login(
+            "podman",
             &lab.auth_file(&format!("{mode}-podman-bad")),
-            "-u",
-            xu,
-            "-p",
-            xp,
-            &host,
-        ])
+            (xu, xp),
+        )
         .await,
         "podman login with a wrong password",
         WRONG,
@@ -510,19 +495,7 @@ async fn every_client(s: &Secured, lab: &Lab, cast: &Cast, mode: &str, token_ser
     // --- buildah
     let bd_auth = lab.auth_file(&format!("{mode}-buildah-push"));
     expect_ok(
-        lab.buildah(&[
-            "login",
-            "--cert-dir",
-            &cert_dir,
-            "--authfile",
-            &bd_auth,
-            "-u",
-            pu,
-            "-p",
-            pp,
-            &host,
-        ])
-        .await,
+        lab.login("buildah", &bd_auth, (pu, pp)).await,
         "buildah login",
     );
     let app = format!("{host}/team/{mode}-app:1");
