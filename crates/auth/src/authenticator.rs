@@ -23,6 +23,7 @@ use crate::jwt::{self, Claims, JwtError, KeySet, PrincipalKind};
 use crate::keystore::KeyStore;
 use crate::policy::Policy;
 use crate::throttle::LoginThrottle;
+use crate::turns::Turns;
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -147,6 +148,8 @@ pub struct Authenticator {
     keys: Option<Arc<KeyStore>>,
     tokens: Option<Arc<ApiTokens>>,
     throttle: LoginThrottle,
+    /// Credentials being checked now.
+    checking: Turns<[u8; 32]>,
     /// bcrypt checks at once; more wait (each costs tens of milliseconds of
     /// one core).
     bcrypt_slots: tokio::sync::Semaphore,
@@ -182,6 +185,7 @@ impl Authenticator {
             keys,
             tokens,
             throttle: LoginThrottle::default(),
+            checking: Turns::default(),
             bcrypt_slots: tokio::sync::Semaphore::new(cores.max(2)),
         }
     }
@@ -311,23 +315,44 @@ impl Authenticator {
         client: IpAddr,
     ) -> Result<Identity, AuthFailure> {
         let key = credential_hash(username, password);
+        if let Some(known) = self.remembered_basic(&key, username, password) {
+            return known;
+        }
+        // One check per credential at a time: a client that opens sixteen
+        // connections with one password pays one bcrypt and one throttle
+        // token, and the others take its answer from memory (the same
+        // password again is no new guess).
+        let _turn = self.checking.turn(key).await;
+        if let Some(known) = self.remembered_basic(&key, username, password) {
+            return known;
+        }
+        self.check_basic(key, username, password, client).await
+    }
+
+    /// The answer for a credential checked recently, if there is one.
+    fn remembered_basic(
+        &self,
+        key: &[u8; 32],
+        username: &str,
+        password: &str,
+    ) -> Option<Result<Identity, AuthFailure>> {
         let generation = self.generation.load(Ordering::Acquire);
         // A credential verified recently passes before any throttle: the
         // clients using it are not held up by someone guessing it.
-        if let Some(hit) = self.passwords.get(&key)
+        if let Some(hit) = self.passwords.get(key)
             && hit.generation == generation
             && hit.until > Instant::now()
             && &*hit.user == username
         {
-            return Ok(Identity::User(username.to_string()));
+            return Some(Ok(Identity::User(username.to_string())));
         }
-        if let Some(miss) = self.failed.get(&key)
+        if let Some(miss) = self.failed.get(key)
             && miss.generation == generation
             && miss.until > Instant::now()
         {
-            return Err(AuthFailure::BadCredentials {
+            return Some(Err(AuthFailure::BadCredentials {
                 user: username.to_string(),
-            });
+            }));
         }
         // An API token this node knows passes from memory, before any
         // throttle (its lookup costs nothing to protect).
@@ -335,8 +360,21 @@ impl Authenticator {
             && let Some(tokens) = &self.tokens
             && let Some(token) = tokens.known(password, now_ms())
         {
-            return Ok(Identity::ApiToken(token));
+            return Some(Ok(Identity::ApiToken(token)));
         }
+        None
+    }
+
+    /// Checks a credential not in memory: throttled, then bcrypt or the
+    /// stored API tokens.
+    async fn check_basic(
+        &self,
+        key: [u8; 32],
+        username: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<Identity, AuthFailure> {
+        let generation = self.generation.load(Ordering::Acquire);
         // Tokens are taken before anything is checked (so attempts sent at
         // once wait like attempts sent one by one) and given back on
         // success: only failures use them up.

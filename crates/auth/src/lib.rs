@@ -27,6 +27,8 @@ pub mod keystore;
 pub mod policy;
 pub mod scope;
 pub mod throttle;
+#[cfg(feature = "service")]
+pub mod turns;
 
 pub use action::{Action, Actions};
 #[cfg(feature = "service")]

@@ -221,6 +221,47 @@ async fn failed_sign_ins_are_throttled() {
     );
 }
 
+/// Sixteen sign-ins as alice sent at once, as a client opening sixteen
+/// connections does.
+async fn at_once(
+    a: &Arc<Authenticator>,
+    password: &'static str,
+) -> Vec<Result<Identity, AuthFailure>> {
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { auth(&a, Some(&basic_header("alice", password))).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_credential_sent_at_once_is_checked_once() {
+    // More at once than the failures a pair may make, with the right
+    // password: all sign in.
+    let a = Arc::new(authenticator(true).await.0);
+    for result in at_once(&a, "wonderland").await {
+        assert!(result.is_ok());
+    }
+    // With one wrong password: every one is refused as wrong, none
+    // throttled, and together they count as one guess.
+    let a = Arc::new(authenticator(true).await.0);
+    for result in at_once(&a, "wrong").await {
+        assert!(matches!(result, Err(AuthFailure::BadCredentials { .. })));
+    }
+    for i in 1..throttle::BURST as usize {
+        assert!(matches!(
+            auth(&a, Some(&basic_header("alice", &format!("guess-{i}")))).await,
+            Err(AuthFailure::BadCredentials { .. })
+        ));
+    }
+}
+
 #[tokio::test]
 async fn tokens_carry_only_what_is_granted() {
     let (a, _) = authenticator(true).await;
