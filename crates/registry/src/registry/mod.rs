@@ -1,0 +1,181 @@
+//! The registry: one type whose operations live in a module per concern
+//! (blobs, uploads, manifests, tags, referrers, catalog, deletion, removal,
+//! changes), on the records each owns. This module holds what they share:
+//! the stores, the limits, the manifest cache and the transaction helpers.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use berth_oci::{Digest, RepositoryName};
+use berth_store::{BlobStore, KeyValue, MetaStore, Txn};
+use bytes::Bytes;
+
+mod blobs;
+mod catalog;
+mod changes;
+mod deletion;
+mod manifests;
+mod referrers;
+mod removal;
+mod tags;
+mod uploads;
+
+pub use changes::{Applied, Hlc, StateSummary, stamp_ms};
+pub use manifests::{ManifestContent, PutManifestOutcome};
+pub use uploads::{MAX_UPLOAD_PARTS, ORPHAN_GRACE_MS, UploadStatus};
+
+use crate::RegistryError;
+use crate::keys;
+use crate::records::{RepoRecord, decode, encode};
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+/// Sizes a client controls, bounded.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_manifest_bytes: u64,
+    pub max_blob_bytes: u64,
+    /// Largest page of tags or repositories returned at once.
+    pub max_page: usize,
+    /// Memory for recently served manifests (0 disables the cache).
+    pub manifest_cache_bytes: u64,
+    /// Largest page of referrers returned at once.
+    pub max_referrers_page: usize,
+    /// Idle time after which upload sessions expire.
+    pub upload_ttl_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_bytes: 1 << 40,
+            max_page: 10_000,
+            manifest_cache_bytes: 64 * 1024 * 1024,
+            max_referrers_page: 1000,
+            upload_ttl_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// A page of names and whether more follow.
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<String>,
+    pub more: bool,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Attempts for a transaction that lost a compare-and-swap race before the
+/// registry reports the conflict as a storage failure.
+const TXN_ATTEMPTS: usize = 16;
+
+/// A short random pause before retrying a transaction that lost a race, so
+/// that writers contending on one key (the change log head) spread out.
+async fn backoff() {
+    let ms = rand::random::<u64>() % 8 + 1;
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
+/// Weighs cached manifests by their size.
+#[derive(Clone)]
+struct ByteWeighter;
+
+impl quick_cache::Weighter<Digest, Bytes> for ByteWeighter {
+    fn weight(&self, _digest: &Digest, bytes: &Bytes) -> u64 {
+        bytes.len() as u64 + 64
+    }
+}
+
+type ManifestCache = quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>;
+
+pub struct Registry {
+    meta: Arc<dyn MetaStore>,
+    blobs: Arc<dyn BlobStore>,
+    limits: Limits,
+    /// Manifest bytes by digest, verified when loaded. Content-addressed and
+    /// immutable, so an entry can never be stale; deleting a manifest removes
+    /// its metadata, which is checked before the cache on every request.
+    manifests: Option<ManifestCache>,
+    /// The region whose change log local writes go to (replication on).
+    region: Option<String>,
+    hlc: Hlc,
+    /// Signalled when a logged write commits (change feed long-polls).
+    changes: tokio::sync::Notify,
+}
+impl Registry {
+    /// Turns replication on: local writes are logged as `region`'s.
+    pub fn with_region(mut self, region: String) -> Self {
+        self.region = Some(region);
+        self
+    }
+
+    pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>, limits: Limits) -> Self {
+        let manifests = (limits.manifest_cache_bytes > 0).then(|| {
+            // Estimated entries: typical manifests are 0.5-2 KiB.
+            let items = (limits.manifest_cache_bytes / 1024).clamp(16, 1 << 20) as usize;
+            ManifestCache::with_weighter(items, limits.manifest_cache_bytes, ByteWeighter)
+        });
+        Self {
+            meta,
+            blobs,
+            limits,
+            manifests,
+            region: None,
+            hlc: Hlc::default(),
+            changes: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub async fn check_health(&self) -> Result<()> {
+        self.meta.check_health().await?;
+        self.blobs.check_health().await?;
+        Ok(())
+    }
+
+    async fn get_record<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.meta.get(key.as_bytes()).await? {
+            Some(kv) => Ok(Some(decode(&kv.key, &kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds the repository record to `txn` unless it exists. Creating it twice
+    /// in a race is harmless: the record only carries a creation time.
+    async fn ensure_repo(&self, name: &RepositoryName, txn: Txn) -> Result<Txn> {
+        let key = keys::repo(name);
+        if self.meta.get(key.as_bytes()).await?.is_some() {
+            return Ok(txn);
+        }
+        Ok(txn.put(
+            key,
+            encode(&RepoRecord {
+                created_ms: now_ms(),
+            }),
+        ))
+    }
+
+    async fn scan_all(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let batch = self
+                .meta
+                .scan(prefix.as_bytes(), after.as_deref(), 1000)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.key.clone());
+            out.extend(batch);
+        }
+        Ok(out)
+    }
+}

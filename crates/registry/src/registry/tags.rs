@@ -1,0 +1,104 @@
+//! Tags: pointing one at a manifest, resolving, listing and deleting them.
+
+use berth_oci::{Digest, RepositoryName, Tag};
+use berth_store::Txn;
+
+use super::{Page, Registry, Result, TXN_ATTEMPTS, backoff, changes, now_ms};
+use crate::RegistryError;
+use crate::keys;
+use crate::records::{Change, Stamp, TagRecord, decode, encode};
+
+impl Registry {
+    /// Points a tag at a manifest recorded in the repository.
+    pub async fn tag_manifest(
+        &self,
+        name: &RepositoryName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> Result<()> {
+        let key = keys::manifest(name, digest);
+        let Some(seen) = self.meta.get(key.as_bytes()).await? else {
+            return Err(RegistryError::ManifestUnknown);
+        };
+        let txn = Txn::new().require_version(key, seen.version).put(
+            keys::tag(name, tag.as_str()),
+            encode(&TagRecord {
+                digest: digest.clone(),
+                updated_ms: now_ms(),
+                stamp: None,
+            }),
+        );
+        if !self.meta.commit(txn).await? {
+            return Err(RegistryError::ManifestUnknown);
+        }
+        Ok(())
+    }
+
+    /// The digest a tag points at, if the tag exists.
+    pub async fn find_tag(&self, name: &RepositoryName, tag: &Tag) -> Result<Option<Digest>> {
+        Ok(self
+            .get_record::<TagRecord>(&keys::tag(name, tag.as_str()))
+            .await?
+            .map(|t| t.digest))
+    }
+
+    pub(super) async fn delete_tag(
+        &self,
+        name: &RepositoryName,
+        tag: &Tag,
+        logged: bool,
+    ) -> Result<()> {
+        // Tombstones and the log matter only to replication.
+        let logged = logged && self.region.is_some();
+        let key = keys::tag(name, tag.as_str());
+        let change = Change::Untag {
+            repository: name.to_string(),
+            tag: tag.as_str().to_string(),
+        };
+        for _ in 0..TXN_ATTEMPTS {
+            let seen = self
+                .meta
+                .get(key.as_bytes())
+                .await?
+                .ok_or(RegistryError::ManifestUnknown)?;
+            let txn = Txn::new()
+                .require_version(key.clone(), seen.version)
+                .delete(key.clone());
+            if !logged {
+                if self.meta.commit(txn).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let record: TagRecord = decode(&seen.key, &seen.value)?;
+            let tomb_key = keys::tag_tombstone(name, tag.as_str());
+            let tomb = self.meta.get(tomb_key.as_bytes()).await?;
+            // Newer than everything it overwrites, here and elsewhere.
+            self.observe_stamp(record.stamp.as_ref());
+            self.observe_record::<Stamp>(tomb.as_ref());
+            let stamp = self.local_stamp();
+            let txn = txn
+                .require_unchanged(tomb_key.clone(), tomb.as_ref())
+                .put(tomb_key, encode(&stamp));
+            let txn = self.log_change(txn, &stamp, change.clone()).await?;
+            if self.meta.commit(txn).await? {
+                self.changes_committed();
+                return Ok(());
+            }
+            backoff().await;
+        }
+        Err(changes::conflict("tag delete"))
+    }
+
+    pub async fn list_tags(
+        &self,
+        name: &RepositoryName,
+        last: Option<&str>,
+        n: Option<usize>,
+    ) -> Result<Page> {
+        if self.meta.get(keys::repo(name).as_bytes()).await?.is_none() {
+            return Err(RegistryError::NameUnknown);
+        }
+        self.page(&keys::tag_prefix(name), last, n).await
+    }
+}
