@@ -1135,7 +1135,11 @@ impl PullThroughCache {
                 Err(e) => return Err(e.into()),
             }
         }
-        report.blobs_removed = self.registry.remove_unreferenced_blobs(&unlinked).await?;
+        report.blobs_removed = self
+            .registry
+            .remove_unreferenced_blobs(&unlinked)
+            .await?
+            .blobs;
         report.total_after = remaining;
         Ok(report)
     }

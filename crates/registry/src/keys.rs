@@ -38,6 +38,30 @@ pub fn link_digest(key: &[u8]) -> Option<Digest> {
     rest.split_once(':')?.1.parse().ok()
 }
 
+/// The digest of a manifest record's key (`manifest/REPO:DIGEST`).
+pub fn manifest_key_digest(key: &[u8]) -> Option<Digest> {
+    let rest = std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(MANIFEST_PREFIX)?;
+    rest.split_once(':')?.1.parse().ok()
+}
+
+/// The repository and digest of a link key.
+pub fn link_parts(key: &[u8]) -> Option<(&str, Digest)> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(LINK_PREFIX)?;
+    let (name, digest) = rest.split_once(':')?;
+    Some((name, digest.parse().ok()?))
+}
+
+/// The repository and digest of a manifest record's key.
+pub fn manifest_key_parts(key: &[u8]) -> Option<(&str, Digest)> {
+    let rest = std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(MANIFEST_PREFIX)?;
+    let (name, digest) = rest.split_once(':')?;
+    Some((name, digest.parse().ok()?))
+}
+
 /// Registry-wide record that a blob's bytes are stored (for mounts without
 /// `from` and for garbage collection).
 pub fn blob(digest: &Digest) -> String {

@@ -121,9 +121,32 @@ pub struct PlatformChild {
     pub architecture: String,
 }
 
+/// A blob's visibility in one repository.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinkRecord {
     pub size: u64,
+    /// When the link was made or last confirmed (a push, a mount, or a
+    /// `HEAD` from a client about to reuse it). Garbage collection takes
+    /// only links that no manifest references and that are older than its
+    /// grace period. 0 on links from before this field: their age is
+    /// unknown, and the collector dates them when it first sees them.
+    #[serde(default)]
+    pub linked_ms: u64,
+    /// Set while the collector decides whether to remove the link: a push
+    /// whose manifest references it clears it, which makes the removal
+    /// fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removing_since_ms: Option<u64>,
+}
+
+impl LinkRecord {
+    pub fn new(size: u64, now_ms: u64) -> Self {
+        Self {
+            size,
+            linked_ms: now_ms,
+            removing_since_ms: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

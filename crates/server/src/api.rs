@@ -642,7 +642,7 @@ impl Ctx<'_> {
                     Some(BlobAnswer::Local) | None => {}
                 }
                 if *self.method == Method::HEAD {
-                    let size = registry.stat_blob(&name, &digest).await?;
+                    let size = registry.confirm_blob(&name, &digest).await?;
                     headers.push((header::CONTENT_LENGTH, size.to_string()));
                     return Ok(with_headers(StatusCode::OK, headers, Body::empty()));
                 }

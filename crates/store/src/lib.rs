@@ -13,7 +13,7 @@ pub mod meta;
 pub mod testsuite;
 
 pub use blob::{
-    BlobRead, BlobStore, ByteStream, PutError, StoredUpload, UploadPart,
+    BlobRead, BlobStore, ByteStream, PutError, StoredBlob, StoredUpload, UploadPart,
     fs::FsBlobStore,
     s3::{S3BlobStore, S3Options},
 };

@@ -426,9 +426,24 @@ pub async fn blobstore_suite(store: &dyn BlobStore) {
     }
     store.delete_upload(id5).await.unwrap();
 
-    assert!(store.list().await.unwrap().contains(&digest));
+    let listed = store.list().await.unwrap();
+    let found = listed.iter().find(|b| b.digest == digest).unwrap();
+    assert_eq!(found.size, data.len() as u64);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let age_ms = now_ms.saturating_sub(found.modified_ms);
+    assert!(age_ms < 10 * 60 * 1000, "modified {age_ms} ms ago");
     store.delete(&digest).await.unwrap();
     store.delete(&digest).await.unwrap();
     assert!(store.stat(&digest).await.unwrap().is_none());
-    assert!(!store.list().await.unwrap().contains(&digest));
+    assert!(
+        !store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|b| b.digest == digest)
+    );
 }

@@ -27,6 +27,41 @@ impl Registry {
         }
     }
 
+    /// Size of a blob visible in the repository, for a client that asks
+    /// whether to upload it (`HEAD`): the answer "present" is a promise that
+    /// its manifest may reference the blob, so the link is confirmed (dated
+    /// now, any collector's mark cleared) when it is old or marked.
+    /// Garbage collection then leaves it for a whole grace period.
+    pub async fn confirm_blob(&self, name: &RepositoryName, digest: &Digest) -> Result<u64> {
+        let key = keys::link(name, digest);
+        for _ in 0..TXN_ATTEMPTS {
+            let Some(kv) = self.meta.get(key.as_bytes()).await? else {
+                return Err(RegistryError::BlobUnknown(digest.clone()));
+            };
+            let link: LinkRecord = decode(&kv.key, &kv.value)?;
+            if !self.link_needs_refresh(&link) {
+                return Ok(link.size);
+            }
+            let txn = Txn::new()
+                .require_version(key.clone(), kv.version)
+                .put(key.clone(), encode(&LinkRecord::new(link.size, now_ms())));
+            if self.meta.commit(txn).await? {
+                return Ok(link.size);
+            }
+            // Changed meanwhile: confirmed by another request, or removed.
+        }
+        Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+            "the blob's link kept changing; retry".into(),
+        )))
+    }
+
+    /// Whether a link should be dated again before it is relied on: marked
+    /// by a collector, or not confirmed for a while.
+    pub(super) fn link_needs_refresh(&self, link: &LinkRecord) -> bool {
+        link.removing_since_ms.is_some()
+            || now_ms().saturating_sub(link.linked_ms) >= self.limits.link_refresh_ms
+    }
+
     /// Opens a blob visible in the repository, whole or the part a `Range`
     /// header asks for (returned with the stream; `None` for the whole blob).
     pub async fn read_blob(
@@ -103,18 +138,22 @@ impl Registry {
         digest: &Digest,
         size: u64,
     ) -> Result<()> {
-        // An identical link is left alone: rewriting it would change its
-        // version and make concurrent manifest pushes that guard on it retry.
+        // An identical, recently confirmed link is left alone: rewriting it
+        // would change its version and make concurrent manifest pushes that
+        // guard on it retry.
         if self
             .link(name, digest)
             .await?
-            .is_some_and(|l| l.size == size)
+            .is_some_and(|l| l.size == size && !self.link_needs_refresh(&l))
         {
             return Ok(());
         }
         for _ in 0..TXN_ATTEMPTS {
             let seen = self.blob_record_for_link(digest, size).await?;
-            let txn = Txn::new().put(keys::link(name, digest), encode(&LinkRecord { size }));
+            let txn = Txn::new().put(
+                keys::link(name, digest),
+                encode(&LinkRecord::new(size, now_ms())),
+            );
             let txn = self.guard_blob_record(txn, digest, size, seen.as_ref())?;
             let txn = self.ensure_repo(name, txn).await?;
             if self.meta.commit(txn).await? {

@@ -9,7 +9,9 @@ use super::referrers::referrer_annotations;
 use super::{Registry, Result, TXN_ATTEMPTS, backoff, changes, now_ms};
 use crate::RegistryError;
 use crate::keys;
-use crate::records::{Change, ManifestRecord, PlatformChild, Stamp, TagRecord, decode, encode};
+use crate::records::{
+    Change, LinkRecord, ManifestRecord, PlatformChild, Stamp, TagRecord, decode, encode,
+};
 
 pub struct ManifestContent {
     pub digest: Digest,
@@ -232,8 +234,11 @@ impl Registry {
                     }
                 }
             }
-            for (key, version) in guards {
-                txn = txn.require_version(key, version);
+            for guard in guards {
+                txn = txn.require_version(guard.key.clone(), guard.version);
+                if let Some(rewrite) = guard.rewrite {
+                    txn = txn.put(guard.key, rewrite);
+                }
             }
             let txn = self.log_change(txn, &stamp, change.clone()).await?;
             if self.meta.commit(txn).await? {
@@ -425,6 +430,10 @@ impl Registry {
                 serde_json::to_vec(&descriptor).unwrap_or_default(),
             );
         }
+        // The manifest's own bytes are a blob like any other: the commit
+        // is ordered against their removal the way a link's is.
+        let seen = self.blob_record_for_link(digest, size).await?;
+        let txn = self.guard_blob_record(txn, digest, size, seen.as_ref())?;
         let txn = self.ensure_repo(name, txn).await?;
         Ok((txn, subject))
     }
@@ -437,35 +446,54 @@ impl Registry {
         &self,
         name: &RepositoryName,
         manifest: &Manifest,
-    ) -> Result<Vec<(String, u64)>> {
+    ) -> Result<Vec<Guard>> {
         let mut guards = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         let blobs = manifest
             .required_blobs()
-            .map(|d| (keys::link(name, &d.digest), d));
+            .map(|d| (keys::link(name, &d.digest), true, d));
         let children = manifest.children().iter().map(|d| {
-            let key = if ManifestKind::from_media_type(&d.media_type).is_some() {
-                keys::manifest(name, &d.digest)
+            if ManifestKind::from_media_type(&d.media_type).is_some() {
+                (keys::manifest(name, &d.digest), false, d)
             } else {
-                keys::link(name, &d.digest)
-            };
-            (key, d)
+                (keys::link(name, &d.digest), true, d)
+            }
         });
-        for (key, descriptor) in blobs.chain(children) {
+        for (key, is_link, descriptor) in blobs.chain(children) {
             if !seen.insert(key.clone()) {
                 continue;
             }
-            match self.meta.get(key.as_bytes()).await? {
-                Some(kv) => guards.push((key, kv.version)),
-                None => {
-                    return Err(RegistryError::ManifestBlobUnknown(
-                        descriptor.digest.clone(),
-                    ));
-                }
-            }
+            let Some(kv) = self.meta.get(key.as_bytes()).await? else {
+                return Err(RegistryError::ManifestBlobUnknown(
+                    descriptor.digest.clone(),
+                ));
+            };
+            // A link the collector has marked is claimed back: the commit
+            // clears the mark, which makes the collector's removal fail.
+            let rewrite = if is_link {
+                let link: LinkRecord = decode(&kv.key, &kv.value)?;
+                link.removing_since_ms
+                    .is_some()
+                    .then(|| encode(&LinkRecord::new(link.size, now_ms())))
+            } else {
+                None
+            };
+            guards.push(Guard {
+                key,
+                version: kv.version,
+                rewrite,
+            });
         }
         Ok(guards)
     }
+}
+
+/// A key a manifest's commit requires at a version, and what it writes
+/// there (a link claimed back from the collector).
+struct Guard {
+    key: String,
+    version: u64,
+    rewrite: Option<Vec<u8>>,
 }
 
 pub(super) fn accepts(accept: &[String], media_type: &str) -> bool {

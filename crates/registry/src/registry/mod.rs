@@ -1,6 +1,6 @@
 //! The registry: one type whose operations live in a module per concern
 //! (blobs, uploads, manifests, tags, referrers, catalog, deletion, removal,
-//! changes), on the records each owns. This module holds what they share:
+//! gc, changes), on the records each owns. This module holds what they share:
 //! the stores, the limits, the manifest cache and the transaction helpers.
 
 use std::sync::Arc;
@@ -14,6 +14,7 @@ mod blobs;
 mod catalog;
 mod changes;
 mod deletion;
+mod gc;
 mod manifests;
 mod referrers;
 mod removal;
@@ -21,7 +22,9 @@ mod tags;
 mod uploads;
 
 pub use changes::{Applied, Hlc, StateSummary, stamp_ms};
+pub use gc::{GcOptions, GcReport};
 pub use manifests::{ManifestContent, PutManifestOutcome};
+pub use removal::Removed;
 pub use uploads::{MAX_UPLOAD_PARTS, ORPHAN_GRACE_MS, UploadStatus};
 
 use crate::RegistryError;
@@ -43,6 +46,10 @@ pub struct Limits {
     pub max_referrers_page: usize,
     /// Idle time after which upload sessions expire.
     pub upload_ttl_ms: u64,
+    /// A link older than this is dated again when a client relies on it
+    /// (see `Registry::confirm_blob`). Garbage collection's grace period
+    /// should be well above it.
+    pub link_refresh_ms: u64,
 }
 
 impl Default for Limits {
@@ -54,6 +61,7 @@ impl Default for Limits {
             manifest_cache_bytes: 64 * 1024 * 1024,
             max_referrers_page: 1000,
             upload_ttl_ms: 24 * 3600 * 1000,
+            link_refresh_ms: 10 * 60 * 1000,
         }
     }
 }

@@ -16,64 +16,98 @@ pub(super) const REMOVAL_WINDOW: std::time::Duration = std::time::Duration::from
 /// died): linking the blob may proceed if its bytes are there. Far above
 /// `REMOVAL_WINDOW`, to allow for clock differences between nodes.
 pub(super) const REMOVAL_MARK_STALE_MS: u64 = 5 * 60 * 1000;
+/// What a removal took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
 impl Registry {
-    /// Removes the bytes of blobs that no repository links any more (cache
-    /// eviction calls it for the blobs it unlinked). Returns how many were
-    /// removed.
+    /// Removes the bytes of blobs that no repository links and no manifest
+    /// record names (cache eviction calls it for the blobs it unlinked,
+    /// garbage collection for the blobs it found unreferenced).
     ///
-    /// Safe against concurrent pushes and mounts of the same content. Each
-    /// candidate's registry-wide record is first marked "being removed"; a
-    /// link commit requires that record unchanged (and its bytes present), so
-    /// from the mark on no new link can be made, and every link made before
-    /// it is seen by the scan of links that follows. Blobs found linked are
+    /// Safe against concurrent pushes, mounts, cache fills and replication
+    /// copies of the same content. Each candidate's registry-wide record is
+    /// first marked "being removed" (created marked, for bytes that have no
+    /// record); a link or manifest commit requires that record unchanged (and
+    /// its bytes present), so from the mark on nothing new can reference the
+    /// bytes, and every reference made before it is seen by the scan of
+    /// links and manifests that follows. Blobs found referenced are
     /// unmarked; the others lose their bytes, within a bounded time of the
     /// mark, and then their record.
-    pub async fn remove_unreferenced_blobs(&self, candidates: &[Digest]) -> Result<usize> {
+    pub async fn remove_unreferenced_blobs(&self, candidates: &[Digest]) -> Result<Removed> {
         let mut marked = std::collections::HashMap::new();
         let started = std::time::Instant::now();
         for digest in candidates {
             let key = keys::blob(digest);
-            let Some(kv) = self.meta.get(key.as_bytes()).await? else {
-                continue;
+            let txn = match self.meta.get(key.as_bytes()).await? {
+                Some(kv) => {
+                    let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
+                    record.removing_since_ms = Some(now_ms());
+                    Txn::new()
+                        .require_version(key.clone(), kv.version)
+                        .put(key.clone(), encode(&record))
+                }
+                // Bytes no commit has recorded (a push that died before its
+                // commit, or content from before blob records): marked by
+                // creating the record, which fails a commit racing for it.
+                None => {
+                    let Some(size) = self.blobs.stat(digest).await? else {
+                        continue;
+                    };
+                    let record = BlobRecord {
+                        size,
+                        removing_since_ms: Some(now_ms()),
+                    };
+                    Txn::new()
+                        .require_absent(key.clone())
+                        .put(key.clone(), encode(&record))
+                }
             };
-            let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
-            record.removing_since_ms = Some(now_ms());
-            let txn = Txn::new()
-                .require_version(key.clone(), kv.version)
-                .put(key.clone(), encode(&record));
             if self.meta.commit(txn).await?
                 && let Some(kv) = self.meta.get(key.as_bytes()).await?
             {
+                let record: BlobRecord = decode(&kv.key, &kv.value)?;
                 marked.insert(digest.clone(), (kv, record.size));
             }
         }
         if marked.is_empty() {
-            return Ok(0);
+            return Ok(Removed::default());
         }
-        let mut linked = std::collections::HashSet::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let batch = self
-                .meta
-                .scan(keys::LINK_PREFIX.as_bytes(), after.as_deref(), 1000)
-                .await?;
-            let Some(last) = batch.last() else { break };
-            after = Some(last.key.clone());
-            for kv in batch {
-                if let Some(digest) = keys::link_digest(&kv.key)
-                    && marked.contains_key(&digest)
-                {
-                    linked.insert(digest);
+        let mut referenced = std::collections::HashSet::new();
+        for (prefix, digest_of) in [
+            (
+                keys::LINK_PREFIX,
+                keys::link_digest as fn(&[u8]) -> Option<Digest>,
+            ),
+            (keys::MANIFEST_PREFIX, keys::manifest_key_digest),
+        ] {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let batch = self
+                    .meta
+                    .scan(prefix.as_bytes(), after.as_deref(), 1000)
+                    .await?;
+                let Some(last) = batch.last() else { break };
+                after = Some(last.key.clone());
+                for kv in batch {
+                    if let Some(digest) = digest_of(&kv.key)
+                        && marked.contains_key(&digest)
+                    {
+                        referenced.insert(digest);
+                    }
                 }
             }
         }
-        let mut removed = 0;
+        let mut removed = Removed::default();
         for (digest, (kv, size)) in marked {
             let key = keys::blob(&digest);
             // The bytes go within the window or not at all: past it, a pusher
             // may consider the mark abandoned.
             let left = REMOVAL_WINDOW.saturating_sub(started.elapsed());
-            let deleted = !linked.contains(&digest)
+            let deleted = !referenced.contains(&digest)
                 && !left.is_zero()
                 && match tokio::time::timeout(left, self.blobs.delete(&digest)).await {
                     Ok(Ok(())) => true,
@@ -91,14 +125,15 @@ impl Registry {
                     .require_version(key.clone(), kv.version)
                     .delete(key)
             } else {
-                // Still linked, or the bytes were not deleted: unmark, so
+                // Still referenced, or the bytes were not deleted: unmark, so
                 // that the blob can be linked at once again.
                 Txn::new()
                     .require_version(key.clone(), kv.version)
                     .put(key, encode(&BlobRecord::new(size)))
             };
             if self.meta.commit(end).await? && deleted {
-                removed += 1;
+                removed.blobs += 1;
+                removed.bytes += size;
             }
         }
         Ok(removed)
@@ -162,7 +197,7 @@ mod tests {
                 .remove_unreferenced_blobs(std::slice::from_ref(&digest))
                 .await
                 .unwrap(),
-            0
+            Removed::default()
         );
         assert_eq!(registry.blobs.stat(&digest).await.unwrap(), Some(5));
         // Unmarked again: linkable at once.
@@ -178,7 +213,7 @@ mod tests {
                 .remove_unreferenced_blobs(std::slice::from_ref(&digest))
                 .await
                 .unwrap(),
-            1
+            Removed { blobs: 1, bytes: 5 }
         );
         assert_eq!(registry.blobs.stat(&digest).await.unwrap(), None);
         assert_eq!(registry.stored_blob_size(&digest).await.unwrap(), None);

@@ -291,9 +291,10 @@ impl Registry {
         };
         for _ in 0..TXN_ATTEMPTS {
             let seen = self.blob_record_for_link(digest, size).await?;
-            let txn = Txn::new()
-                .put(kv.key.clone(), encode(&completed))
-                .put(keys::link(name, digest), encode(&LinkRecord { size }));
+            let txn = Txn::new().put(kv.key.clone(), encode(&completed)).put(
+                keys::link(name, digest),
+                encode(&LinkRecord::new(size, now_ms())),
+            );
             let txn = self.guard_blob_record(txn, digest, size, seen.as_ref())?;
             let txn = self.ensure_repo(name, txn).await?;
             if self.meta.commit(txn).await? {

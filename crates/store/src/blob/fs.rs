@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{BlobRead, BlobStore, ByteStream, PutError, StoredUpload, UploadPart};
+use super::{BlobRead, BlobStore, ByteStream, PutError, StoredBlob, StoredUpload, UploadPart};
 use crate::StoreError;
 
 /// Size of the file windows that feed a response. They are mapped, not
@@ -576,23 +576,44 @@ impl BlobStore for FsBlobStore {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<Digest>, StoreError> {
+    async fn list(&self) -> Result<Vec<StoredBlob>, StoreError> {
         let root = self.root.join("blobs");
-        tokio::task::spawn_blocking(move || -> Result<Vec<Digest>, StoreError> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<StoredBlob>, StoreError> {
             let mut out = Vec::new();
             for alg in [Algorithm::Sha256, Algorithm::Sha512] {
-                for prefix in fs::read_dir(root.join(alg.as_str()))? {
+                let dir = match fs::read_dir(root.join(alg.as_str())) {
+                    Ok(dir) => dir,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                for prefix in dir {
                     for entry in fs::read_dir(prefix?.path())? {
-                        let name = entry?.file_name();
-                        if let Ok(d) =
+                        let entry = entry?;
+                        let name = entry.file_name();
+                        let Ok(digest) =
                             format!("{}:{}", alg.as_str(), name.to_string_lossy()).parse()
-                        {
-                            out.push(d);
-                        }
+                        else {
+                            continue;
+                        };
+                        // Removed since the directory was read: not there.
+                        let meta = match entry.metadata() {
+                            Ok(m) => m,
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                            Err(e) => return Err(e.into()),
+                        };
+                        let modified_ms = meta
+                            .modified()?
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64);
+                        out.push(StoredBlob {
+                            digest,
+                            size: meta.len(),
+                            modified_ms,
+                        });
                     }
                 }
             }
-            out.sort();
+            out.sort_by(|a, b| a.digest.cmp(&b.digest));
             Ok(out)
         })
         .await?

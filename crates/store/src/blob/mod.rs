@@ -35,6 +35,17 @@ pub struct UploadPart {
     pub sha256: Digest,
 }
 
+/// A blob found in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// Milliseconds since the epoch of its last write: garbage collection
+    /// leaves bytes younger than its grace period alone (their push may
+    /// not have committed yet).
+    pub modified_ms: u64,
+}
+
 /// Upload data found in the store.
 #[derive(Clone, Debug)]
 pub struct StoredUpload {
@@ -100,8 +111,9 @@ pub trait BlobStore: Send + Sync + 'static {
 
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
 
-    /// Every stored blob (for garbage collection and audits).
-    async fn list(&self) -> Result<Vec<Digest>, StoreError>;
+    /// Every stored blob, in digest order (for garbage collection and
+    /// audits).
+    async fn list(&self) -> Result<Vec<StoredBlob>, StoreError>;
 
     /// Stores one chunk of upload `upload` as a new part, hashing it on the
     /// way. The part is durable when this returns, under a name no other

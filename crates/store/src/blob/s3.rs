@@ -34,7 +34,7 @@ use object_store::{
     WriteMultipart,
 };
 
-use super::{BlobRead, BlobStore, ByteStream, PutError, StoredUpload, UploadPart};
+use super::{BlobRead, BlobStore, ByteStream, PutError, StoredBlob, StoredUpload, UploadPart};
 use crate::StoreError;
 
 /// Size of one multipart part, and the most a small blob is buffered.
@@ -509,19 +509,23 @@ impl BlobStore for S3BlobStore {
         }
     }
 
-    async fn list(&self) -> Result<Vec<Digest>, StoreError> {
+    async fn list(&self) -> Result<Vec<StoredBlob>, StoreError> {
         let root = format!("{}blobs/", self.prefix);
-        let mut out: Vec<Digest> = self
+        let mut out: Vec<StoredBlob> = self
             .list_keys(&root)
             .await?
             .into_iter()
             .filter_map(|meta| {
                 let rest = meta.location.as_ref().strip_prefix(&root)?.to_string();
                 let (alg, encoded) = rest.split_once('/')?;
-                format!("{alg}:{encoded}").parse().ok()
+                Some(StoredBlob {
+                    digest: format!("{alg}:{encoded}").parse().ok()?,
+                    size: meta.size,
+                    modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
+                })
             })
             .collect();
-        out.sort();
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
         Ok(out)
     }
 

@@ -1,0 +1,506 @@
+//! Online garbage collection: repository links that no manifest of their
+//! repository references, then the bytes of blobs that nothing references,
+//! then upload data without a session, all while the registry serves.
+//!
+//! A link is removed by the same mark-then-check protocol as bytes (see
+//! `removal`): the collector marks it (which changes its version), scans
+//! its repository's manifests again, and deletes it only if it is still
+//! unreferenced and unchanged. A manifest commit that references the link
+//! either ran before the mark (the second scan sees it and the link stays)
+//! or read the marked link, in which case it clears the mark in its own
+//! commit and the collector's delete fails; a `HEAD` that answers "present"
+//! clears it too. So no acknowledged manifest ever loses a link, and no
+//! client told "present" loses the blob within a grace period.
+
+use std::collections::{HashMap, HashSet};
+
+use berth_oci::Digest;
+use berth_store::{KeyValue, Txn};
+
+use super::{Registry, Result, now_ms};
+use crate::keys;
+use crate::records::{LinkRecord, ManifestRecord, decode, encode};
+
+/// Candidates handed to one removal: each removal must delete its bytes
+/// within a minute of marking them.
+const BLOB_BATCH: usize = 256;
+
+/// Keys read per scan request (etcd answers at most 4 MiB).
+const SCAN_BATCH: usize = 1000;
+
+#[derive(Clone, Copy, Debug)]
+pub struct GcOptions {
+    /// Report what would be removed; change nothing.
+    pub dry_run: bool,
+    /// Links and bytes younger than this are kept whatever references them:
+    /// a push may be between its blobs and its manifest.
+    pub grace_ms: u64,
+}
+
+/// What a collection removed (or, dry, would remove).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub grace_secs: u64,
+    pub manifests_scanned: u64,
+    pub links_scanned: u64,
+    pub blobs_scanned: u64,
+    pub links_removed: u64,
+    /// Links from before link dates, dated now (collectable one grace
+    /// period later).
+    pub links_dated: u64,
+    pub blobs_removed: u64,
+    pub bytes_removed: u64,
+    pub uploads_removed: u64,
+    pub duration_ms: u64,
+}
+
+/// A link the collector considers removing.
+struct Candidate {
+    repository: String,
+    digest: Digest,
+    kv: KeyValue,
+    record: LinkRecord,
+}
+
+impl Registry {
+    /// Collects garbage once; see the module's documentation for why it is
+    /// safe to run while the registry serves.
+    pub async fn collect_garbage(&self, options: GcOptions) -> Result<GcReport> {
+        let started = std::time::Instant::now();
+        let mut report = GcReport {
+            dry_run: options.dry_run,
+            grace_secs: options.grace_ms / 1000,
+            ..GcReport::default()
+        };
+        let cutoff = now_ms().saturating_sub(options.grace_ms);
+
+        let (references, manifests) = self.manifest_references(None, &mut report).await?;
+        let (candidates, mut linked) = self
+            .unreferenced_links(&references, cutoff, options.dry_run, &mut report)
+            .await?;
+        if options.dry_run {
+            report.links_removed = candidates.len() as u64;
+        } else {
+            let kept = self.remove_links(candidates, &mut report).await?;
+            linked.extend(kept);
+        }
+
+        let stored = self.blobs.list().await?;
+        report.blobs_scanned = stored.len() as u64;
+        let orphans: Vec<(Digest, u64)> = stored
+            .into_iter()
+            .filter(|b| {
+                b.modified_ms < cutoff
+                    && !linked.contains(&b.digest)
+                    && !manifests.contains(&b.digest)
+            })
+            .map(|b| (b.digest, b.size))
+            .collect();
+        if options.dry_run {
+            report.blobs_removed = orphans.len() as u64;
+            report.bytes_removed = orphans.iter().map(|(_, size)| size).sum();
+        } else {
+            for batch in orphans.chunks(BLOB_BATCH) {
+                let digests: Vec<Digest> = batch.iter().map(|(d, _)| d.clone()).collect();
+                let removed = self.remove_unreferenced_blobs(&digests).await?;
+                report.blobs_removed += removed.blobs as u64;
+                report.bytes_removed += removed.bytes;
+            }
+            report.uploads_removed = self
+                .expire_uploads(self.limits.upload_ttl_ms, super::ORPHAN_GRACE_MS)
+                .await? as u64;
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    /// Every manifest's references by repository (of one repository, or of
+    /// all), and the digests of the manifests themselves.
+    async fn manifest_references(
+        &self,
+        repository: Option<&str>,
+        report: &mut GcReport,
+    ) -> Result<(HashMap<String, HashSet<Digest>>, HashSet<Digest>)> {
+        let prefix = match repository {
+            Some(name) => format!("{}{name}:", keys::MANIFEST_PREFIX),
+            None => keys::MANIFEST_PREFIX.to_string(),
+        };
+        let mut references: HashMap<String, HashSet<Digest>> = HashMap::new();
+        let mut manifests = HashSet::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let batch = self
+                .meta
+                .scan(prefix.as_bytes(), after.as_deref(), SCAN_BATCH)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.key.clone());
+            for kv in batch {
+                let Some((name, digest)) = keys::manifest_key_parts(&kv.key) else {
+                    continue;
+                };
+                let record: ManifestRecord = decode(&kv.key, &kv.value)?;
+                report.manifests_scanned += 1;
+                references
+                    .entry(name.to_string())
+                    .or_default()
+                    .extend(record.references);
+                manifests.insert(digest);
+            }
+        }
+        Ok((references, manifests))
+    }
+
+    /// Links no manifest of their repository references and older than the
+    /// cutoff, and the digests of every other link. Links without a date
+    /// are dated now (unless dry) and kept.
+    async fn unreferenced_links(
+        &self,
+        references: &HashMap<String, HashSet<Digest>>,
+        cutoff: u64,
+        dry_run: bool,
+        report: &mut GcReport,
+    ) -> Result<(Vec<Candidate>, HashSet<Digest>)> {
+        let mut candidates = Vec::new();
+        let mut linked = HashSet::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let batch = self
+                .meta
+                .scan(keys::LINK_PREFIX.as_bytes(), after.as_deref(), SCAN_BATCH)
+                .await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.key.clone());
+            for kv in batch {
+                let Some((name, digest)) = keys::link_parts(&kv.key) else {
+                    continue;
+                };
+                report.links_scanned += 1;
+                let record: LinkRecord = decode(&kv.key, &kv.value)?;
+                let referenced = references.get(name).is_some_and(|r| r.contains(&digest));
+                if referenced || record.linked_ms >= cutoff {
+                    linked.insert(digest);
+                    continue;
+                }
+                if record.linked_ms == 0 {
+                    linked.insert(digest);
+                    if !dry_run {
+                        let dated = LinkRecord {
+                            linked_ms: now_ms(),
+                            ..record
+                        };
+                        let txn = Txn::new()
+                            .require_version(kv.key.clone(), kv.version)
+                            .put(kv.key.clone(), encode(&dated));
+                        if self.meta.commit(txn).await? {
+                            report.links_dated += 1;
+                        }
+                    }
+                    continue;
+                }
+                candidates.push(Candidate {
+                    repository: name.to_string(),
+                    digest,
+                    kv,
+                    record,
+                });
+            }
+        }
+        Ok((candidates, linked))
+    }
+
+    /// Marks the candidate links, checks their repositories' manifests
+    /// again, and removes those still unreferenced and unchanged. Returns
+    /// the digests of the links that stayed.
+    async fn remove_links(
+        &self,
+        candidates: Vec<Candidate>,
+        report: &mut GcReport,
+    ) -> Result<HashSet<Digest>> {
+        let mut kept = HashSet::new();
+        let mut marked: HashMap<String, Vec<(Candidate, u64)>> = HashMap::new();
+        for candidate in candidates {
+            let record = LinkRecord {
+                removing_since_ms: Some(now_ms()),
+                ..candidate.record.clone()
+            };
+            let key = candidate.kv.key.clone();
+            let txn = Txn::new()
+                .require_version(key.clone(), candidate.kv.version)
+                .put(key.clone(), encode(&record));
+            if !self.meta.commit(txn).await? {
+                // Confirmed or removed meanwhile.
+                kept.insert(candidate.digest);
+                continue;
+            }
+            match self.meta.get(&key).await? {
+                Some(kv) => {
+                    let version = kv.version;
+                    marked
+                        .entry(candidate.repository.clone())
+                        .or_default()
+                        .push((candidate, version));
+                }
+                None => {
+                    kept.insert(candidate.digest);
+                }
+            }
+        }
+        for (repository, links) in marked {
+            let mut scratch = GcReport::default();
+            let (references, _) = self
+                .manifest_references(Some(&repository), &mut scratch)
+                .await?;
+            let references = references.get(&repository);
+            for (candidate, version) in links {
+                let key = candidate.kv.key.clone();
+                let txn = Txn::new().require_version(key.clone(), version);
+                if references.is_some_and(|r| r.contains(&candidate.digest)) {
+                    // Referenced since the first scan: unmarked.
+                    let txn = txn.put(key, encode(&candidate.record));
+                    self.meta.commit(txn).await?;
+                    kept.insert(candidate.digest);
+                } else if self.meta.commit(txn.delete(key)).await? {
+                    report.links_removed += 1;
+                    tracing::debug!(repository, digest = %candidate.digest, "removed an unreferenced link");
+                } else {
+                    // Claimed back by a push or a HEAD.
+                    kept.insert(candidate.digest);
+                }
+            }
+        }
+        Ok(kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use berth_oci::{Reference, RepositoryName, Tag};
+    use berth_store::blob::fs::FsOptions;
+    use berth_store::{ByteStream, FsBlobStore, RedbMetaStore};
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::registry::Limits;
+
+    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    fn registry(dir: &std::path::Path) -> Registry {
+        let meta = Arc::new(RedbMetaStore::open(&dir.join("meta.redb")).unwrap());
+        let blobs = Arc::new(FsBlobStore::open(dir, FsOptions { verify_reads: true }).unwrap());
+        Registry::new(meta, blobs, Limits::default())
+    }
+
+    fn body(bytes: &[u8]) -> ByteStream {
+        let bytes = Bytes::copy_from_slice(bytes);
+        Box::pin(futures_util::stream::iter([Ok(bytes)]))
+    }
+
+    fn repo(name: &str) -> RepositoryName {
+        RepositoryName::parse(name).unwrap()
+    }
+
+    async fn blob(registry: &Registry, name: &str, content: &[u8]) -> Digest {
+        let digest = Digest::sha256_of(content);
+        registry
+            .put_blob(&repo(name), &digest, body(content))
+            .await
+            .unwrap();
+        digest
+    }
+
+    fn manifest(config: &Digest, layer: &Digest, size: usize) -> Bytes {
+        Bytes::from(
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config.to_string(),
+                    "size": 2,
+                },
+                "layers": [{
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer.to_string(),
+                    "size": size,
+                }],
+            })
+            .to_string(),
+        )
+    }
+
+    async fn push(registry: &Registry, name: &str, tag: &str, bytes: Bytes) -> Result<Digest> {
+        let reference = Reference::Tag(Tag::parse(tag).unwrap());
+        Ok(registry
+            .put_manifest(&repo(name), &reference, Some(OCI_MANIFEST), bytes)
+            .await?
+            .digest)
+    }
+
+    fn now(grace_ms: u64) -> GcOptions {
+        GcOptions {
+            dry_run: false,
+            grace_ms,
+        }
+    }
+
+    async fn link(registry: &Registry, name: &str, digest: &Digest) -> Option<LinkRecord> {
+        registry.link(&repo(name), digest).await.unwrap()
+    }
+
+    /// Marks a link the way the collector does before it checks again.
+    async fn mark(registry: &Registry, name: &str, digest: &Digest) {
+        let key = keys::link(&repo(name), digest);
+        let mut record = link(registry, name, digest).await.unwrap();
+        record.removing_since_ms = Some(now_ms());
+        registry
+            .meta
+            .commit(Txn::new().put(key, encode(&record)))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_what_nothing_references_goes_and_only_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let config = blob(&registry, "app", b"{}").await;
+        let layer = blob(&registry, "app", b"layer").await;
+        let stray = blob(&registry, "app", b"stray").await;
+        let shared = blob(&registry, "app", b"shared").await;
+        blob(&registry, "other", b"shared").await;
+        blob(&registry, "other", b"{}").await;
+        let image = push(&registry, "app", "v1", manifest(&config, &layer, 5))
+            .await
+            .unwrap();
+        push(&registry, "other", "v1", manifest(&config, &shared, 6))
+            .await
+            .unwrap();
+        // A push that died between its bytes and its commit.
+        let orphan = Digest::sha256_of(b"orphan");
+        registry
+            .blobs
+            .put(&orphan, body(b"orphan"), u64::MAX)
+            .await
+            .unwrap();
+
+        // Everything is younger than an hour: nothing goes.
+        let report = registry.collect_garbage(now(3_600_000)).await.unwrap();
+        assert_eq!((report.links_removed, report.blobs_removed), (0, 0));
+
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let dry = registry
+            .collect_garbage(GcOptions {
+                dry_run: true,
+                grace_ms: 0,
+            })
+            .await
+            .unwrap();
+        // stray's and shared's links in app; stray's and the orphan's bytes.
+        assert_eq!((dry.links_removed, dry.blobs_removed), (2, 2));
+        assert_eq!(dry.bytes_removed, 5 + 6);
+        assert!(link(&registry, "app", &stray).await.is_some());
+
+        let report = registry.collect_garbage(now(0)).await.unwrap();
+        assert_eq!((report.links_removed, report.blobs_removed), (2, 2));
+        assert_eq!(report.bytes_removed, 5 + 6);
+        for gone in [&stray, &orphan] {
+            assert_eq!(registry.blobs.stat(gone).await.unwrap(), None);
+        }
+        assert!(link(&registry, "app", &shared).await.is_none());
+        // Still referenced elsewhere: its bytes stay.
+        assert!(link(&registry, "other", &shared).await.is_some());
+        assert_eq!(registry.blobs.stat(&shared).await.unwrap(), Some(6));
+        // The image pulls whole: manifest bytes, config and layer.
+        let reference = Reference::Digest(image.clone());
+        let got = registry
+            .get_manifest(&repo("app"), &reference, &[OCI_MANIFEST.to_string()])
+            .await
+            .unwrap();
+        assert_eq!(got.bytes, manifest(&config, &layer, 5));
+        for kept in [&config, &layer] {
+            assert!(registry.stat_blob(&repo("app"), kept).await.is_ok());
+        }
+
+        // A second run finds nothing left.
+        let again = registry.collect_garbage(now(0)).await.unwrap();
+        assert_eq!((again.links_removed, again.blobs_removed), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_manifest_that_reads_a_marked_link_claims_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let config = blob(&registry, "app", b"{}").await;
+        let layer = blob(&registry, "app", b"layer").await;
+        // The collector marked both links and is about to check again.
+        mark(&registry, "app", &config).await;
+        mark(&registry, "app", &layer).await;
+        let marked = registry
+            .meta
+            .get(keys::link(&repo("app"), &layer).as_bytes())
+            .await
+            .unwrap()
+            .unwrap();
+        push(&registry, "app", "v1", manifest(&config, &layer, 5))
+            .await
+            .unwrap();
+        // The push cleared the marks, so the collector's delete, which
+        // requires the marked version, fails.
+        let now = link(&registry, "app", &layer).await.unwrap();
+        assert!(now.removing_since_ms.is_none());
+        let delete = Txn::new()
+            .require_version(marked.key.clone(), marked.version)
+            .delete(marked.key.clone());
+        assert!(!registry.meta.commit(delete).await.unwrap());
+        // And a HEAD that says "present" claims a link back the same way.
+        let stray = blob(&registry, "app", b"stray").await;
+        mark(&registry, "app", &stray).await;
+        registry.confirm_blob(&repo("app"), &stray).await.unwrap();
+        assert!(
+            link(&registry, "app", &stray)
+                .await
+                .unwrap()
+                .removing_since_ms
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn records_from_before_dates_and_blob_records_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let config = blob(&registry, "app", b"{}").await;
+        let layer = blob(&registry, "app", b"layer").await;
+        let old = blob(&registry, "app", b"old").await;
+        let image = push(&registry, "app", "v1", manifest(&config, &layer, 5))
+            .await
+            .unwrap();
+        // As an older version wrote them: a link without a date, and a
+        // manifest whose bytes have no blob record.
+        let key = keys::link(&repo("app"), &old);
+        let legacy = serde_json::json!({ "size": 3 }).to_string();
+        registry
+            .meta
+            .commit(
+                Txn::new()
+                    .put(key, legacy.into_bytes())
+                    .delete(keys::blob(&image)),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let report = registry.collect_garbage(now(0)).await.unwrap();
+        assert_eq!(report.links_dated, 1);
+        assert_eq!((report.links_removed, report.blobs_removed), (0, 0));
+        assert!(registry.blobs.stat(&image).await.unwrap().is_some());
+        // Dated now, the link goes one grace period later.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let report = registry.collect_garbage(now(0)).await.unwrap();
+        assert_eq!((report.links_removed, report.blobs_removed), (1, 1));
+        assert!(registry.blobs.stat(&image).await.unwrap().is_some());
+    }
+}
