@@ -5,6 +5,7 @@ mod cache_cmd;
 mod client;
 mod cluster;
 mod config;
+mod gc_cmd;
 mod replication_cmd;
 mod security;
 mod serve;
@@ -64,6 +65,22 @@ enum Command {
         connection: client::Connection,
         #[command(subcommand)]
         command: CacheCommand,
+    },
+    /// Collect garbage in a running registry now: links no manifest
+    /// references, then blobs nothing references, then stale upload data.
+    Gc {
+        #[command(flatten)]
+        connection: client::Connection,
+        /// Report what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep what is younger than this many seconds [default: the
+        /// registry's --gc-grace-secs].
+        #[arg(long)]
+        grace: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// API tokens for machines, and the token service's signing keys.
     Token {
@@ -268,6 +285,16 @@ fn main() -> ExitCode {
                 CacheCommand::Pin { image } => cache_cmd::pin(&api, &image, true).await,
                 CacheCommand::Unpin { image } => cache_cmd::pin(&api, &image, false).await,
             }
+        }),
+        Command::Gc {
+            connection,
+            dry_run,
+            grace,
+            json,
+        } => run_admin(|| async move {
+            // Progress arrives every second; a minute of silence is a hang.
+            let api = connection.api(std::time::Duration::from_secs(60))?;
+            gc_cmd::run(&api, dry_run, grace, json).await
         }),
         Command::Token {
             connection,

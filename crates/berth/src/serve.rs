@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
-use berth_server::{AppState, Metrics, RequestLimits, ServeOptions, Shared};
+use berth_server::{AppState, GarbageCollector, Metrics, RequestLimits, ServeOptions, Shared};
 use berth_store::blob::fs::FsOptions;
 use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
 use berth_store::{
@@ -265,6 +265,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             max_blob_bytes: config.max_blob_bytes,
             manifest_cache_bytes: config.manifest_cache_bytes,
             upload_ttl_ms: config.upload_ttl.as_millis() as u64,
+            link_refresh_ms: config.lifecycle.link_refresh.as_millis() as u64,
             ..Limits::default()
         },
     );
@@ -298,7 +299,12 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     let replicator = open_replication(&config, &registry, &meta)?;
     let security = crate::security::start(&config, &meta).await?;
     let ready = Arc::new(AtomicBool::new(false));
+    let gc = Arc::new(GarbageCollector::new(
+        registry.clone(),
+        config.lifecycle.gc_grace,
+    ));
     let metrics = Metrics::with_extra(|prometheus| {
+        gc.register_metrics(prometheus);
         security.security.register_metrics(prometheus);
         if let Some(tls) = &security.tls {
             tls.register_metrics(prometheus);
@@ -316,6 +322,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         cache: cache.clone(),
         replication: replicator.clone(),
         security: security.security.clone(),
+        gc: gc.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -353,6 +360,23 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
                     }
                 }
             })
+    });
+
+    // Garbage collection, on one node of the region, when configured.
+    let collector = config.lifecycle.gc_interval.map(|interval| {
+        let gc = gc.clone();
+        tokio::spawn(node.clone().run_as_leader("gc", interval, move || {
+            let gc = gc.clone();
+            async move {
+                let options = berth_registry::GcOptions {
+                    dry_run: false,
+                    grace_ms: gc.grace().as_millis() as u64,
+                };
+                // A failure is logged and counted by the collector; the
+                // next interval runs again.
+                let _ = gc.run(options, None).await;
+            }
+        }))
     });
 
     let evictor = cache
@@ -467,8 +491,8 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     for worker in workers {
         worker.abort();
     }
-    if let Some(evictor) = evictor {
-        evictor.abort();
+    for job in [evictor, collector].into_iter().flatten() {
+        job.abort();
     }
     maintainer.abort();
     node.leave().await;

@@ -147,6 +147,7 @@ mod tests {
             "/berth/v1/tokens",
             "/berth/v1/tokens/ci",
             "/berth/v1/auth/keys",
+            "/berth/v1/gc",
             "/berth/v1/unknown",
             "/berth/v1",
         ] {

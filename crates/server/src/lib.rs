@@ -10,6 +10,7 @@ pub mod audit;
 mod body;
 mod cache_admin;
 mod error;
+mod gc;
 mod headers;
 mod health;
 mod metrics;
@@ -30,6 +31,7 @@ use berth_proxy::PullThroughCache;
 use berth_registry::Registry;
 use berth_replication::Replicator;
 
+pub use gc::GarbageCollector;
 pub use metrics::Metrics;
 pub use reload::{FileWatch, fingerprint as reload_fingerprint, watch as watch_files};
 pub use security::{Cidr, Security};
@@ -66,6 +68,8 @@ pub struct Shared {
     pub replication: Option<Arc<Replicator>>,
     /// Authentication, the access policy and the audit trail.
     pub security: Arc<Security>,
+    /// Garbage collection, for the admin endpoint and the job.
+    pub gc: Arc<GarbageCollector>,
 }
 
 /// Protection against slow or too many clients.
@@ -111,6 +115,7 @@ pub fn router(state: AppState) -> axum::Router {
             axum::routing::post(replication_admin::serving),
         )
         .route("/berth/v1/tags/history", get(replication_admin::history))
+        .route("/berth/v1/gc", axum::routing::post(gc::run))
         .route(
             "/berth/v1/tokens",
             get(token_admin::list).post(token_admin::create),

@@ -10,12 +10,14 @@ use serde::Deserialize;
 
 mod cache;
 mod engines;
+mod lifecycle;
 mod replication;
 mod security;
 
 use cache::upstreams;
 pub use cache::{CacheSettings, FileUpstream};
 pub use engines::{EtcdAccess, Metadata, Storage};
+pub use lifecycle::{LifecycleArgs, LifecycleSettings};
 use replication::replication;
 pub use replication::{FilePeer, ReplicationSettings};
 pub use security::{SecurityArgs, SecuritySettings};
@@ -164,6 +166,8 @@ pub struct ServeArgs {
     pub read_through_timeout_ms: Option<u64>,
     #[command(flatten)]
     pub security: SecurityArgs,
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 /// The TOML file: the same options, all optional.
@@ -210,6 +214,8 @@ struct FileConfig {
     read_through_timeout_ms: Option<u64>,
     #[serde(flatten)]
     security: security::FileSecurity,
+    #[serde(flatten)]
+    lifecycle: lifecycle::FileLifecycle,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +244,7 @@ pub struct ServeConfig {
     pub cache: CacheSettings,
     pub replication: Option<ReplicationSettings>,
     pub security: SecuritySettings,
+    pub lifecycle: LifecycleSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -372,6 +379,7 @@ impl ServeConfig {
                 .unwrap_or(1000),
         )?;
         let security = security::resolve(args.security, file.security, listen)?;
+        let lifecycle = lifecycle::resolve(args.lifecycle, file.lifecycle)?;
         let scheme = if security.tls.is_some() {
             "https"
         } else {
@@ -379,6 +387,7 @@ impl ServeConfig {
         };
         let config = ServeConfig {
             security,
+            lifecycle,
             cache,
             replication,
             listen,

@@ -12,6 +12,7 @@ mod concurrency;
 mod disk_full;
 mod durability;
 mod errors;
+mod lifecycle;
 mod limits;
 mod manifests;
 mod memory;

@@ -40,6 +40,9 @@ pub struct GcOptions {
 /// What a collection removed (or, dry, would remove).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
+    /// What the run is doing: `manifests`, `links`, `blobs`, `uploads`,
+    /// then `done`.
+    pub phase: String,
     pub dry_run: bool,
     pub grace_secs: u64,
     pub manifests_scanned: u64,
@@ -55,6 +58,9 @@ pub struct GcReport {
     pub duration_ms: u64,
 }
 
+/// Where a running collection reports how far it got.
+pub type Progress = tokio::sync::watch::Sender<GcReport>;
+
 /// A link the collector considers removing.
 struct Candidate {
     repository: String,
@@ -65,17 +71,33 @@ struct Candidate {
 
 impl Registry {
     /// Collects garbage once; see the module's documentation for why it is
-    /// safe to run while the registry serves.
-    pub async fn collect_garbage(&self, options: GcOptions) -> Result<GcReport> {
+    /// safe to run while the registry serves. `progress` sees the report
+    /// as it grows.
+    pub async fn collect_garbage(
+        &self,
+        options: GcOptions,
+        progress: Option<&Progress>,
+    ) -> Result<GcReport> {
         let started = std::time::Instant::now();
         let mut report = GcReport {
+            phase: "manifests".into(),
             dry_run: options.dry_run,
             grace_secs: options.grace_ms / 1000,
             ..GcReport::default()
         };
+        let publish = |report: &GcReport, phase: &str| {
+            if let Some(progress) = progress {
+                let mut shown = report.clone();
+                shown.phase = phase.to_string();
+                shown.duration_ms = started.elapsed().as_millis() as u64;
+                progress.send_replace(shown);
+            }
+        };
         let cutoff = now_ms().saturating_sub(options.grace_ms);
 
+        publish(&report, "manifests");
         let (references, manifests) = self.manifest_references(None, &mut report).await?;
+        publish(&report, "links");
         let (candidates, mut linked) = self
             .unreferenced_links(&references, cutoff, options.dry_run, &mut report)
             .await?;
@@ -86,6 +108,7 @@ impl Registry {
             linked.extend(kept);
         }
 
+        publish(&report, "blobs");
         let stored = self.blobs.list().await?;
         report.blobs_scanned = stored.len() as u64;
         let orphans: Vec<(Digest, u64)> = stored
@@ -106,12 +129,18 @@ impl Registry {
                 let removed = self.remove_unreferenced_blobs(&digests).await?;
                 report.blobs_removed += removed.blobs as u64;
                 report.bytes_removed += removed.bytes;
+                publish(&report, "blobs");
             }
+            publish(&report, "uploads");
             report.uploads_removed = self
                 .expire_uploads(self.limits.upload_ttl_ms, super::ORPHAN_GRACE_MS)
                 .await? as u64;
         }
+        report.phase = "done".into();
         report.duration_ms = started.elapsed().as_millis() as u64;
+        if let Some(progress) = progress {
+            progress.send_replace(report.clone());
+        }
         Ok(report)
     }
 
@@ -388,15 +417,21 @@ mod tests {
             .unwrap();
 
         // Everything is younger than an hour: nothing goes.
-        let report = registry.collect_garbage(now(3_600_000)).await.unwrap();
+        let report = registry
+            .collect_garbage(now(3_600_000), None)
+            .await
+            .unwrap();
         assert_eq!((report.links_removed, report.blobs_removed), (0, 0));
 
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         let dry = registry
-            .collect_garbage(GcOptions {
-                dry_run: true,
-                grace_ms: 0,
-            })
+            .collect_garbage(
+                GcOptions {
+                    dry_run: true,
+                    grace_ms: 0,
+                },
+                None,
+            )
             .await
             .unwrap();
         // stray's and shared's links in app; stray's and the orphan's bytes.
@@ -404,7 +439,7 @@ mod tests {
         assert_eq!(dry.bytes_removed, 5 + 6);
         assert!(link(&registry, "app", &stray).await.is_some());
 
-        let report = registry.collect_garbage(now(0)).await.unwrap();
+        let report = registry.collect_garbage(now(0), None).await.unwrap();
         assert_eq!((report.links_removed, report.blobs_removed), (2, 2));
         assert_eq!(report.bytes_removed, 5 + 6);
         for gone in [&stray, &orphan] {
@@ -426,7 +461,7 @@ mod tests {
         }
 
         // A second run finds nothing left.
-        let again = registry.collect_garbage(now(0)).await.unwrap();
+        let again = registry.collect_garbage(now(0), None).await.unwrap();
         assert_eq!((again.links_removed, again.blobs_removed), (0, 0));
     }
 
@@ -493,13 +528,13 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let report = registry.collect_garbage(now(0)).await.unwrap();
+        let report = registry.collect_garbage(now(0), None).await.unwrap();
         assert_eq!(report.links_dated, 1);
         assert_eq!((report.links_removed, report.blobs_removed), (0, 0));
         assert!(registry.blobs.stat(&image).await.unwrap().is_some());
         // Dated now, the link goes one grace period later.
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let report = registry.collect_garbage(now(0)).await.unwrap();
+        let report = registry.collect_garbage(now(0), None).await.unwrap();
         assert_eq!((report.links_removed, report.blobs_removed), (1, 1));
         assert!(registry.blobs.stat(&image).await.unwrap().is_some());
     }

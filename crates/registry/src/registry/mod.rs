@@ -22,7 +22,7 @@ mod tags;
 mod uploads;
 
 pub use changes::{Applied, Hlc, StateSummary, stamp_ms};
-pub use gc::{GcOptions, GcReport};
+pub use gc::{GcOptions, GcReport, Progress as GcProgress};
 pub use manifests::{ManifestContent, PutManifestOutcome};
 pub use removal::Removed;
 pub use uploads::{MAX_UPLOAD_PARTS, ORPHAN_GRACE_MS, UploadStatus};

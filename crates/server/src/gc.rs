@@ -1,0 +1,222 @@
+//! Garbage collection as a service: one collection at a time on a node,
+//! its metrics, and `POST /berth/v1/gc?dry_run=BOOL&grace_secs=N`, which
+//! streams the run's progress as JSON lines (one a second while it runs,
+//! then `{"report": ...}` or `{"error": ...}`), so that `berth gc` shows
+//! progress on a long run and a load balancer's idle timeout does not cut
+//! it off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use berth_oci::ErrorCode;
+use berth_registry::{GcOptions, GcReport, Registry, RegistryError};
+use bytes::Bytes;
+use http::{StatusCode, header};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as PromRegistry;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// How often a running collection reports progress to its caller.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Default)]
+struct GcMetrics {
+    runs: Family<OutcomeLabels, Counter>,
+    duration: Gauge<f64, std::sync::atomic::AtomicU64>,
+    links: Counter,
+    blobs: Counter,
+    bytes: Counter,
+    uploads: Counter,
+    last_success: Gauge,
+}
+
+/// Runs collections, one at a time on this node (a second waits), and
+/// counts what they removed.
+pub struct GarbageCollector {
+    registry: Arc<Registry>,
+    grace: Duration,
+    running: tokio::sync::Mutex<()>,
+    metrics: GcMetrics,
+}
+
+impl GarbageCollector {
+    pub fn new(registry: Arc<Registry>, grace: Duration) -> Self {
+        Self {
+            registry,
+            grace,
+            running: tokio::sync::Mutex::new(()),
+            metrics: GcMetrics::default(),
+        }
+    }
+
+    /// The grace period used when a run names none.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    pub async fn run(
+        &self,
+        options: GcOptions,
+        progress: Option<&berth_registry::GcProgress>,
+    ) -> Result<GcReport, RegistryError> {
+        let _one = self.running.lock().await;
+        let result = self.registry.collect_garbage(options, progress).await;
+        let outcome = match &result {
+            Ok(report) if !report.dry_run => {
+                let m = &self.metrics;
+                m.links.inc_by(report.links_removed);
+                m.blobs.inc_by(report.blobs_removed);
+                m.bytes.inc_by(report.bytes_removed);
+                m.uploads.inc_by(report.uploads_removed);
+                m.duration.set(report.duration_ms as f64 / 1000.0);
+                m.last_success.set((berth_registry::now_ms() / 1000) as i64);
+                tracing::info!(
+                    links = report.links_removed,
+                    links_dated = report.links_dated,
+                    blobs = report.blobs_removed,
+                    bytes = report.bytes_removed,
+                    uploads = report.uploads_removed,
+                    duration_ms = report.duration_ms,
+                    "garbage collection"
+                );
+                "ok"
+            }
+            Ok(_) => "dry_run",
+            Err(e) => {
+                tracing::warn!(error = %e, "garbage collection failed; it will run again");
+                "failed"
+            }
+        };
+        self.metrics
+            .runs
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        result
+    }
+
+    pub fn register_metrics(&self, registry: &mut PromRegistry) {
+        let m = &self.metrics;
+        registry.register(
+            "gc_runs",
+            "Garbage collections by outcome (ok, dry_run, failed)",
+            m.runs.clone(),
+        );
+        registry.register(
+            "gc_duration_seconds",
+            "Duration of the last successful garbage collection",
+            m.duration.clone(),
+        );
+        registry.register(
+            "gc_links_removed",
+            "Repository links removed because no manifest of the repository references them",
+            m.links.clone(),
+        );
+        registry.register(
+            "gc_blobs_removed",
+            "Blobs whose bytes were removed because nothing references them",
+            m.blobs.clone(),
+        );
+        registry.register(
+            "gc_bytes_removed",
+            "Bytes of the blobs removed",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "gc_uploads_removed",
+            "Expired upload sessions and upload data without a session removed",
+            m.uploads.clone(),
+        );
+        registry.register(
+            "gc_last_success_timestamp_seconds",
+            "When the last garbage collection succeeded (Unix time)",
+            m.last_success.clone(),
+        );
+    }
+}
+
+fn invalid(message: String) -> Response {
+    ApiError::new(ErrorCode::Unsupported)
+        .status(StatusCode::BAD_REQUEST)
+        .message(message)
+        .into_response()
+}
+
+fn line(value: &serde_json::Value) -> Bytes {
+    let mut text = value.to_string();
+    text.push('\n');
+    Bytes::from(text)
+}
+
+/// `POST /berth/v1/gc`.
+pub async fn run(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let pairs = match berth_oci::query::parse(query.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return invalid(format!("invalid query: {e}")),
+    };
+    if let Some(unknown) = pairs
+        .keys()
+        .find(|k| !matches!(k.as_str(), "dry_run" | "grace_secs"))
+    {
+        return invalid(format!("unknown parameter {unknown:?}"));
+    }
+    let dry_run = match pairs.get("dry_run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return invalid(format!("dry_run must be true or false, not {other:?}")),
+    };
+    let grace = match pairs.get("grace_secs") {
+        None => state.gc.grace(),
+        Some(v) => match v.parse::<u64>() {
+            Ok(secs) if secs <= 10 * 365 * 86_400 => Duration::from_secs(secs),
+            _ => return invalid(format!("grace_secs must be a number of seconds, not {v:?}")),
+        },
+    };
+    let options = GcOptions {
+        dry_run,
+        grace_ms: grace.as_millis() as u64,
+    };
+    let (progress, watching) = tokio::sync::watch::channel(GcReport::default());
+    let gc = state.gc.clone();
+    // The run goes on if the caller goes away: stopping halfway is safe,
+    // but finishing is what the caller asked for.
+    let task = tokio::spawn(async move { gc.run(options, Some(&progress)).await });
+    let stream = futures_util::stream::unfold(
+        (Some(task), watching),
+        |(task, mut watching)| async move {
+            let mut task = task?;
+            tokio::select! {
+                finished = &mut task => {
+                    let value = match finished {
+                        Ok(Ok(report)) => serde_json::json!({ "report": report }),
+                        Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+                        Err(e) => serde_json::json!({ "error": format!("the collection stopped: {e}") }),
+                    };
+                    Some((Ok::<_, std::io::Error>(line(&value)), (None, watching)))
+                }
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    let now = watching.borrow_and_update().clone();
+                    Some((Ok(line(&serde_json::json!({ "progress": now }))), (Some(task), watching)))
+                }
+            }
+        },
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
