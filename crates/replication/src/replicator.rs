@@ -729,7 +729,9 @@ impl Replicator {
         name: &RepositoryName,
         digest: &Digest,
     ) -> Result<Option<u64>> {
-        match self.registry.stat_blob(name, digest).await {
+        // Confirmed, not only looked up: the manifest committed after the
+        // copies relies on the link, so a collector must not take it.
+        match self.registry.confirm_blob(name, digest).await {
             Ok(_) => return Ok(Some(0)),
             Err(RegistryError::BlobUnknown(_)) => {}
             Err(e) => return Err(e.into()),

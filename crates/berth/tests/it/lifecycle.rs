@@ -72,7 +72,7 @@ fn image_with(seed: u64, shared: &[Vec<u8>]) -> Image {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_and_reports_only_what_nothing_references() {
-    let reg = Registry::start().await;
+    let reg = Registry::start_with(Options::new().flag("--link-refresh-secs", 1)).await;
     let kept = Image::oci(fresh_seed(), 2, 3000);
     let deleted = Image::oci(fresh_seed(), 2, 5000);
     kept.push(&reg, "gc/app", Some("1")).await;
@@ -91,7 +91,8 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
     assert_eq!(report["links_removed"], 0, "{report}");
     assert_eq!(report["blobs_removed"], 0, "{report}");
 
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Past the second for which a link counts as confirmed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let garbage_bytes =
         (deleted.config.len() + 2 * 5000 + stray.len() + deleted.manifest.len()) as u64;
     let dry = gc_json(&reg, &["--dry-run", "--grace", "0"]);
@@ -101,7 +102,9 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
     // Those four and the deleted manifest's own bytes.
     assert_eq!(dry["blobs_removed"], 5, "{dry}");
     assert_eq!(dry["bytes_removed"], garbage_bytes, "{dry}");
-    let r = reg.head(&format!("/v2/gc/app/blobs/{stray_digest}")).await;
+    // (A GET: a HEAD would confirm the link, as for a client about to
+    // reuse the blob, and keep it another grace period.)
+    let r = reg.get(&format!("/v2/gc/app/blobs/{stray_digest}")).await;
     assert_eq!(r.status, 200, "a dry run removes nothing");
 
     // The plain output, with the progress on stderr.
@@ -132,6 +135,23 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
     if !blobs_in_s3() {
         assert!(!blob_files(&reg).contains(&hex(&deleted.digest).to_string()));
     }
+    // A blob a client was just told is present stays for a grace period,
+    // whatever references it.
+    let reused = reg
+        .push_blob("gc/app", &random_bytes(fresh_seed(), 300))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        reg.head(&format!("/v2/gc/app/blobs/{reused}")).await.status,
+        200
+    );
+    let report = gc_json(&reg, &["--grace", "0"]);
+    assert_eq!(report["links_removed"], 0, "{report}");
+    assert_eq!(
+        reg.head(&format!("/v2/gc/app/blobs/{reused}")).await.status,
+        200
+    );
+
     // The kept image pulls whole and byte-identical.
     let r = reg.get("/v2/gc/app/manifests/1").await;
     assert_eq!(r.status, 200);
@@ -157,7 +177,7 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
         "berth_gc_blobs_removed_total 5",
         "berth_gc_links_removed_total 4",
         &format!("berth_gc_bytes_removed_total {garbage_bytes}"),
-        "berth_gc_runs_total{outcome=\"ok\"} 2",
+        "berth_gc_runs_total{outcome=\"ok\"} 3",
         "berth_gc_runs_total{outcome=\"dry_run\"} 1",
     ] {
         assert!(text.contains(line), "no {line:?} in /metrics");
@@ -254,7 +274,7 @@ async fn push_until_acknowledged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_racing_pushes_mounts_and_deletes_never_takes_a_referenced_byte() {
-    let reg = Arc::new(Registry::start().await);
+    let reg = Arc::new(Registry::start_with(Options::new().flag("--link-refresh-secs", 1)).await);
     let seconds: u64 = std::env::var("BERTH_IT_GC_RACE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -377,8 +397,10 @@ async fn a_collector_racing_pushes_mounts_and_deletes_never_takes_a_referenced_b
             checked += 1;
         }
     }
-    // Once the grace period (none here) has passed, what was deleted is
-    // gone: its manifest's bytes and its own layer and config.
+    // Once the grace period (none here, and the second a link counts as
+    // confirmed) has passed, what was deleted is gone: its manifest's bytes
+    // and its own layer and config.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let report = gc_json(&reg, &["--grace", "0"]);
     let files = if blobs_in_s3() {
         Vec::new()

@@ -17,6 +17,7 @@ use berth_oci::{Digest, RepositoryName, Tag};
 use berth_store::{KeyValue, Txn};
 use bytes::Bytes;
 
+use super::manifests::MissingLink;
 use super::{Registry, Result, TXN_ATTEMPTS, now_ms};
 use crate::RegistryError;
 use crate::keys;
@@ -292,9 +293,15 @@ impl Registry {
                     return Ok(Applied::Unchanged);
                 }
             }
-            let (txn, _) = self
+            let claims = self
+                .link_claims(name, &manifest, MissingLink::Retry)
+                .await?;
+            let (mut txn, _) = self
                 .manifest_txn(name, &digest, &manifest, None, Some(stamp), size)
                 .await?;
+            for claim in claims {
+                txn = claim.apply(txn);
+            }
             let txn = txn
                 .require_unchanged(tomb_key, tomb.as_ref().map(|(kv, _)| kv))
                 .require_unchanged(key, existing.as_ref());

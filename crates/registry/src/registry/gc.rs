@@ -111,12 +111,17 @@ impl Registry {
         publish(&report, "blobs");
         let stored = self.blobs.list().await?;
         report.blobs_scanned = stored.len() as u64;
+        // Bytes a manifest names stay even where its link was deleted by
+        // hand: deleting a layer from one repository must not break the
+        // manifest beyond repair by a re-push of that layer.
+        let named: HashSet<&Digest> = references.values().flatten().collect();
         let orphans: Vec<(Digest, u64)> = stored
             .into_iter()
             .filter(|b| {
                 b.modified_ms < cutoff
                     && !linked.contains(&b.digest)
                     && !manifests.contains(&b.digest)
+                    && !named.contains(&b.digest)
             })
             .map(|b| (b.digest, b.size))
             .collect();
@@ -208,7 +213,12 @@ impl Registry {
                 report.links_scanned += 1;
                 let record: LinkRecord = decode(&kv.key, &kv.value)?;
                 let referenced = references.get(name).is_some_and(|r| r.contains(&digest));
-                if referenced || record.linked_ms >= cutoff {
+                // A link confirmed less than the refresh time ago is not
+                // dated again when a client relies on it: counted from the
+                // end of that time, every client told "present" has a whole
+                // grace period.
+                let confirmed_until = record.linked_ms.saturating_add(self.limits.link_refresh_ms);
+                if referenced || (record.linked_ms != 0 && confirmed_until >= cutoff) {
                     linked.insert(digest);
                     continue;
                 }
@@ -250,38 +260,38 @@ impl Registry {
         let mut kept = HashSet::new();
         let mut marked: HashMap<String, Vec<(Candidate, u64)>> = HashMap::new();
         for candidate in candidates {
-            let record = LinkRecord {
-                removing_since_ms: Some(now_ms()),
-                ..candidate.record.clone()
-            };
-            let key = candidate.kv.key.clone();
-            let txn = Txn::new()
-                .require_version(key.clone(), candidate.kv.version)
-                .put(key.clone(), encode(&record));
-            if !self.meta.commit(txn).await? {
-                // Confirmed or removed meanwhile.
-                kept.insert(candidate.digest);
-                continue;
-            }
-            match self.meta.get(&key).await? {
-                Some(kv) => {
-                    let version = kv.version;
-                    marked
-                        .entry(candidate.repository.clone())
-                        .or_default()
-                        .push((candidate, version));
-                }
-                None => {
+            match self.mark_link(&candidate).await {
+                Ok(Some(version)) => marked
+                    .entry(candidate.repository.clone())
+                    .or_default()
+                    .push((candidate, version)),
+                // Confirmed, claimed back or removed meanwhile.
+                Ok(None) => {
                     kept.insert(candidate.digest);
+                }
+                Err(e) => {
+                    self.unmark_links(marked.into_values().flatten()).await;
+                    return Err(e);
                 }
             }
         }
-        for (repository, links) in marked {
+        let repositories: Vec<String> = marked.keys().cloned().collect();
+        for repository in repositories {
             let mut scratch = GcReport::default();
-            let (references, _) = self
+            let references = match self
                 .manifest_references(Some(&repository), &mut scratch)
-                .await?;
+                .await
+            {
+                Ok((references, _)) => references,
+                Err(e) => {
+                    self.unmark_links(marked.into_values().flatten()).await;
+                    return Err(e);
+                }
+            };
             let references = references.get(&repository);
+            let Some(links) = marked.remove(&repository) else {
+                continue;
+            };
             for (candidate, version) in links {
                 let key = candidate.kv.key.clone();
                 let txn = Txn::new().require_version(key.clone(), version);
@@ -300,6 +310,46 @@ impl Registry {
             }
         }
         Ok(kept)
+    }
+
+    /// Marks a candidate link; the version of the mark, or `None` if the
+    /// link changed first.
+    async fn mark_link(&self, candidate: &Candidate) -> Result<Option<u64>> {
+        let mark = now_ms();
+        let record = LinkRecord {
+            removing_since_ms: Some(mark),
+            ..candidate.record.clone()
+        };
+        let key = &candidate.kv.key;
+        let txn = Txn::new()
+            .require_version(key.clone(), candidate.kv.version)
+            .put(key.clone(), encode(&record));
+        if !self.meta.commit(txn).await? {
+            return Ok(None);
+        }
+        // A HEAD or a push may claim the link back between the commit and
+        // this read; the version read is then theirs and must stay.
+        Ok(self.meta.get(key).await?.and_then(|kv| {
+            decode::<LinkRecord>(&kv.key, &kv.value)
+                .ok()
+                .filter(|r| r.removing_since_ms == Some(mark))
+                .map(|_| kv.version)
+        }))
+    }
+
+    /// Takes the collector's marks off links after a failure, so that
+    /// pushes do not meet them. Best effort: a mark left behind only delays
+    /// its link's removal, and a push that references the link clears it.
+    async fn unmark_links(&self, marked: impl IntoIterator<Item = (Candidate, u64)>) {
+        for (candidate, version) in marked {
+            let key = candidate.kv.key.clone();
+            let txn = Txn::new()
+                .require_version(key.clone(), version)
+                .put(key, encode(&candidate.record));
+            if let Err(e) = self.meta.commit(txn).await {
+                tracing::debug!(error = %e, "could not unmark a link after a failed collection");
+            }
+        }
     }
 }
 
@@ -320,7 +370,13 @@ mod tests {
     fn registry(dir: &std::path::Path) -> Registry {
         let meta = Arc::new(RedbMetaStore::open(&dir.join("meta.redb")).unwrap());
         let blobs = Arc::new(FsBlobStore::open(dir, FsOptions { verify_reads: true }).unwrap());
-        Registry::new(meta, blobs, Limits::default())
+        let limits = Limits {
+            // Links count as confirmed for a millisecond only, so that the
+            // tests need not wait ten minutes.
+            link_refresh_ms: 1,
+            ..Limits::default()
+        };
+        Registry::new(meta, blobs, limits)
     }
 
     fn body(bytes: &[u8]) -> ByteStream {

@@ -235,10 +235,7 @@ impl Registry {
                 }
             }
             for guard in guards {
-                txn = txn.require_version(guard.key.clone(), guard.version);
-                if let Some(rewrite) = guard.rewrite {
-                    txn = txn.put(guard.key, rewrite);
-                }
+                txn = guard.apply(txn);
             }
             let txn = self.log_change(txn, &stamp, change.clone()).await?;
             if self.meta.commit(txn).await? {
@@ -276,9 +273,15 @@ impl Registry {
         if existing.is_some() && tag.is_none() {
             return self.manifest_record(name, &digest).await;
         }
-        let (txn, _) = self
+        let claims = self
+            .link_claims(name, &manifest, MissingLink::Allowed)
+            .await?;
+        let (mut txn, _) = self
             .store_manifest(name, &digest, &manifest, tag, None, bytes)
             .await?;
+        for claim in claims {
+            txn = claim.apply(txn);
+        }
         let txn = txn.require_absent(tomb_key);
         if !self.meta.commit(txn).await? {
             return Err(changes::conflict("cached manifest"));
@@ -490,10 +493,76 @@ impl Registry {
 
 /// A key a manifest's commit requires at a version, and what it writes
 /// there (a link claimed back from the collector).
-struct Guard {
+pub(super) struct Guard {
     key: String,
     version: u64,
     rewrite: Option<Vec<u8>>,
+}
+
+impl Guard {
+    /// Adds the guard (and its rewrite) to a commit.
+    pub(super) fn apply(self, txn: Txn) -> Txn {
+        let txn = txn.require_version(self.key.clone(), self.version);
+        match self.rewrite {
+            Some(rewrite) => txn.put(self.key, rewrite),
+            None => txn,
+        }
+    }
+}
+
+/// What a manifest's commit does about a layer or config link that is not
+/// there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum MissingLink {
+    /// A copy from another region copied its blobs first: a link gone since
+    /// was collected meanwhile, and the copy retries (and copies it again).
+    Retry,
+    /// A pull-through cache fetches blobs when a client asks for them.
+    Allowed,
+}
+
+impl Registry {
+    /// Guards on the links of a manifest's layers and config that a commit
+    /// of a copied manifest (replicated or cached) needs: each required at
+    /// the version seen, and claimed back from the collector if it marked
+    /// it, so that a collector cannot remove a link the commit relies on.
+    pub(super) async fn link_claims(
+        &self,
+        name: &RepositoryName,
+        manifest: &Manifest,
+        missing: MissingLink,
+    ) -> Result<Vec<Guard>> {
+        let mut guards = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for descriptor in manifest.required_blobs() {
+            let key = keys::link(name, &descriptor.digest);
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            let Some(kv) = self.meta.get(key.as_bytes()).await? else {
+                if missing == MissingLink::Retry {
+                    return Err(RegistryError::Store(berth_store::StoreError::Unavailable(
+                        format!(
+                            "blob {} was removed while the manifest was copied; retry",
+                            descriptor.digest
+                        ),
+                    )));
+                }
+                continue;
+            };
+            let link: LinkRecord = decode(&kv.key, &kv.value)?;
+            let rewrite = link
+                .removing_since_ms
+                .is_some()
+                .then(|| encode(&LinkRecord::new(link.size, now_ms())));
+            guards.push(Guard {
+                key,
+                version: kv.version,
+                rewrite,
+            });
+        }
+        Ok(guards)
+    }
 }
 
 pub(super) fn accepts(accept: &[String], media_type: &str) -> bool {

@@ -1,8 +1,10 @@
 //! Removing the bytes of blobs that nothing links, safely against the pushes
 //! and mounts that race it: the removal protocol every deleter uses.
 
+use std::collections::{HashMap, HashSet};
+
 use berth_oci::Digest;
-use berth_store::Txn;
+use berth_store::{KeyValue, Txn};
 
 use super::{Registry, Result, now_ms};
 use crate::keys;
@@ -38,45 +40,120 @@ impl Registry {
     /// unmarked; the others lose their bytes, within a bounded time of the
     /// mark, and then their record.
     pub async fn remove_unreferenced_blobs(&self, candidates: &[Digest]) -> Result<Removed> {
-        let mut marked = std::collections::HashMap::new();
         let started = std::time::Instant::now();
+        let mut marked = HashMap::new();
         for digest in candidates {
-            let key = keys::blob(digest);
-            let txn = match self.meta.get(key.as_bytes()).await? {
-                Some(kv) => {
-                    let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
-                    record.removing_since_ms = Some(now_ms());
-                    Txn::new()
-                        .require_version(key.clone(), kv.version)
-                        .put(key.clone(), encode(&record))
+            match self.mark_blob(digest).await {
+                Ok(Some(seen)) => {
+                    marked.insert(digest.clone(), seen);
                 }
-                // Bytes no commit has recorded (a push that died before its
-                // commit, or content from before blob records): marked by
-                // creating the record, which fails a commit racing for it.
-                None => {
-                    let Some(size) = self.blobs.stat(digest).await? else {
-                        continue;
-                    };
-                    let record = BlobRecord {
-                        size,
-                        removing_since_ms: Some(now_ms()),
-                    };
-                    Txn::new()
-                        .require_absent(key.clone())
-                        .put(key.clone(), encode(&record))
+                Ok(None) => {}
+                Err(e) => {
+                    self.unmark_blobs(&marked).await;
+                    return Err(e);
                 }
-            };
-            if self.meta.commit(txn).await?
-                && let Some(kv) = self.meta.get(key.as_bytes()).await?
-            {
-                let record: BlobRecord = decode(&kv.key, &kv.value)?;
-                marked.insert(digest.clone(), (kv, record.size));
             }
         }
         if marked.is_empty() {
             return Ok(Removed::default());
         }
-        let mut referenced = std::collections::HashSet::new();
+        let referenced = match self.referenced_among(&marked).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.unmark_blobs(&marked).await;
+                return Err(e);
+            }
+        };
+        let mut removed = Removed::default();
+        for (digest, (kv, size)) in marked {
+            let key = keys::blob(&digest);
+            // The bytes go within the window or not at all: past it, a pusher
+            // may consider the mark abandoned.
+            let left = REMOVAL_WINDOW.saturating_sub(started.elapsed());
+            if referenced.contains(&digest) || left.is_zero() {
+                // Still referenced, or no time left: unmark, so that the
+                // blob can be linked at once again.
+                let unmark = Txn::new()
+                    .require_version(key.clone(), kv.version)
+                    .put(key, encode(&BlobRecord::new(size)));
+                self.meta.commit(unmark).await?;
+                continue;
+            }
+            let deleted = match tokio::time::timeout(left, self.blobs.delete(&digest)).await {
+                Ok(Ok(())) => true,
+                // The delete may still happen (a blocking file removal, a
+                // request already sent): the mark stays, so that nothing
+                // links the blob until it is stale, and a link after that
+                // checks that the bytes are there.
+                Ok(Err(e)) => {
+                    tracing::warn!(%digest, error = %e, "could not remove an unreferenced blob; its mark stays until it is stale");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(%digest, "removing an unreferenced blob timed out; its mark stays until it is stale");
+                    false
+                }
+            };
+            if deleted {
+                let forget = Txn::new()
+                    .require_version(key.clone(), kv.version)
+                    .delete(key);
+                self.meta.commit(forget).await?;
+                removed.blobs += 1;
+                removed.bytes += size;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Marks a blob's record (creating it marked, for bytes that have
+    /// none): the record as marked and the blob's size, or `None` when
+    /// there is nothing to remove or the record changed first.
+    async fn mark_blob(&self, digest: &Digest) -> Result<Option<(KeyValue, u64)>> {
+        let key = keys::blob(digest);
+        let mark = now_ms();
+        let txn = match self.meta.get(key.as_bytes()).await? {
+            Some(kv) => {
+                let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
+                record.removing_since_ms = Some(mark);
+                Txn::new()
+                    .require_version(key.clone(), kv.version)
+                    .put(key.clone(), encode(&record))
+            }
+            // Bytes no commit has recorded (a push that died before its
+            // commit, or content from before blob records): marked by
+            // creating the record, which fails a commit racing for it.
+            None => {
+                let Some(size) = self.blobs.stat(digest).await? else {
+                    return Ok(None);
+                };
+                let record = BlobRecord {
+                    size,
+                    removing_since_ms: Some(mark),
+                };
+                Txn::new()
+                    .require_absent(key.clone())
+                    .put(key.clone(), encode(&record))
+            }
+        };
+        if !self.meta.commit(txn).await? {
+            return Ok(None);
+        }
+        // Only this mark's version may be removed.
+        let Some(kv) = self.meta.get(key.as_bytes()).await? else {
+            return Ok(None);
+        };
+        let record: BlobRecord = decode(&kv.key, &kv.value)?;
+        let size = record.size;
+        Ok((record.removing_since_ms == Some(mark)).then_some((kv, size)))
+    }
+
+    /// Which of the marked blobs a link or a manifest record names.
+    async fn referenced_among(
+        &self,
+        marked: &HashMap<Digest, (KeyValue, u64)>,
+    ) -> Result<HashSet<Digest>> {
+        let mut referenced = HashSet::new();
         for (prefix, digest_of) in [
             (
                 keys::LINK_PREFIX,
@@ -101,42 +178,21 @@ impl Registry {
                 }
             }
         }
-        let mut removed = Removed::default();
+        Ok(referenced)
+    }
+
+    /// Takes this removal's marks off after a failure, so that pushes of
+    /// these blobs do not wait for the marks to go stale. Best effort.
+    async fn unmark_blobs(&self, marked: &HashMap<Digest, (KeyValue, u64)>) {
         for (digest, (kv, size)) in marked {
-            let key = keys::blob(&digest);
-            // The bytes go within the window or not at all: past it, a pusher
-            // may consider the mark abandoned.
-            let left = REMOVAL_WINDOW.saturating_sub(started.elapsed());
-            let deleted = !referenced.contains(&digest)
-                && !left.is_zero()
-                && match tokio::time::timeout(left, self.blobs.delete(&digest)).await {
-                    Ok(Ok(())) => true,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%digest, error = %e, "could not remove an unreferenced blob");
-                        false
-                    }
-                    Err(_) => {
-                        tracing::warn!(%digest, "removing an unreferenced blob timed out");
-                        false
-                    }
-                };
-            let end = if deleted {
-                Txn::new()
-                    .require_version(key.clone(), kv.version)
-                    .delete(key)
-            } else {
-                // Still referenced, or the bytes were not deleted: unmark, so
-                // that the blob can be linked at once again.
-                Txn::new()
-                    .require_version(key.clone(), kv.version)
-                    .put(key, encode(&BlobRecord::new(size)))
-            };
-            if self.meta.commit(end).await? && deleted {
-                removed.blobs += 1;
-                removed.bytes += size;
+            let key = keys::blob(digest);
+            let txn = Txn::new()
+                .require_version(key.clone(), kv.version)
+                .put(key, encode(&BlobRecord::new(*size)));
+            if let Err(e) = self.meta.commit(txn).await {
+                tracing::debug!(%digest, error = %e, "could not unmark a blob after a failed removal");
             }
         }
-        Ok(removed)
     }
 }
 

@@ -373,6 +373,12 @@ async fn every_route_answers_every_kind_of_caller_exactly() {
             go(Method::GET, "/berth/v1/auth/keys".into()).await
         );
         row!(
+            "POST gc (dry run)",
+            Needs::Admin,
+            200,
+            go(Method::POST, "/berth/v1/gc?dry_run=true".into()).await
+        );
+        row!(
             "GET replication status",
             Needs::Admin,
             404,
