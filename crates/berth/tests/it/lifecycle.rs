@@ -114,6 +114,7 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
+    eprintln!("berth gc --grace 0 printed:\n{stdout}");
     assert!(
         stdout.contains("removed 4 links, 5 blobs"),
         "berth gc printed: {stdout}"
