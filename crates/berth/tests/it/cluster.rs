@@ -317,6 +317,9 @@ impl Topology {
                     format!("--node-name=berth-{zone}"),
                     format!("--zone={zone}"),
                     "--shutdown-grace-secs=10".into(),
+                    // Stray links become collectable a second after their
+                    // upload (drill 5).
+                    "--link-refresh-secs=1".into(),
                 ],
                 &root,
             );
@@ -853,6 +856,118 @@ async fn verify_all(client: &Client, lb: &str, acked: &Mutex<Vec<Image>>) -> usi
     images.len()
 }
 
+/// Drill 5: garbage (stray blobs no manifest references) is collected by a
+/// run on berth-a that is killed with `kill -9` halfway, while pushes and
+/// pulls go on through haproxy; a second run through haproxy finishes, and
+/// nothing referenced is lost (the final `verify_all`).
+async fn gc_killed_mid_sweep(
+    topo: &mut Topology,
+    acked: Arc<Mutex<Vec<Image>>>,
+    load_for: Duration,
+) -> Figures {
+    use futures_util::StreamExt as _;
+    let client = new_client();
+    let lb = topo.lb.clone();
+    let strays: Vec<Vec<u8>> = (0..300).map(|_| random_bytes(fresh_seed(), 1024)).collect();
+    let digests: Vec<String> = strays.iter().map(|b| sha256_digest(b)).collect();
+    futures_util::stream::iter(strays.iter().zip(&digests))
+        .for_each_concurrent(8, |(bytes, digest)| {
+            let (client, lb) = (client.clone(), lb.clone());
+            async move {
+                let outcome =
+                    with_retry(|| push_blob(&client, &lb, "drill/garbage", digest, bytes, false))
+                        .await;
+                assert!(!outcome.failed, "stray upload failed");
+            }
+        })
+        .await;
+    // Past the second a link counts as confirmed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let remaining = async || {
+        let mut n = 0;
+        for digest in &digests {
+            let r = send(client.get(format!("{lb}/v2/drill/garbage/blobs/{digest}"))).await;
+            n += usize::from(r.status == 200);
+        }
+        n
+    };
+
+    let load = Load::start(&lb, acked, 4, 8);
+    let node_a = format!("http://127.0.0.1:{}", topo.berth_ports[0]);
+    // The run reports its phase every second: it is killed as soon as it
+    // removes bytes (links done, blobs being marked and deleted).
+    let (phases, mut phase) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let run = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let Ok(response) = client
+                .post(format!("{node_a}/berth/v1/gc?grace_secs=0"))
+                .send()
+                .await
+            else {
+                return;
+            };
+            let mut body = response.bytes_stream();
+            let mut pending = Vec::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                pending.extend_from_slice(&chunk);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if let Ok(value) = serde_json::from_slice(&line) {
+                        let _ = phases.send(value);
+                    }
+                }
+            }
+        }
+    });
+    let killed_at = loop {
+        let value = tokio::time::timeout(Duration::from_secs(60), phase.recv())
+            .await
+            .expect("garbage collection progress")
+            .expect("the collection ended without a word");
+        assert!(
+            value.get("report").is_none(),
+            "the collection finished before it could be killed: {value}"
+        );
+        if value["progress"]["phase"] == "blobs" {
+            break value;
+        }
+    };
+    topo.berth[0].kill9();
+    let _ = run.await;
+    tokio::time::sleep(load_for).await;
+    topo.berth[0].start();
+    topo.wait_berth_ready(0).await;
+
+    let out = Command::new(BIN)
+        .args(["gc", "--json", "--grace", "0", "--registry", &lb])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gc after the kill: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        topo.describe()
+    );
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tally = load.finish().await;
+    let left = remaining().await;
+    assert_eq!(left, 0, "strays left after the second run: {second}");
+    Figures {
+        name: "5. kill -9 a node mid garbage collection",
+        writes_resumed_s: None,
+        write_gap_s: None,
+        note: format!(
+            "killed in its blob phase, {} links removed by then; the next run (through haproxy, {} ms) removed {} links and the {} blobs left, none remained",
+            killed_at["progress"]["links_removed"],
+            second["duration_ms"],
+            second["links_removed"],
+            second["blobs_removed"]
+        ),
+        tally,
+    }
+}
+
 /// One upload, each step on another node, directly (not through haproxy):
 /// started and first chunk on berth-a, which is then killed; the next chunk
 /// on berth-b; the status and the completing PUT on berth-c.
@@ -1109,6 +1224,10 @@ async fn cluster_survives_node_zone_and_quorum_loss() {
             tally,
         });
     }
+
+    // Drill 5: kill -9 a node in the middle of a garbage collection, under
+    // load; the next run, on another node, finishes the work.
+    report.push(gc_killed_mid_sweep(&mut topo, acked.clone(), load_secs(4)).await);
 
     // Every acknowledged push is there, byte for byte.
     let verified = verify_all(&client, &lb, &acked).await;

@@ -25,6 +25,9 @@ use crate::records::{LinkRecord, ManifestRecord, decode, encode};
 /// within a minute of marking them.
 const BLOB_BATCH: usize = 256;
 
+/// Marks and removals in flight at once.
+const PARALLEL: usize = 16;
+
 /// Keys read per scan request (etcd answers at most 4 MiB).
 const SCAN_BATCH: usize = 1000;
 
@@ -257,10 +260,18 @@ impl Registry {
         candidates: Vec<Candidate>,
         report: &mut GcReport,
     ) -> Result<HashSet<Digest>> {
+        use futures_util::StreamExt as _;
         let mut kept = HashSet::new();
         let mut marked: HashMap<String, Vec<(Candidate, u64)>> = HashMap::new();
-        for candidate in candidates {
-            match self.mark_link(&candidate).await {
+        let mut failure = None;
+        let mut marks = futures_util::stream::iter(candidates)
+            .map(|candidate| async move {
+                let result = self.mark_link(&candidate).await;
+                (candidate, result)
+            })
+            .buffer_unordered(PARALLEL);
+        while let Some((candidate, result)) = marks.next().await {
+            match result {
                 Ok(Some(version)) => marked
                     .entry(candidate.repository.clone())
                     .or_default()
@@ -269,11 +280,13 @@ impl Registry {
                 Ok(None) => {
                     kept.insert(candidate.digest);
                 }
-                Err(e) => {
-                    self.unmark_links(marked.into_values().flatten()).await;
-                    return Err(e);
-                }
+                Err(e) => failure = Some(e),
             }
+        }
+        drop(marks);
+        if let Some(e) = failure {
+            self.unmark_links(marked.into_values().flatten()).await;
+            return Err(e);
         }
         let repositories: Vec<String> = marked.keys().cloned().collect();
         for repository in repositories {
@@ -292,20 +305,32 @@ impl Registry {
             let Some(links) = marked.remove(&repository) else {
                 continue;
             };
-            for (candidate, version) in links {
-                let key = candidate.kv.key.clone();
-                let txn = Txn::new().require_version(key.clone(), version);
-                if references.is_some_and(|r| r.contains(&candidate.digest)) {
-                    // Referenced since the first scan: unmarked.
-                    let txn = txn.put(key, encode(&candidate.record));
-                    self.meta.commit(txn).await?;
-                    kept.insert(candidate.digest);
-                } else if self.meta.commit(txn.delete(key)).await? {
+            let outcomes: Vec<(Digest, Result<bool>)> = futures_util::stream::iter(links)
+                .map(|(candidate, version)| {
+                    let referenced = references.is_some_and(|r| r.contains(&candidate.digest));
+                    async move {
+                        let key = candidate.kv.key.clone();
+                        let txn = Txn::new().require_version(key.clone(), version);
+                        let removed = if referenced {
+                            // Referenced since the first scan: unmarked.
+                            let txn = txn.put(key, encode(&candidate.record));
+                            self.meta.commit(txn).await.map(|_| false)
+                        } else {
+                            // Fails if claimed back by a push or a HEAD.
+                            self.meta.commit(txn.delete(key)).await
+                        };
+                        (candidate.digest, removed.map_err(Into::into))
+                    }
+                })
+                .buffer_unordered(PARALLEL)
+                .collect()
+                .await;
+            for (digest, removed) in outcomes {
+                if removed? {
                     report.links_removed += 1;
-                    tracing::debug!(repository, digest = %candidate.digest, "removed an unreferenced link");
+                    tracing::debug!(repository, %digest, "removed an unreferenced link");
                 } else {
-                    // Claimed back by a push or a HEAD.
-                    kept.insert(candidate.digest);
+                    kept.insert(digest);
                 }
             }
         }

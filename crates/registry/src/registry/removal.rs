@@ -18,6 +18,10 @@ pub(super) const REMOVAL_WINDOW: std::time::Duration = std::time::Duration::from
 /// died): linking the blob may proceed if its bytes are there. Far above
 /// `REMOVAL_WINDOW`, to allow for clock differences between nodes.
 pub(super) const REMOVAL_MARK_STALE_MS: u64 = 5 * 60 * 1000;
+
+/// Marks and deletes in flight at once: each is a MetaStore transaction or
+/// an object-store request of a few milliseconds, mostly waiting.
+const REMOVAL_PARALLEL: usize = 16;
 /// What a removal took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Removed {
@@ -40,19 +44,26 @@ impl Registry {
     /// unmarked; the others lose their bytes, within a bounded time of the
     /// mark, and then their record.
     pub async fn remove_unreferenced_blobs(&self, candidates: &[Digest]) -> Result<Removed> {
+        use futures_util::StreamExt as _;
         let started = std::time::Instant::now();
         let mut marked = HashMap::new();
-        for digest in candidates {
-            match self.mark_blob(digest).await {
+        let mut failure = None;
+        let mut marks = futures_util::stream::iter(candidates)
+            .map(|digest| async move { (digest, self.mark_blob(digest).await) })
+            .buffer_unordered(REMOVAL_PARALLEL);
+        while let Some((digest, result)) = marks.next().await {
+            match result {
                 Ok(Some(seen)) => {
                     marked.insert(digest.clone(), seen);
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    self.unmark_blobs(&marked).await;
-                    return Err(e);
-                }
+                Err(e) => failure = Some(e),
             }
+        }
+        drop(marks);
+        if let Some(e) = failure {
+            self.unmark_blobs(&marked).await;
+            return Err(e);
         }
         if marked.is_empty() {
             return Ok(Removed::default());
@@ -64,46 +75,70 @@ impl Registry {
                 return Err(e);
             }
         };
+        let outcomes: Vec<Result<Option<u64>>> = futures_util::stream::iter(marked)
+            .map(|(digest, (kv, size))| {
+                let still_referenced = referenced.contains(&digest);
+                async move {
+                    self.finish_removal(&digest, &kv, size, still_referenced, started)
+                        .await
+                }
+            })
+            .buffer_unordered(REMOVAL_PARALLEL)
+            .collect()
+            .await;
         let mut removed = Removed::default();
-        for (digest, (kv, size)) in marked {
-            let key = keys::blob(&digest);
-            // The bytes go within the window or not at all: past it, a pusher
-            // may consider the mark abandoned.
-            let left = REMOVAL_WINDOW.saturating_sub(started.elapsed());
-            if referenced.contains(&digest) || left.is_zero() {
-                // Still referenced, or no time left: unmark, so that the
-                // blob can be linked at once again.
-                let unmark = Txn::new()
-                    .require_version(key.clone(), kv.version)
-                    .put(key, encode(&BlobRecord::new(size)));
-                self.meta.commit(unmark).await?;
-                continue;
-            }
-            let deleted = match tokio::time::timeout(left, self.blobs.delete(&digest)).await {
-                Ok(Ok(())) => true,
-                // The delete may still happen (a blocking file removal, a
-                // request already sent): the mark stays, so that nothing
-                // links the blob until it is stale, and a link after that
-                // checks that the bytes are there.
-                Ok(Err(e)) => {
-                    tracing::warn!(%digest, error = %e, "could not remove an unreferenced blob; its mark stays until it is stale");
-                    false
-                }
-                Err(_) => {
-                    tracing::warn!(%digest, "removing an unreferenced blob timed out; its mark stays until it is stale");
-                    false
-                }
-            };
-            if deleted {
-                let forget = Txn::new()
-                    .require_version(key.clone(), kv.version)
-                    .delete(key);
-                self.meta.commit(forget).await?;
+        for outcome in outcomes {
+            if let Some(size) = outcome? {
                 removed.blobs += 1;
                 removed.bytes += size;
             }
         }
         Ok(removed)
+    }
+
+    /// Deletes a marked blob's bytes and then its record, or unmarks it if
+    /// it is still referenced or the window has passed. The size removed,
+    /// if it was.
+    async fn finish_removal(
+        &self,
+        digest: &Digest,
+        kv: &KeyValue,
+        size: u64,
+        still_referenced: bool,
+        started: std::time::Instant,
+    ) -> Result<Option<u64>> {
+        let key = keys::blob(digest);
+        // The bytes go within the window or not at all: past it, a pusher
+        // may consider the mark abandoned.
+        let left = REMOVAL_WINDOW.saturating_sub(started.elapsed());
+        if still_referenced || left.is_zero() {
+            // Unmarked, so that the blob can be linked at once again.
+            let unmark = Txn::new()
+                .require_version(key.clone(), kv.version)
+                .put(key, encode(&BlobRecord::new(size)));
+            self.meta.commit(unmark).await?;
+            return Ok(None);
+        }
+        match tokio::time::timeout(left, self.blobs.delete(digest)).await {
+            Ok(Ok(())) => {}
+            // The delete may still happen (a blocking file removal, a
+            // request already sent): the mark stays, so that nothing links
+            // the blob until it is stale, and a link after that checks that
+            // the bytes are there.
+            Ok(Err(e)) => {
+                tracing::warn!(%digest, error = %e, "could not remove an unreferenced blob; its mark stays until it is stale");
+                return Ok(None);
+            }
+            Err(_) => {
+                tracing::warn!(%digest, "removing an unreferenced blob timed out; its mark stays until it is stale");
+                return Ok(None);
+            }
+        }
+        let forget = Txn::new()
+            .require_version(key.clone(), kv.version)
+            .delete(key);
+        self.meta.commit(forget).await?;
+        Ok(Some(size))
     }
 
     /// Marks a blob's record (creating it marked, for bytes that have
