@@ -48,13 +48,16 @@ impl Registry {
         let started = std::time::Instant::now();
         let mut marked = HashMap::new();
         let mut failure = None;
-        let mut marks = futures_util::stream::iter(candidates)
-            .map(|digest| async move { (digest, self.mark_blob(digest).await) })
+        let mut marks = futures_util::stream::iter(candidates.iter().cloned())
+            .map(|digest: Digest| async move {
+                let result = self.mark_blob(&digest).await;
+                (digest, result)
+            })
             .buffer_unordered(REMOVAL_PARALLEL);
         while let Some((digest, result)) = marks.next().await {
             match result {
                 Ok(Some(seen)) => {
-                    marked.insert(digest.clone(), seen);
+                    marked.insert(digest, seen);
                 }
                 Ok(None) => {}
                 Err(e) => failure = Some(e),
