@@ -272,6 +272,12 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     if let Some(replication) = &config.replication {
         registry = registry.with_region(replication.region.clone());
     }
+    if !config.lifecycle.immutable.is_empty() {
+        let rules = config.lifecycle.immutable.clone();
+        registry = registry.with_immutable_tags(Arc::new(move |name, tag| {
+            rules.iter().any(|rule| rule.covers(name.as_str(), tag))
+        }));
+    }
     let registry = Arc::new(registry);
 
     // An embedded node recovers from a crash before serving: it keeps live

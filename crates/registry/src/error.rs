@@ -34,6 +34,16 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("corrupt metadata record: {0}")]
     CorruptRecord(String),
+    /// An `[[immutable]]` rule covers the tag: once pushed, it is neither
+    /// moved nor deleted.
+    #[error(
+        "tag {tag} of {repository} is immutable: it already points at {digest} and cannot be moved or deleted"
+    )]
+    TagImmutable {
+        repository: String,
+        tag: String,
+        digest: Digest,
+    },
 }
 
 impl RegistryError {
@@ -54,6 +64,7 @@ impl RegistryError {
             }
             RegistryError::RangeMismatch { .. } => ErrorCode::BlobUploadInvalid,
             RegistryError::RangeNotSatisfiable { .. } => ErrorCode::RangeInvalid,
+            RegistryError::TagImmutable { .. } => ErrorCode::Denied,
             RegistryError::Store(_) | RegistryError::CorruptRecord(_) => return None,
         })
     }

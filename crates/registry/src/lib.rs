@@ -14,7 +14,7 @@ mod registry;
 pub use error::RegistryError;
 pub use records::{Change, ChangeEvent, ManifestRecord, Stamp, TagHistoryEntry, UploadRecord};
 pub use registry::{
-    Applied, GcOptions, GcProgress, GcReport, Hlc, Limits, MAX_UPLOAD_PARTS, ManifestContent,
-    ORPHAN_GRACE_MS, Page, PutManifestOutcome, Registry, Removed, StateSummary, UploadStatus,
-    now_ms, stamp_ms,
+    Applied, GcOptions, GcProgress, GcReport, Hlc, ImmutableTags, Limits, MAX_UPLOAD_PARTS,
+    ManifestContent, ORPHAN_GRACE_MS, Page, PutManifestOutcome, Registry, Removed, StateSummary,
+    UploadStatus, now_ms, stamp_ms,
 };

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use berth_auth::Glob;
 use clap::Args;
 use serde::Deserialize;
 
@@ -37,6 +38,31 @@ pub struct FileLifecycle {
     gc_interval_secs: Option<u64>,
     gc_grace_secs: Option<u64>,
     link_refresh_secs: Option<u64>,
+    #[serde(default)]
+    immutable: Vec<FileImmutable>,
+}
+
+/// An `[[immutable]]` table: tags matching `tags` in repositories matching
+/// `repositories` cannot be moved or deleted once pushed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileImmutable {
+    repositories: Vec<String>,
+    tags: Vec<String>,
+}
+
+/// A parsed `[[immutable]]` rule.
+#[derive(Debug, Clone)]
+pub struct ImmutableRule {
+    pub repositories: Vec<Glob>,
+    pub tags: Vec<Glob>,
+}
+
+impl ImmutableRule {
+    pub fn covers(&self, repository: &str, tag: &str) -> bool {
+        self.repositories.iter().any(|g| g.matches(repository))
+            && self.tags.iter().any(|g| g.matches(tag))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +71,7 @@ pub struct LifecycleSettings {
     pub gc_interval: Option<Duration>,
     pub gc_grace: Duration,
     pub link_refresh: Duration,
+    pub immutable: Vec<ImmutableRule>,
 }
 
 pub(super) fn resolve(
@@ -63,9 +90,34 @@ pub(super) fn resolve(
     if refresh == 0 {
         return Err(ConfigError::Zero("link_refresh_secs"));
     }
+    let globs = |patterns: &[String], what: &str| -> Result<Vec<Glob>, ConfigError> {
+        if patterns.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "an [[immutable]] rule needs at least one pattern in {what}"
+            )));
+        }
+        patterns
+            .iter()
+            .map(|p| {
+                Glob::parse(p)
+                    .map_err(|e| ConfigError::Invalid(format!("[[immutable]] {what} {p:?}: {e}")))
+            })
+            .collect()
+    };
+    let immutable = file
+        .immutable
+        .iter()
+        .map(|rule| {
+            Ok(ImmutableRule {
+                repositories: globs(&rule.repositories, "repositories")?,
+                tags: globs(&rule.tags, "tags")?,
+            })
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
     Ok(LifecycleSettings {
         gc_interval: (interval > 0).then(|| Duration::from_secs(interval)),
         gc_grace: Duration::from_secs(grace),
         link_refresh: Duration::from_secs(refresh),
+        immutable,
     })
 }

@@ -441,3 +441,67 @@ async fn a_collector_racing_pushes_mounts_and_deletes_never_takes_a_referenced_b
     );
     assert!(runs > 1 && checked > 0 && gone > 0);
 }
+
+/// A registry whose `v*` tags of `prod/**` are immutable.
+async fn with_immutable_release_tags() -> Registry {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.toml");
+    fs::write(
+        &config,
+        "[[immutable]]\nrepositories = [\"prod/**\"]\ntags = [\"v*\"]\n",
+    )
+    .unwrap();
+    let reg = Registry::start_with(Options::new().flag("--config", config.display())).await;
+    // The file is read at startup only.
+    drop(dir);
+    reg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immutable_tags_are_pushed_once_and_never_moved_or_deleted() {
+    let reg = with_immutable_release_tags().await;
+    let first = Image::oci(fresh_seed(), 1, 1000);
+    let second = Image::oci(fresh_seed(), 1, 1000);
+    first.push(&reg, "prod/app", Some("v1")).await;
+    // The same manifest again is no move: a retried push succeeds.
+    first.push(&reg, "prod/app", Some("v1")).await;
+    second.push_blobs(&reg, "prod/app").await;
+    let moved = reg
+        .put_bytes(
+            "/v2/prod/app/manifests/v1",
+            OCI_MANIFEST,
+            second.manifest.clone(),
+        )
+        .await;
+    assert_eq!(moved.status, 403, "{}", moved.describe());
+    assert_eq!(moved.error_codes(), vec!["DENIED"]);
+    assert!(moved.text().contains("immutable"), "{}", moved.describe());
+    let deleted = reg.delete("/v2/prod/app/manifests/v1").await;
+    assert_eq!(deleted.status, 403, "{}", deleted.describe());
+    // Deleting the manifest would delete the tag with it.
+    let by_digest = reg
+        .delete(&format!("/v2/prod/app/manifests/{}", first.digest))
+        .await;
+    assert_eq!(by_digest.status, 403, "{}", by_digest.describe());
+    let r = reg.get("/v2/prod/app/manifests/v1").await;
+    assert_eq!(r.body.as_ref(), first.manifest.as_slice());
+
+    // Tags no rule names move and go as ever.
+    first.push(&reg, "prod/app", Some("latest")).await;
+    reg.push_manifest("prod/app", "latest", OCI_MANIFEST, &second.manifest)
+        .await;
+    assert_eq!(
+        reg.delete("/v2/prod/app/manifests/latest").await.status,
+        202
+    );
+    first.push(&reg, "dev/app", Some("v1")).await;
+    second.push(&reg, "dev/app", Some("v1")).await;
+    assert_eq!(reg.delete("/v2/dev/app/manifests/v1").await.status, 202);
+    // A manifest no immutable tag points at can be deleted.
+    assert_eq!(
+        reg.delete(&format!("/v2/prod/app/manifests/{}", second.digest))
+            .await
+            .status,
+        202
+    );
+}

@@ -632,3 +632,69 @@ async fn pull_to_layout(
     }
     blobs
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_cannot_move_an_immutable_tag() {
+    if !skopeo_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("berth.toml");
+    fs::write(
+        &config,
+        "[[immutable]]\nrepositories = [\"prod/**\"]\ntags = [\"v*\"]\n",
+    )
+    .unwrap();
+    let reg = Registry::start_with(
+        Options::new()
+            .flag("--config", config.display())
+            .env("BERTH_LOG", "warn"),
+    )
+    .await;
+    let src = tmp.path().join("src");
+    let mut layout = Layout::new(&src);
+    let one = layout.add_image(fresh_seed(), &[4096], "amd64");
+    layout.tag("one", OCI_MANIFEST, &one);
+    let two = layout.add_image(fresh_seed(), &[4096], "amd64");
+    layout.tag("two", OCI_MANIFEST, &two);
+    let host = reg.host_port();
+    let copy = |tag: &str| {
+        let mut cmd = std::process::Command::new("skopeo");
+        cmd.args([
+            "--insecure-policy",
+            "copy",
+            "--retry-times=0",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{tag}", src.display()),
+            &format!("docker://{host}/prod/app:v1"),
+        ]);
+        cmd
+    };
+    let first = copy("one").output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let second = copy("two").output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "moving an immutable tag succeeded"
+    );
+    assert!(stderr.contains("immutable"), "skopeo shows why: {stderr}");
+    let r = reg.get("/v2/prod/app/manifests/v1").await;
+    assert!(r.body == one, "the tag still points at the first image");
+    // skopeo delete is refused too.
+    let out = std::process::Command::new("skopeo")
+        .args([
+            "delete",
+            "--tls-verify=false",
+            &format!("docker://{host}/prod/app:v1"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(reg.get("/v2/prod/app/manifests/v1").await.status, 200);
+}

@@ -42,6 +42,7 @@ impl Registry {
         digest: &Digest,
         logged: bool,
     ) -> Result<()> {
+        let by_client = logged;
         let logged = logged && self.region.is_some();
         for _ in 0..TXN_ATTEMPTS {
             let key = keys::manifest(name, digest);
@@ -64,6 +65,9 @@ impl Registry {
                 let tag: TagRecord = decode(&kv.key, &kv.value)?;
                 if &tag.digest == digest {
                     let tag_name = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                    if by_client {
+                        self.check_mutable(name, &tag_name, digest)?;
+                    }
                     txn = txn
                         .require_version(kv.key.clone(), kv.version)
                         .delete(kv.key);

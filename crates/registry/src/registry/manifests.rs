@@ -195,6 +195,12 @@ impl Registry {
                 .meta
                 .get(keys::manifest(name, &digest).as_bytes())
                 .await?;
+            if let (Some(tag), Some(kv)) = (tag, &tag_seen) {
+                let current: TagRecord = decode(&kv.key, &kv.value)?;
+                if current.digest != digest {
+                    self.check_mutable(name, tag.as_str(), &current.digest)?;
+                }
+            }
             // Newer than everything it overwrites, here and elsewhere.
             self.observe_record::<TagRecord>(tag_seen.as_ref());
             self.observe_record::<Stamp>(tag_tomb_seen.as_ref());

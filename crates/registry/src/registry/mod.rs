@@ -115,12 +115,45 @@ pub struct Registry {
     hlc: Hlc,
     /// Signalled when a logged write commits (change feed long-polls).
     changes: tokio::sync::Notify,
+    /// Which tags clients may not move or delete once pushed.
+    immutable: Option<ImmutableTags>,
 }
+
+/// Decides whether a tag of a repository is immutable (the `[[immutable]]`
+/// rules; the registry knows nothing of their syntax).
+pub type ImmutableTags = Arc<dyn Fn(&RepositoryName, &str) -> bool + Send + Sync>;
 impl Registry {
     /// Turns replication on: local writes are logged as `region`'s.
     pub fn with_region(mut self, region: String) -> Self {
         self.region = Some(region);
         self
+    }
+
+    /// Makes the tags `rule` names immutable for clients: the first push
+    /// of such a tag succeeds, moving or deleting it afterwards is refused.
+    /// Copies from other regions and the pull-through cache follow their
+    /// source regardless (so that regions converge).
+    pub fn with_immutable_tags(mut self, rule: ImmutableTags) -> Self {
+        self.immutable = Some(rule);
+        self
+    }
+
+    /// Refuses a client's change of a tag that points at `current` if an
+    /// immutable rule covers it.
+    pub(super) fn check_mutable(
+        &self,
+        name: &RepositoryName,
+        tag: &str,
+        current: &Digest,
+    ) -> Result<()> {
+        match &self.immutable {
+            Some(rule) if rule(name, tag) => Err(RegistryError::TagImmutable {
+                repository: name.to_string(),
+                tag: tag.to_string(),
+                digest: current.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub fn new(meta: Arc<dyn MetaStore>, blobs: Arc<dyn BlobStore>, limits: Limits) -> Self {
@@ -137,6 +170,7 @@ impl Registry {
             region: None,
             hlc: Hlc::default(),
             changes: tokio::sync::Notify::new(),
+            immutable: None,
         }
     }
 

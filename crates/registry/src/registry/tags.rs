@@ -48,6 +48,9 @@ impl Registry {
         tag: &Tag,
         logged: bool,
     ) -> Result<()> {
+        // A client's delete (logged) obeys the immutable rules; the cache's
+        // own does not.
+        let by_client = logged;
         // Tombstones and the log matter only to replication.
         let logged = logged && self.region.is_some();
         let key = keys::tag(name, tag.as_str());
@@ -61,6 +64,10 @@ impl Registry {
                 .get(key.as_bytes())
                 .await?
                 .ok_or(RegistryError::ManifestUnknown)?;
+            if by_client {
+                let current: TagRecord = decode(&seen.key, &seen.value)?;
+                self.check_mutable(name, tag.as_str(), &current.digest)?;
+            }
             let txn = Txn::new()
                 .require_version(key.clone(), seen.version)
                 .delete(key.clone());
