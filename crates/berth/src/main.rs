@@ -9,6 +9,7 @@ mod gc_cmd;
 mod replication_cmd;
 mod security;
 mod serve;
+mod tags_cmd;
 mod token_cmd;
 
 use std::process::ExitCode;
@@ -82,12 +83,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A tag's history, and moving a tag back to a digest it had.
+    Tags {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: TagsCommand,
+    },
     /// API tokens for machines, and the token service's signing keys.
     Token {
         #[command(flatten)]
         connection: client::Connection,
         #[command(subcommand)]
         command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TagsCommand {
+    /// Every digest a tag pointed to, oldest first: when, from which
+    /// region, and who pushed it.
+    History {
+        /// REPOSITORY:TAG
+        image: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point a tag back at a digest it had (the manifest must still be in
+    /// the repository).
+    Restore {
+        /// REPOSITORY:TAG
+        image: String,
+        digest: String,
     },
 }
 
@@ -295,6 +323,18 @@ fn main() -> ExitCode {
             // Progress arrives every second; a minute of silence is a hang.
             let api = connection.api(std::time::Duration::from_secs(60))?;
             gc_cmd::run(&api, dry_run, grace, json).await
+        }),
+        Command::Tags {
+            connection,
+            command,
+        } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(30))?;
+            match command {
+                TagsCommand::History { image, json } => tags_cmd::history(&api, &image, json).await,
+                TagsCommand::Restore { image, digest } => {
+                    tags_cmd::restore(&api, &image, &digest).await
+                }
+            }
         }),
         Command::Token {
             connection,

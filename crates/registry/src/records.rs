@@ -35,6 +35,9 @@ pub struct TagRecord {
 pub struct TagHistoryEntry {
     pub digest: Digest,
     pub stamp: Stamp,
+    /// Who pushed it (`user:alice`, `token:ci`), when authentication knew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// A change this region made, as its change feed serves it.
@@ -61,6 +64,9 @@ pub enum Change {
         repository: String,
         tag: String,
         digest: Digest,
+        /// Who pushed it, for tag history in every region.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     Untag {
         repository: String,

@@ -68,6 +68,16 @@ fn admin_requirement(rest: &str, query: Option<&str>) -> Requirement {
     if rest == "region/serving" || rest.starts_with("replication/peers/") {
         return Requirement::RegionControl;
     }
+    // Moving a tag back is a push of it.
+    if rest == "tags/restore" {
+        let repository = berth_oci::query::parse(query)
+            .ok()
+            .and_then(|q| q.get("repository").cloned())
+            .filter(|r| RepositoryName::parse(r).is_ok());
+        if let Some(name) = repository {
+            return Requirement::Repositories(vec![(name, Action::Push)]);
+        }
+    }
     if rest == "tags/history" {
         let repository = berth_oci::query::parse(query)
             .ok()
@@ -162,5 +172,16 @@ mod tests {
             ),
             Requirement::RepositoryAdmin("team/app".into())
         );
+        assert_eq!(
+            requirement(
+                &M::POST,
+                "/berth/v1/tags/restore",
+                Some("repository=team%2Fapp&tag=v1&digest=sha256:00"),
+                MetricsAccess::Public
+            ),
+            one("team/app", Action::Push)
+        );
+        // Without a valid repository only an administrator may ask.
+        assert_eq!(req(M::POST, "/berth/v1/tags/restore"), Requirement::Admin);
     }
 }

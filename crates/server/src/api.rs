@@ -559,8 +559,9 @@ impl Ctx<'_> {
                     .await?
                     .ok_or_else(too_large)?;
                 let content_type = header_str(self.headers, &header::CONTENT_TYPE);
+                let by = crate::tags_admin::author(self.state, self.caller);
                 let outcome = registry
-                    .put_manifest(&name, &reference, content_type, bytes)
+                    .put_manifest_by(&name, &reference, content_type, bytes, by.as_deref())
                     .await?;
                 let mut headers = vec![
                     (

@@ -20,6 +20,7 @@ mod replication_admin;
 mod route;
 pub mod security;
 mod serve;
+mod tags_admin;
 pub mod tls;
 mod token;
 mod token_admin;
@@ -114,7 +115,11 @@ pub fn router(state: AppState) -> axum::Router {
             "/berth/v1/region/serving",
             axum::routing::post(replication_admin::serving),
         )
-        .route("/berth/v1/tags/history", get(replication_admin::history))
+        .route("/berth/v1/tags/history", get(tags_admin::history))
+        .route(
+            "/berth/v1/tags/restore",
+            axum::routing::post(tags_admin::restore),
+        )
         .route("/berth/v1/gc", axum::routing::post(gc::run))
         .route(
             "/berth/v1/tokens",

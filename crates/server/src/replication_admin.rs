@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use berth_oci::{ErrorCode, RepositoryName};
+use berth_oci::ErrorCode;
 use http::StatusCode;
 
 use crate::AppState;
@@ -127,31 +127,5 @@ pub async fn serving(State(state): State<AppState>, Query(query): Query<ServingQ
     match replication.set_serving(query.enabled).await {
         Ok(()) => axum::Json(serde_json::json!({ "serving": query.enabled })).into_response(),
         Err(e) => failed(e),
-    }
-}
-
-#[derive(serde::Deserialize)]
-pub struct HistoryQuery {
-    repository: String,
-    tag: String,
-}
-
-pub async fn history(State(state): State<AppState>, Query(query): Query<HistoryQuery>) -> Response {
-    let name = match RepositoryName::parse(&query.repository) {
-        Ok(n) => n,
-        Err(e) => {
-            return ApiError::new(ErrorCode::NameInvalid)
-                .message(e.to_string())
-                .into_response();
-        }
-    };
-    match state.registry.tag_history(&name, &query.tag).await {
-        Ok(entries) => axum::Json(serde_json::json!({
-            "repository": query.repository,
-            "tag": query.tag,
-            "history": entries,
-        }))
-        .into_response(),
-        Err(e) => ApiError::from(e).into_response(),
     }
 }

@@ -505,3 +505,84 @@ async fn immutable_tags_are_pushed_once_and_never_moved_or_deleted() {
         202
     );
 }
+
+fn cli(reg: &Registry, args: &[&str]) -> std::process::Output {
+    berth_cli()
+        .args(args)
+        .args(["--registry", &reg.url()])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_history_shows_every_push_and_restore_moves_a_tag_back() {
+    let reg = Registry::start().await;
+    let first = Image::oci(fresh_seed(), 1, 1000);
+    let second = Image::oci(fresh_seed(), 1, 1000);
+    first.push(&reg, "team/app", Some("v1")).await;
+    second.push(&reg, "team/app", Some("v1")).await;
+
+    let out = cli(&reg, &["tags", "history", "team/app:v1", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let digests: Vec<&str> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(digests, vec![first.digest.as_str(), second.digest.as_str()]);
+    assert_eq!(history["current"], second.digest.as_str());
+    // Who pushed, when the registry knows who is calling.
+    let by = history["history"][0]["by"].clone();
+    if secure_pass() {
+        assert_eq!(by, format!("user:{SECURE_USER}"));
+    } else {
+        assert!(by.is_null(), "{history}");
+    }
+    let at = history["history"][1]["at_ms"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(now.abs_diff(at) < 60_000, "pushed at {at}, now {now}");
+
+    // An overwrite undone.
+    let out = cli(&reg, &["tags", "restore", "team/app:v1", &first.digest]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved from"));
+    let r = reg.get("/v2/team/app/manifests/v1").await;
+    assert_eq!(r.body.as_ref(), first.manifest.as_slice());
+    let out = cli(&reg, &["tags", "history", "team/app:v1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(
+        text.lines().last().unwrap().contains(&first.digest)
+            && text.lines().last().unwrap().contains("(current)"),
+        "{text}"
+    );
+
+    // A deleted manifest cannot be brought back this way (that is the
+    // trash's job).
+    let r = reg
+        .delete(&format!("/v2/team/app/manifests/{}", second.digest))
+        .await;
+    assert_eq!(r.status, 202);
+    let out = cli(&reg, &["tags", "restore", "team/app:v1", &second.digest]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("manifest unknown"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&reg, &["tags", "restore", "team/app:v1", "sha256:nothex"]);
+    assert!(!out.status.success());
+}

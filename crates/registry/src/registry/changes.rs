@@ -326,12 +326,14 @@ impl Registry {
                 repository,
                 tag,
                 digest,
+                by,
             } => {
-                self.apply_tag(&parse(repository)?, tag, Some(digest), stamp)
+                self.apply_tag(&parse(repository)?, tag, Some(digest), stamp, by.as_deref())
                     .await
             }
             Change::Untag { repository, tag } => {
-                self.apply_tag(&parse(repository)?, tag, None, stamp).await
+                self.apply_tag(&parse(repository)?, tag, None, stamp, None)
+                    .await
             }
             // The tags the delete removed at its origin are the ones pointing
             // at the manifest with older stamps, which the delete removes
@@ -352,6 +354,7 @@ impl Registry {
         tag: &str,
         digest: Option<&Digest>,
         stamp: &Stamp,
+        by: Option<&str>,
     ) -> Result<Applied> {
         Tag::parse(tag).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
         let tag_key = keys::tag(name, tag);
@@ -376,6 +379,7 @@ impl Registry {
                     encode(&TagHistoryEntry {
                         digest: d.clone(),
                         stamp: stamp.clone(),
+                        by: by.map(str::to_string),
                     }),
                 );
             }

@@ -24,7 +24,7 @@ pub struct PutManifestOutcome {
     pub subject: Option<Digest>,
 }
 impl Registry {
-    async fn manifest_bytes(&self, digest: &Digest, size: u64) -> Result<Option<Bytes>> {
+    pub(super) async fn manifest_bytes(&self, digest: &Digest, size: u64) -> Result<Option<Bytes>> {
         if let Some(bytes) = self.manifests.as_ref().and_then(|c| c.get(digest)) {
             return Ok(Some(bytes));
         }
@@ -148,6 +148,19 @@ impl Registry {
         content_type: Option<&str>,
         bytes: Bytes,
     ) -> Result<PutManifestOutcome> {
+        self.put_manifest_by(name, reference, content_type, bytes, None)
+            .await
+    }
+
+    /// A push by `by` (`user:alice`), as tag history records it.
+    pub async fn put_manifest_by(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+        by: Option<&str>,
+    ) -> Result<PutManifestOutcome> {
         let (digest, manifest) = self.parse_manifest(reference, content_type, &bytes)?;
         // Everything the manifest references must exist before anything is
         // written, and must still exist when it is committed: each reference
@@ -168,6 +181,7 @@ impl Registry {
                 repository: name.to_string(),
                 tag: tag.as_str().to_string(),
                 digest: digest.clone(),
+                by: by.map(str::to_string),
             },
             None => Change::Manifest {
                 repository: name.to_string(),
@@ -208,7 +222,14 @@ impl Registry {
             self.observe_record::<ManifestRecord>(manifest_seen.as_ref());
             let stamp = self.local_stamp();
             let (mut txn, subject) = self
-                .manifest_txn(name, &digest, &manifest, tag, Some(&stamp), size)
+                .manifest_txn(
+                    name,
+                    &digest,
+                    &manifest,
+                    tag.map(|t| (t, by)),
+                    Some(&stamp),
+                    size,
+                )
                 .await?;
             // A delete's tombstone stays: the manifest is present because
             // this put is newer than it.
@@ -347,7 +368,7 @@ impl Registry {
     ) -> Result<(Txn, Option<Digest>)> {
         let size = bytes.len() as u64;
         self.put_manifest_bytes(digest, bytes).await?;
-        self.manifest_txn(name, digest, manifest, tag, stamp, size)
+        self.manifest_txn(name, digest, manifest, tag.map(|t| (t, None)), stamp, size)
             .await
     }
 
@@ -362,13 +383,13 @@ impl Registry {
     }
 
     /// The metadata writes that make a stored manifest visible (tagged with
-    /// `tag`), and its subject.
+    /// `tag`, pushed by whom its history names), and its subject.
     pub(super) async fn manifest_txn(
         &self,
         name: &RepositoryName,
         digest: &Digest,
         manifest: &Manifest,
-        tag: Option<&Tag>,
+        tag: Option<(&Tag, Option<&str>)>,
         stamp: Option<&Stamp>,
         size: u64,
     ) -> Result<(Txn, Option<Digest>)> {
@@ -405,7 +426,7 @@ impl Registry {
             stamp: stamp.cloned(),
         };
         let mut txn = Txn::new().put(keys::manifest(name, digest), encode(&record));
-        if let Some(tag) = tag {
+        if let Some((tag, by)) = tag {
             txn = txn.put(
                 keys::tag(name, tag.as_str()),
                 encode(&TagRecord {
@@ -420,6 +441,7 @@ impl Registry {
                     encode(&crate::records::TagHistoryEntry {
                         digest: digest.clone(),
                         stamp: stamp.clone(),
+                        by: by.map(str::to_string),
                     }),
                 );
             }

@@ -34,6 +34,34 @@ impl Registry {
         Ok(())
     }
 
+    /// Points `tag` back at `digest`, a manifest still recorded in the
+    /// repository (one it pointed to before, as tag history shows): a push
+    /// of that manifest by tag, so it is logged, replicated and recorded
+    /// in the history, and it obeys the immutable rules.
+    pub async fn restore_tag(
+        &self,
+        name: &RepositoryName,
+        tag: &Tag,
+        digest: &Digest,
+        by: Option<&str>,
+    ) -> Result<()> {
+        let Some(record) = self.find_manifest(name, digest).await? else {
+            return Err(RegistryError::ManifestUnknown);
+        };
+        let Some(bytes) = self.manifest_bytes(digest, record.size).await? else {
+            return Err(RegistryError::ManifestUnknown);
+        };
+        self.put_manifest_by(
+            name,
+            &berth_oci::Reference::Tag(tag.clone()),
+            Some(&record.media_type),
+            bytes,
+            by,
+        )
+        .await?;
+        Ok(())
+    }
+
     /// The digest a tag points at, if the tag exists.
     pub async fn find_tag(&self, name: &RepositoryName, tag: &Tag) -> Result<Option<Digest>> {
         Ok(self
