@@ -391,6 +391,75 @@ def cmd_upload(base, name, parallel, listfile):
 UNITS = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "TB": 1024 ** 4}
 
 
+def cmd_gen_garbage(base, name, count):
+    """Uploads COUNT distinct 1 KiB blobs that no manifest references, 8 at
+    a time on keep-alive connections; prints blobs/s."""
+    count = int(count)
+    host, port = split_url(base)
+    auth = os.environ.get("BENCH_AUTH")
+
+    def worker(start):
+        c = http.client.HTTPConnection(host, port, timeout=60)
+        for i in range(start, count, 8):
+            data = i.to_bytes(8, "big") * 128
+            digest = sha256_digest(data)
+            headers = {"Content-Length": "0"}
+            if auth:
+                headers["Authorization"] = auth
+            c.request("POST", f"/v2/{name}/blobs/uploads/", headers=headers)
+            r = c.getresponse()
+            r.read()
+            if r.status != 202:
+                fail(f"POST upload: HTTP {r.status}")
+            put = add_query(location_to_path(base, r.getheader("location")), "digest", digest)
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+            if auth:
+                headers["Authorization"] = auth
+            c.request("PUT", put, body=data, headers=headers)
+            r = c.getresponse()
+            r.read()
+            if r.status != 201:
+                fail(f"PUT upload: HTTP {r.status}")
+        c.close()
+
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for f in [pool.submit(worker, s) for s in range(8)]:
+            f.result()
+    print(f"{count / (time.time() - t0):.0f}")
+
+
+def cmd_push_latency(base, name, count, out):
+    """Pushes COUNT small images (config, one 4 KiB layer, manifest) one
+    after another; writes each push's milliseconds to OUT and prints p99."""
+    count = int(count)
+    times = []
+    for i in range(count):
+        seed = os.urandom(16)
+        layer = seed * 256
+        config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed.hex()}).encode()
+        t0 = time.perf_counter()
+        push_blob_bytes(base, name, layer)
+        push_blob_bytes(base, name, config)
+        manifest = json.dumps({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": sha256_digest(config), "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": sha256_digest(layer), "size": len(layer)}],
+        }).encode()
+        st, h, b = request(base, "PUT", f"/v2/{name}/manifests/t{i}", body=manifest,
+                           headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        if st != 201:
+            fail("manifest push failed: " + describe("PUT", f"/v2/{name}/manifests/t{i}", st, h, b))
+        times.append((time.perf_counter() - t0) * 1000)
+    with open(out, "w") as f:
+        f.write("\n".join(f"{t:.3f}" for t in times) + "\n")
+    times.sort()
+    print(f"{times[min(len(times) - 1, int(len(times) * 0.99))]:.1f}")
+
+
 def cmd_wrk_parse(path):
     text = open(path).read()
     m = re.search(r"Requests/sec:\s*([\d.]+)", text)
@@ -421,6 +490,9 @@ METRICS = [
     ("skopeo_push_s", "skopeo push {image}", "s", False, "{:.2f}"),
     ("skopeo_pull_s", "skopeo pull {image}", "s", False, "{:.2f}"),
     ("peak_rss_mib", "server peak RSS (VmHWM)", "MiB", False, "{:,.0f}"),
+    ("gc_blobs_per_s", "garbage collection: unreferenced 1 KiB blobs removed per second (berth online, distribution offline)", "blobs/s", True, "{:,.0f}"),
+    ("push_p99_idle_ms", "small image push p99, nothing else running", "ms", False, "{:.1f}"),
+    ("push_p99_during_gc_ms", "small image push p99 while garbage collection runs (distribution cannot)", "ms", False, "{:.1f}"),
 ]
 
 
@@ -511,6 +583,8 @@ def main(argv):
         "check-blob": (cmd_check_blob, 4),
         "upload": (cmd_upload, 4),
         "wrk-parse": (cmd_wrk_parse, 1),
+        "gen-garbage": (cmd_gen_garbage, 3),
+        "push-latency": (cmd_push_latency, 4),
         "render": (cmd_render, 3),
     }
     if len(argv) < 2 or argv[1] not in cmds:

@@ -7,10 +7,12 @@ mod cluster;
 mod config;
 mod gc_cmd;
 mod replication_cmd;
+mod retention_cmd;
 mod security;
 mod serve;
 mod tags_cmd;
 mod token_cmd;
+mod trash_cmd;
 
 use std::process::ExitCode;
 
@@ -90,6 +92,27 @@ enum Command {
         #[command(subcommand)]
         command: TagsCommand,
     },
+    /// The [[retention]] rules of a running registry.
+    Retention {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
+    /// What clients deleted and the trash still keeps.
+    Trash {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: TrashCommand,
+    },
+    /// Bring back a deleted manifest (REPOSITORY@DIGEST, with the tags its
+    /// delete removed) or a deleted tag (REPOSITORY:TAG) from the trash.
+    Undelete {
+        #[command(flatten)]
+        connection: client::Connection,
+        image: String,
+    },
     /// API tokens for machines, and the token service's signing keys.
     Token {
         #[command(flatten)]
@@ -116,6 +139,30 @@ enum TagsCommand {
         /// REPOSITORY:TAG
         image: String,
         digest: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// What the rules would delete today.
+    Plan {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the rules now (the job does it every --retention-interval-secs).
+    Apply,
+}
+
+#[derive(Subcommand)]
+enum TrashCommand {
+    /// Deleted manifests and tags, newest first, with when they expire.
+    Ls {
+        /// Only this repository.
+        repository: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -335,6 +382,27 @@ fn main() -> ExitCode {
                     tags_cmd::restore(&api, &image, &digest).await
                 }
             }
+        }),
+        Command::Retention {
+            connection,
+            command,
+        } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(120))?;
+            match command {
+                RetentionCommand::Plan { json } => retention_cmd::plan(&api, json).await,
+                RetentionCommand::Apply => retention_cmd::apply(&api).await,
+            }
+        }),
+        Command::Trash {
+            connection,
+            command: TrashCommand::Ls { repository, json },
+        } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(30))?;
+            trash_cmd::list(&api, repository.as_deref(), json).await
+        }),
+        Command::Undelete { connection, image } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(60))?;
+            trash_cmd::undelete(&api, &image).await
         }),
         Command::Token {
             connection,

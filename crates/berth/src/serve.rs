@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
-use berth_server::{AppState, GarbageCollector, Metrics, RequestLimits, ServeOptions, Shared};
+use berth_server::{
+    AppState, GarbageCollector, Metrics, RequestLimits, Retention, ServeOptions, Shared,
+};
 use berth_store::blob::fs::FsOptions;
 use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
 use berth_store::{
@@ -266,6 +268,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             manifest_cache_bytes: config.manifest_cache_bytes,
             upload_ttl_ms: config.upload_ttl.as_millis() as u64,
             link_refresh_ms: config.lifecycle.link_refresh.as_millis() as u64,
+            trash_retention_ms: config.lifecycle.trash_retention.as_millis() as u64,
             ..Limits::default()
         },
     );
@@ -309,8 +312,13 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         registry.clone(),
         config.lifecycle.gc_grace,
     ));
+    let retention = Arc::new(Retention::new(
+        registry.clone(),
+        retention_rules(&config.lifecycle.retention, &config.cache),
+    ));
     let metrics = Metrics::with_extra(|prometheus| {
         gc.register_metrics(prometheus);
+        retention.register_metrics(prometheus);
         security.security.register_metrics(prometheus);
         if let Some(tls) = &security.tls {
             tls.register_metrics(prometheus);
@@ -329,6 +337,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         replication: replicator.clone(),
         security: security.security.clone(),
         gc: gc.clone(),
+        retention: retention.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -384,6 +393,23 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             }
         }))
     });
+
+    // Retention rules, on one node of the region, when there are some.
+    let retainer = config
+        .lifecycle
+        .retention_interval
+        .filter(|_| retention.has_rules())
+        .map(|interval| {
+            let retention = retention.clone();
+            tokio::spawn(node.clone().run_as_leader("retention", interval, move || {
+                let retention = retention.clone();
+                async move {
+                    // Logged and counted by the service; the next interval
+                    // runs again.
+                    let _ = retention.apply().await;
+                }
+            }))
+        });
 
     let evictor = cache
         .clone()
@@ -497,7 +523,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     for worker in workers {
         worker.abort();
     }
-    for job in [evictor, collector].into_iter().flatten() {
+    for job in [evictor, collector, retainer].into_iter().flatten() {
         job.abort();
     }
     maintainer.abort();
@@ -524,4 +550,36 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// The `[[retention]]` rules as the registry applies them. Repositories of
+/// the pull-through cache are never retained by a rule: the cache evicts
+/// by its own size limit and keeps what is pinned.
+fn retention_rules(
+    settings: &[crate::config::RetentionSetting],
+    cache: &crate::config::CacheSettings,
+) -> Vec<berth_registry::RetentionRule> {
+    let cached: Vec<String> = cache
+        .upstreams
+        .iter()
+        .map(|u| format!("{}/", u.namespace))
+        .collect();
+    settings
+        .iter()
+        .map(|rule| {
+            let repositories = rule.repositories.clone();
+            let cached = cached.clone();
+            let keep_tags = rule.keep_tags.clone();
+            berth_registry::RetentionRule {
+                repositories: Arc::new(move |name: &str| {
+                    !cached.iter().any(|ns| name.starts_with(ns.as_str()))
+                        && repositories.iter().any(|g| g.matches(name))
+                }),
+                keep_last: rule.keep_last,
+                keep_newer_than_ms: rule.keep_days.map(|d| d.saturating_mul(86_400_000)),
+                keep_tags: Arc::new(move |tag: &str| keep_tags.iter().any(|g| g.matches(tag))),
+                untagged_older_than_ms: rule.untagged_days.map(|d| d.saturating_mul(86_400_000)),
+            }
+        })
+        .collect()
 }

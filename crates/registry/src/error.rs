@@ -44,6 +44,10 @@ pub enum RegistryError {
         tag: String,
         digest: Digest,
     },
+    /// What a retention rule planned to delete changed meanwhile (it is
+    /// left alone).
+    #[error("changed since it was planned: {0}")]
+    Changed(String),
 }
 
 impl RegistryError {
@@ -65,6 +69,7 @@ impl RegistryError {
             RegistryError::RangeMismatch { .. } => ErrorCode::BlobUploadInvalid,
             RegistryError::RangeNotSatisfiable { .. } => ErrorCode::RangeInvalid,
             RegistryError::TagImmutable { .. } => ErrorCode::Denied,
+            RegistryError::Changed(_) => ErrorCode::ManifestUnknown,
             RegistryError::Store(_) | RegistryError::CorruptRecord(_) => return None,
         })
     }

@@ -107,3 +107,38 @@ pub fn tag_history(name: &RepositoryName, tag: &str, stamp: &crate::records::Sta
 
 pub const TAG_PREFIX: &str = "tag/";
 pub const MANIFEST_PREFIX: &str = "manifest/";
+
+pub const TRASH_MANIFEST_PREFIX: &str = "trash/m/";
+pub const TRASH_TAG_PREFIX: &str = "trash/t/";
+
+/// A manifest in the trash.
+pub fn trash_manifest(name: &RepositoryName, digest: &Digest) -> String {
+    format!("{TRASH_MANIFEST_PREFIX}{name}@{digest}")
+}
+
+/// A tag in the trash.
+pub fn trash_tag(name: &RepositoryName, tag: &str) -> String {
+    format!("{TRASH_TAG_PREFIX}{name}:{tag}")
+}
+
+/// The repository and digest of a trashed manifest's key.
+pub fn trash_manifest_parts(key: &[u8]) -> Option<(&str, Digest)> {
+    let rest = std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(TRASH_MANIFEST_PREFIX)?;
+    let (name, digest) = rest.split_once('@')?;
+    Some((name, digest.parse().ok()?))
+}
+
+/// The digest of a trashed manifest's key.
+pub fn trash_manifest_digest(key: &[u8]) -> Option<Digest> {
+    trash_manifest_parts(key).map(|(_, d)| d)
+}
+
+/// The repository and tag of a trashed tag's key.
+pub fn trash_tag_parts(key: &[u8]) -> Option<(&str, &str)> {
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(TRASH_TAG_PREFIX)?
+        .split_once(':')
+}

@@ -15,6 +15,7 @@ pub use error::RegistryError;
 pub use records::{Change, ChangeEvent, ManifestRecord, Stamp, TagHistoryEntry, UploadRecord};
 pub use registry::{
     Applied, GcOptions, GcProgress, GcReport, Hlc, ImmutableTags, Limits, MAX_UPLOAD_PARTS,
-    ManifestContent, ORPHAN_GRACE_MS, Page, PutManifestOutcome, Registry, Removed, StateSummary,
-    UploadStatus, now_ms, stamp_ms,
+    ManifestContent, NameMatcher, ORPHAN_GRACE_MS, Page, PlannedManifest, PlannedTag,
+    PutManifestOutcome, Registry, Removed, RetentionPlan, RetentionReport, RetentionRule,
+    StateSummary, TrashEntry, Undeleted, UploadStatus, now_ms, stamp_ms,
 };

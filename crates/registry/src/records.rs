@@ -127,6 +127,28 @@ pub struct PlatformChild {
     pub architecture: String,
 }
 
+/// A manifest a client deleted, kept for the trash's retention so that
+/// `berth undelete` can bring it back (with the tags the delete removed).
+/// While it is there, garbage collection keeps the manifest's bytes and
+/// the links of everything it references.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrashedManifest {
+    pub record: ManifestRecord,
+    pub tags: Vec<String>,
+    pub deleted_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// A tag a client deleted (by tag), and the digest it pointed at.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrashedTag {
+    pub digest: Digest,
+    pub deleted_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
 /// A blob's visibility in one repository.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinkRecord {

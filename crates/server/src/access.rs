@@ -158,6 +158,8 @@ mod tests {
             "/berth/v1/tokens/ci",
             "/berth/v1/auth/keys",
             "/berth/v1/gc",
+            "/berth/v1/retention/plan",
+            "/berth/v1/retention/apply",
             "/berth/v1/unknown",
             "/berth/v1",
         ] {

@@ -577,7 +577,10 @@ impl Ctx<'_> {
                 Ok(with_headers(StatusCode::CREATED, headers, Body::empty()))
             }
             Method::DELETE => {
-                registry.delete_manifest(&name, &reference).await?;
+                let by = crate::tags_admin::author(self.state, self.caller);
+                registry
+                    .delete_manifest_by(&name, &reference, by.as_deref())
+                    .await?;
                 Ok(with_headers(
                     StatusCode::ACCEPTED,
                     vec![(header::CONTENT_LENGTH, "0".into())],

@@ -17,6 +17,7 @@ mod metrics;
 mod middleware;
 mod reload;
 mod replication_admin;
+mod retention;
 mod route;
 pub mod security;
 mod serve;
@@ -24,6 +25,7 @@ mod tags_admin;
 pub mod tls;
 mod token;
 mod token_admin;
+mod trash_admin;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -35,6 +37,7 @@ use berth_replication::Replicator;
 pub use gc::GarbageCollector;
 pub use metrics::Metrics;
 pub use reload::{FileWatch, fingerprint as reload_fingerprint, watch as watch_files};
+pub use retention::Retention;
 pub use security::{Cidr, Security};
 pub use serve::{ConnInfo, ServeOptions, serve};
 
@@ -71,6 +74,8 @@ pub struct Shared {
     pub security: Arc<Security>,
     /// Garbage collection, for the admin endpoint and the job.
     pub gc: Arc<GarbageCollector>,
+    /// Retention rules, for the admin endpoints and the job.
+    pub retention: Arc<Retention>,
 }
 
 /// Protection against slow or too many clients.
@@ -121,6 +126,16 @@ pub fn router(state: AppState) -> axum::Router {
             axum::routing::post(tags_admin::restore),
         )
         .route("/berth/v1/gc", axum::routing::post(gc::run))
+        .route("/berth/v1/trash", get(trash_admin::list))
+        .route("/berth/v1/retention/plan", get(retention::plan))
+        .route(
+            "/berth/v1/retention/apply",
+            axum::routing::post(retention::apply),
+        )
+        .route(
+            "/berth/v1/undelete",
+            axum::routing::post(trash_admin::undelete),
+        )
         .route(
             "/berth/v1/tokens",
             get(token_admin::list).post(token_admin::create),

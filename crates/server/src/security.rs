@@ -672,6 +672,20 @@ fn audited(
         Requirement::Repositories(_) => {}
         _ => return None,
     }
+    // Operator endpoints that act on one repository with a push's right.
+    if let Some(admin) = uri.path().strip_prefix("/berth/v1/") {
+        let query = berth_oci::query::parse(uri.query()).unwrap_or_default();
+        event.event = match admin {
+            "tags/restore" => "tag_restore",
+            "undelete" => "undelete",
+            _ => return None,
+        };
+        event.action = "push";
+        event.repository = query.get("repository").cloned();
+        event.reference = query.get("tag").or_else(|| query.get("reference")).cloned();
+        event.digest = query.get("digest").cloned();
+        return Some(event);
+    }
     match Route::parse(uri.path()) {
         Route::Manifest { name, reference } if *method == Method::PUT => {
             event.event = "push";

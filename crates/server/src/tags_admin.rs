@@ -2,11 +2,12 @@
 //! `GET /berth/v1/tags/history?repository=NAME&tag=TAG` lists every digest
 //! the tag pointed to (oldest first), when, from which region and by whom;
 //! `POST /berth/v1/tags/restore?repository=NAME&tag=TAG&digest=DIGEST`
-//! points the tag at a manifest it pointed to before (a push, so it is
-//! logged, replicated and recorded in the history like one).
+//! points the tag at a manifest of the repository, usually one it pointed
+//! to before (a push, so it is logged, replicated, audited and recorded in
+//! the history like one).
 
 use axum::Extension;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use berth_oci::{Digest, ErrorCode, RepositoryName, Tag};
 
@@ -14,14 +15,42 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::security::Caller;
 
-#[derive(serde::Deserialize)]
-pub struct HistoryQuery {
-    repository: String,
-    tag: String,
-}
-
 fn invalid(code: ErrorCode, e: impl std::fmt::Display) -> Response {
     ApiError::new(code).message(e.to_string()).into_response()
+}
+
+/// The query's pairs, parsed as the access check parsed them; a repeated
+/// key is refused, so that what the check read is what the handler acts on.
+/// The error is the message for a `400`.
+pub fn single_values(
+    query: Option<&str>,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    let pairs = berth_oci::query::parse_pairs(query).map_err(|e| format!("invalid query: {e}"))?;
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        if out.insert(k.clone(), v).is_some() {
+            return Err(format!("parameter {k:?} given twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// The named parameters, all required; the error is the message for a
+/// `400`.
+fn required<const N: usize>(query: Option<&str>, names: [&str; N]) -> Result<[String; N], String> {
+    let mut pairs = single_values(query)?;
+    let mut out: [String; N] = std::array::from_fn(|_| String::new());
+    for (slot, name) in out.iter_mut().zip(names) {
+        *slot = pairs
+            .remove(name)
+            .ok_or_else(|| format!("parameter {name} is required"))?;
+    }
+    Ok(out)
+}
+
+/// A `400` for a bad query.
+pub fn bad_query(message: String) -> Response {
+    invalid(ErrorCode::Unsupported, message)
 }
 
 /// Who a history entry names for this caller: none without authentication.
@@ -32,12 +61,16 @@ pub fn author(state: &AppState, caller: Option<&Caller>) -> Option<String> {
     caller.map(|c| c.identity.display())
 }
 
-pub async fn history(State(state): State<AppState>, Query(query): Query<HistoryQuery>) -> Response {
-    let name = match RepositoryName::parse(&query.repository) {
+pub async fn history(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let [repository, tag] = match required(query.as_deref(), ["repository", "tag"]) {
+        Ok(v) => v,
+        Err(m) => return bad_query(m),
+    };
+    let name = match RepositoryName::parse(&repository) {
         Ok(n) => n,
         Err(e) => return invalid(ErrorCode::NameInvalid, e),
     };
-    let tag = match Tag::parse(&query.tag) {
+    let tag = match Tag::parse(&tag) {
         Ok(t) => t,
         Err(e) => return invalid(ErrorCode::ManifestInvalid, e),
     };
@@ -47,8 +80,8 @@ pub async fn history(State(state): State<AppState>, Query(query): Query<HistoryQ
     };
     match state.registry.tag_history(&name, tag.as_str()).await {
         Ok(entries) => axum::Json(serde_json::json!({
-            "repository": query.repository,
-            "tag": query.tag,
+            "repository": repository,
+            "tag": tag.as_str(),
             "current": current,
             "history": entries
                 .iter()
@@ -66,27 +99,25 @@ pub async fn history(State(state): State<AppState>, Query(query): Query<HistoryQ
     }
 }
 
-#[derive(serde::Deserialize)]
-pub struct RestoreQuery {
-    repository: String,
-    tag: String,
-    digest: String,
-}
-
 pub async fn restore(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
-    Query(query): Query<RestoreQuery>,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    let name = match RepositoryName::parse(&query.repository) {
+    let [repository, tag, digest] =
+        match required(query.as_deref(), ["repository", "tag", "digest"]) {
+            Ok(v) => v,
+            Err(m) => return bad_query(m),
+        };
+    let name = match RepositoryName::parse(&repository) {
         Ok(n) => n,
         Err(e) => return invalid(ErrorCode::NameInvalid, e),
     };
-    let tag = match Tag::parse(&query.tag) {
+    let tag = match Tag::parse(&tag) {
         Ok(t) => t,
         Err(e) => return invalid(ErrorCode::ManifestInvalid, e),
     };
-    let digest: Digest = match query.digest.parse() {
+    let digest: Digest = match digest.parse() {
         Ok(d) => d,
         Err(e) => return invalid(ErrorCode::DigestInvalid, e),
     };
@@ -101,8 +132,8 @@ pub async fn restore(
         .await
     {
         Ok(()) => axum::Json(serde_json::json!({
-            "repository": query.repository,
-            "tag": query.tag,
+            "repository": repository,
+            "tag": tag.as_str(),
             "digest": digest,
             "previous": previous,
         }))

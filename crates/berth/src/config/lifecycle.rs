@@ -29,6 +29,15 @@ pub struct LifecycleArgs {
     /// the grace period [default: 600].
     #[arg(long, env = "BERTH_LINK_REFRESH_SECS")]
     pub link_refresh_secs: Option<u64>,
+    /// Keep manifests and tags that clients delete this many days, so that
+    /// `berth undelete` can bring them back; 0 turns the trash off
+    /// [default: 7].
+    #[arg(long, env = "BERTH_TRASH_RETENTION_DAYS")]
+    pub trash_retention_days: Option<u64>,
+    /// With [[retention]] rules: apply them this often, on one node of the
+    /// region; 0 only plans (`berth retention plan`) [default: 3600].
+    #[arg(long, env = "BERTH_RETENTION_INTERVAL_SECS")]
+    pub retention_interval_secs: Option<u64>,
 }
 
 /// The same keys in the TOML file (flattened into it, so unknown keys are
@@ -38,8 +47,34 @@ pub struct FileLifecycle {
     gc_interval_secs: Option<u64>,
     gc_grace_secs: Option<u64>,
     link_refresh_secs: Option<u64>,
+    trash_retention_days: Option<u64>,
+    retention_interval_secs: Option<u64>,
     #[serde(default)]
     immutable: Vec<FileImmutable>,
+    #[serde(default)]
+    retention: Vec<FileRetention>,
+}
+
+/// A `[[retention]]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRetention {
+    repositories: Vec<String>,
+    keep_last: Option<usize>,
+    keep_days: Option<u64>,
+    #[serde(default)]
+    keep_tags: Vec<String>,
+    untagged_days: Option<u64>,
+}
+
+/// A parsed `[[retention]]` rule (see docs/lifecycle.md).
+#[derive(Debug, Clone)]
+pub struct RetentionSetting {
+    pub repositories: Vec<Glob>,
+    pub keep_last: Option<usize>,
+    pub keep_days: Option<u64>,
+    pub keep_tags: Vec<Glob>,
+    pub untagged_days: Option<u64>,
 }
 
 /// An `[[immutable]]` table: tags matching `tags` in repositories matching
@@ -71,7 +106,12 @@ pub struct LifecycleSettings {
     pub gc_interval: Option<Duration>,
     pub gc_grace: Duration,
     pub link_refresh: Duration,
+    /// Zero: no trash.
+    pub trash_retention: Duration,
     pub immutable: Vec<ImmutableRule>,
+    pub retention: Vec<RetentionSetting>,
+    /// `None`: rules are only planned.
+    pub retention_interval: Option<Duration>,
 }
 
 pub(super) fn resolve(
@@ -114,10 +154,61 @@ pub(super) fn resolve(
             })
         })
         .collect::<Result<Vec<_>, ConfigError>>()?;
+    let mut retention = Vec::new();
+    for rule in &file.retention {
+        if rule.keep_last.is_none() && rule.keep_days.is_none() && rule.untagged_days.is_none() {
+            return Err(ConfigError::Invalid(
+                "a [[retention]] rule needs keep_last, keep_days or untagged_days".into(),
+            ));
+        }
+        let keep_tags = rule
+            .keep_tags
+            .iter()
+            .map(|p| {
+                Glob::parse(p).map_err(|e| {
+                    ConfigError::Invalid(format!("[[retention]] keep_tags {p:?}: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let repositories = rule
+            .repositories
+            .iter()
+            .map(|p| {
+                Glob::parse(p).map_err(|e| {
+                    ConfigError::Invalid(format!("[[retention]] repositories {p:?}: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        if repositories.is_empty() {
+            return Err(ConfigError::Invalid(
+                "a [[retention]] rule needs at least one pattern in repositories".into(),
+            ));
+        }
+        retention.push(RetentionSetting {
+            repositories,
+            keep_last: rule.keep_last,
+            keep_days: rule.keep_days,
+            keep_tags,
+            untagged_days: rule.untagged_days,
+        });
+    }
+    let retention_interval = args
+        .retention_interval_secs
+        .or(file.retention_interval_secs)
+        .unwrap_or(3600);
     Ok(LifecycleSettings {
+        retention,
+        retention_interval: (retention_interval > 0)
+            .then(|| Duration::from_secs(retention_interval)),
         gc_interval: (interval > 0).then(|| Duration::from_secs(interval)),
         gc_grace: Duration::from_secs(grace),
         link_refresh: Duration::from_secs(refresh),
+        trash_retention: Duration::from_secs(
+            args.trash_retention_days
+                .or(file.trash_retention_days)
+                .unwrap_or(7)
+                .saturating_mul(86_400),
+        ),
         immutable,
     })
 }

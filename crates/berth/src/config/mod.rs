@@ -17,7 +17,7 @@ mod security;
 use cache::upstreams;
 pub use cache::{CacheSettings, FileUpstream};
 pub use engines::{EtcdAccess, Metadata, Storage};
-pub use lifecycle::{LifecycleArgs, LifecycleSettings};
+pub use lifecycle::{LifecycleArgs, LifecycleSettings, RetentionSetting};
 use replication::replication;
 pub use replication::{FilePeer, ReplicationSettings};
 pub use security::{SecurityArgs, SecuritySettings};

@@ -72,7 +72,13 @@ fn image_with(seed: u64, shared: &[Vec<u8>]) -> Image {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_and_reports_only_what_nothing_references() {
-    let reg = Registry::start_with(Options::new().flag("--link-refresh-secs", 1)).await;
+    // No trash: a deleted image is garbage at once.
+    let reg = Registry::start_with(
+        Options::new()
+            .flag("--link-refresh-secs", 1)
+            .flag("--trash-retention-days", 0),
+    )
+    .await;
     let kept = Image::oci(fresh_seed(), 2, 3000);
     let deleted = Image::oci(fresh_seed(), 2, 5000);
     kept.push(&reg, "gc/app", Some("1")).await;
@@ -275,7 +281,14 @@ async fn push_until_acknowledged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_racing_pushes_mounts_and_deletes_never_takes_a_referenced_byte() {
-    let reg = Arc::new(Registry::start_with(Options::new().flag("--link-refresh-secs", 1)).await);
+    let reg = Arc::new(
+        Registry::start_with(
+            Options::new()
+                .flag("--link-refresh-secs", 1)
+                .flag("--trash-retention-days", 0),
+        )
+        .await,
+    );
     let seconds: u64 = std::env::var("BERTH_IT_GC_RACE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -585,4 +598,162 @@ async fn tag_history_shows_every_push_and_restore_moves_a_tag_back() {
     );
     let out = cli(&reg, &["tags", "restore", "team/app:v1", "sha256:nothex"]);
     assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_images_wait_in_the_trash_and_come_back_byte_identical() {
+    let reg = Registry::start_with(Options::new().flag("--link-refresh-secs", 1)).await;
+    let image = Image::oci(fresh_seed(), 2, 2000);
+    let other = Image::oci(fresh_seed(), 1, 2000);
+    image.push(&reg, "team/app", Some("v1")).await;
+    image.push(&reg, "team/app", Some("v2")).await;
+    other.push(&reg, "team/app", Some("b")).await;
+    let r = reg
+        .delete(&format!("/v2/team/app/manifests/{}", image.digest))
+        .await;
+    assert_eq!(r.status, 202);
+    assert_eq!(reg.get("/v2/team/app/manifests/v1").await.status, 404);
+    assert_eq!(reg.delete("/v2/team/app/manifests/b").await.status, 202);
+
+    let out = cli(&reg, &["trash", "ls", "team/app", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trash: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = trash["trash"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{trash}");
+    let manifest = entries.iter().find(|e| e["tag"].is_null()).unwrap();
+    assert_eq!(manifest["digest"], image.digest.as_str());
+    let mut tags: Vec<&str> = manifest["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    tags.sort();
+    assert_eq!(tags, vec!["v1", "v2"]);
+    let day = 86_400_000;
+    let kept_for =
+        manifest["expires_ms"].as_u64().unwrap() - manifest["deleted_ms"].as_u64().unwrap();
+    assert_eq!(kept_for, 7 * day, "the default retention");
+
+    // Garbage collection leaves what the trash holds.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let report = gc_json(&reg, &["--grace", "0"]);
+    assert_eq!(report["blobs_removed"], 0, "{report}");
+    assert_eq!(report["links_removed"], 0, "{report}");
+
+    let out = cli(&reg, &["undelete", &format!("team/app@{}", image.digest)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is back"));
+    for tag in ["v1", "v2"] {
+        let r = reg.get(&format!("/v2/team/app/manifests/{tag}")).await;
+        assert_eq!(r.status, 200, "{tag}: {}", r.describe());
+        assert_eq!(r.body.as_ref(), image.manifest.as_slice());
+    }
+    for blob in image.blobs() {
+        assert_eq!(reg.blob_bytes("team/app", &sha256_digest(blob)).await, blob);
+    }
+    let out = cli(&reg, &["undelete", "team/app:b"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = reg.get("/v2/team/app/manifests/b").await;
+    assert_eq!(r.body.as_ref(), other.manifest.as_slice());
+    // Out of the trash once back; a second undelete finds nothing.
+    let out = cli(&reg, &["trash", "ls", "team/app", "--json"]);
+    let trash: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(trash["trash"].as_array().unwrap().len(), 0, "{trash}");
+    assert!(!cli(&reg, &["undelete", "team/app:b"]).status.success());
+
+    // With the trash off, a delete is final: the next collection takes it.
+    let final_reg = Registry::start_with(
+        Options::new()
+            .flag("--link-refresh-secs", 1)
+            .flag("--trash-retention-days", 0),
+    )
+    .await;
+    image.push(&final_reg, "team/app", Some("v1")).await;
+    let r = final_reg
+        .delete(&format!("/v2/team/app/manifests/{}", image.digest))
+        .await;
+    assert_eq!(r.status, 202);
+    let out = cli(&final_reg, &["trash", "ls", "--json"]);
+    let trash: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(trash["trash"].as_array().unwrap().len(), 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let report = gc_json(&final_reg, &["--grace", "0"]);
+    assert_eq!(report["blobs_removed"], 4, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_plans_and_applies_its_rules_to_the_trash() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.toml");
+    fs::write(
+        &config,
+        "retention_interval_secs = 0\n\
+         [[retention]]\nrepositories = [\"ci/**\"]\nkeep_last = 1\nkeep_tags = [\"latest\"]\n\
+         [[immutable]]\nrepositories = [\"ci/**\"]\ntags = [\"v*\"]\n",
+    )
+    .unwrap();
+    let reg = Registry::start_with(Options::new().flag("--config", config.display())).await;
+    let mut images = Vec::new();
+    for tag in ["v1", "t1", "t2", "latest", "t3"] {
+        let image = Image::oci(fresh_seed(), 1, 500);
+        image.push(&reg, "ci/app", Some(tag)).await;
+        images.push(image);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let kept = Image::oci(fresh_seed(), 1, 500);
+    kept.push(&reg, "prod/app", Some("t0")).await;
+
+    let out = cli(&reg, &["retention", "plan", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut tags: Vec<&str> = plan["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tag"].as_str().unwrap())
+        .collect();
+    tags.sort();
+    // t3 is the newest, latest is kept by name, v1 is immutable.
+    assert_eq!(tags, vec!["t1", "t2"], "{plan}");
+    assert_eq!(plan["immutable_kept"], 1);
+    let text = cli(&reg, &["retention", "plan"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("2 tags and 0 untagged manifests"));
+
+    let out = cli(&reg, &["retention", "apply"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted 2 tags"));
+    let mut left = reg.tags("ci/app").await;
+    left.sort();
+    assert_eq!(left, vec!["latest", "t3", "v1"]);
+    assert_eq!(reg.tags("prod/app").await, vec!["t0"]);
+    // What a rule deleted waits in the trash like a client's delete.
+    let out = cli(&reg, &["undelete", "ci/app:t1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = reg.get("/v2/ci/app/manifests/t1").await;
+    assert_eq!(r.body.as_ref(), images[1].manifest.as_slice());
 }

@@ -3,10 +3,38 @@
 use berth_oci::{Digest, Reference, RepositoryName};
 use berth_store::Txn;
 
-use super::{Registry, Result, TXN_ATTEMPTS, backoff, changes};
+use super::{Registry, Result, TXN_ATTEMPTS, backoff, changes, now_ms};
 use crate::RegistryError;
 use crate::keys;
-use crate::records::{Change, ManifestRecord, Stamp, TagRecord, decode, encode};
+use crate::records::{Change, ManifestRecord, Stamp, TagRecord, TrashedManifest, decode, encode};
+
+/// Who deletes: what the delete obeys and leaves behind.
+#[derive(Clone, Copy)]
+pub(super) enum Deleter<'a> {
+    /// A client (named, when authentication knows it): the delete is logged
+    /// for other regions, obeys the immutable rules, and goes to the trash.
+    Client(Option<&'a str>),
+    /// A retention rule, like a client, but only while what it planned to
+    /// delete is unchanged: a tag still at `Some(digest)`, a manifest still
+    /// without tags (`None`).
+    Rule(Option<&'a Digest>),
+    /// The pull-through cache's own (an eviction, an upstream's tag gone).
+    Cache,
+}
+
+impl Deleter<'_> {
+    pub(super) fn is_client(&self) -> bool {
+        !matches!(self, Deleter::Cache)
+    }
+
+    pub(super) fn by(&self) -> Option<String> {
+        match self {
+            Deleter::Client(by) => by.map(str::to_string),
+            Deleter::Rule(_) => Some("retention".into()),
+            Deleter::Cache => None,
+        }
+    }
+}
 
 impl Registry {
     /// Deletes a tag (by tag) or a manifest with every tag pointing at it
@@ -16,34 +44,50 @@ impl Registry {
         name: &RepositoryName,
         reference: &Reference,
     ) -> Result<()> {
+        self.delete_manifest_by(name, reference, None).await
+    }
+
+    /// A client's delete by `by` (`user:alice`), as the trash records it.
+    pub async fn delete_manifest_by(
+        &self,
+        name: &RepositoryName,
+        reference: &Reference,
+        by: Option<&str>,
+    ) -> Result<()> {
+        let deleter = Deleter::Client(by);
         match reference {
-            Reference::Tag(tag) => self.delete_tag(name, tag, true).await,
-            Reference::Digest(digest) => self.delete_manifest_by_digest(name, digest, true).await,
+            Reference::Tag(tag) => self.delete_tag(name, tag, deleter).await,
+            Reference::Digest(digest) => {
+                self.delete_manifest_by_digest(name, digest, deleter).await
+            }
         }
     }
 
     /// A delete of the pull-through cache's own (an eviction, an upstream's
     /// tag gone): not a change of this region's, so neither logged for
-    /// other regions nor kept as a tombstone.
+    /// other regions nor kept as a tombstone or in the trash.
     pub async fn forget_manifest(
         &self,
         name: &RepositoryName,
         reference: &Reference,
     ) -> Result<()> {
         match reference {
-            Reference::Tag(tag) => self.delete_tag(name, tag, false).await,
-            Reference::Digest(digest) => self.delete_manifest_by_digest(name, digest, false).await,
+            Reference::Tag(tag) => self.delete_tag(name, tag, Deleter::Cache).await,
+            Reference::Digest(digest) => {
+                self.delete_manifest_by_digest(name, digest, Deleter::Cache)
+                    .await
+            }
         }
     }
 
-    async fn delete_manifest_by_digest(
+    pub(super) async fn delete_manifest_by_digest(
         &self,
         name: &RepositoryName,
         digest: &Digest,
-        logged: bool,
+        deleter: Deleter<'_>,
     ) -> Result<()> {
-        let by_client = logged;
-        let logged = logged && self.region.is_some();
+        let by_client = deleter.is_client();
+        let logged = by_client && self.region.is_some();
         for _ in 0..TXN_ATTEMPTS {
             let key = keys::manifest(name, digest);
             let seen = self
@@ -65,6 +109,11 @@ impl Registry {
                 let tag: TagRecord = decode(&kv.key, &kv.value)?;
                 if &tag.digest == digest {
                     let tag_name = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                    if matches!(deleter, Deleter::Rule(_)) {
+                        return Err(RegistryError::Changed(format!(
+                            "{name}@{digest} is tagged {tag_name} now"
+                        )));
+                    }
                     if by_client {
                         self.check_mutable(name, &tag_name, digest)?;
                     }
@@ -82,6 +131,17 @@ impl Registry {
             }
             if let Some(subject) = &record.subject {
                 txn = txn.delete(keys::referrer(name, subject, digest));
+            }
+            if by_client && self.limits.trash_retention_ms > 0 {
+                txn = txn.put(
+                    keys::trash_manifest(name, digest),
+                    encode(&TrashedManifest {
+                        record: record.clone(),
+                        tags: tags.clone(),
+                        deleted_ms: now_ms(),
+                        by: deleter.by(),
+                    }),
+                );
             }
             let stamp = logged.then(|| self.local_stamp());
             if let Some(stamp) = &stamp {

@@ -43,8 +43,8 @@ pub struct GcOptions {
 /// What a collection removed (or, dry, would remove).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
-    /// What the run is doing: `manifests`, `links`, `blobs`, `uploads`,
-    /// then `done`.
+    /// What the run is doing: `trash`, `manifests`, `links`, `blobs`,
+    /// `uploads`, then `done`.
     pub phase: String,
     pub dry_run: bool,
     pub grace_secs: u64,
@@ -58,7 +58,22 @@ pub struct GcReport {
     pub blobs_removed: u64,
     pub bytes_removed: u64,
     pub uploads_removed: u64,
+    /// Trash entries past their retention, emptied (their content then
+    /// collected like any other).
+    #[serde(default)]
+    pub trash_emptied: u64,
     pub duration_ms: u64,
+}
+
+impl Candidate {
+    /// The link as it was, without any collector's mark (also one a killed
+    /// run left).
+    fn unmarked(&self) -> LinkRecord {
+        LinkRecord {
+            removing_since_ms: None,
+            ..self.record.clone()
+        }
+    }
 }
 
 /// Where a running collection reports how far it got.
@@ -98,6 +113,8 @@ impl Registry {
         };
         let cutoff = now_ms().saturating_sub(options.grace_ms);
 
+        publish(&report, "trash");
+        report.trash_emptied = self.empty_expired_trash(options.dry_run).await?;
         publish(&report, "manifests");
         let (references, manifests) = self.manifest_references(None, &mut report).await?;
         publish(&report, "links");
@@ -186,6 +203,15 @@ impl Registry {
                 manifests.insert(digest);
             }
         }
+        // Deleted manifests in the trash count as present until it is
+        // emptied: undelete needs their bytes and their links.
+        for (name, digest, entry) in self.live_trash(repository).await? {
+            references
+                .entry(name)
+                .or_default()
+                .extend(entry.record.references);
+            manifests.insert(digest);
+        }
         Ok((references, manifests))
     }
 
@@ -264,9 +290,19 @@ impl Registry {
         let mut kept = HashSet::new();
         let mut marked: HashMap<String, Vec<(Candidate, u64)>> = HashMap::new();
         let mut failure = None;
+        // After a failure no new mark starts; those in flight finish, so
+        // that every committed mark is known and can be taken off.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let failed = &failed;
         let mut marks = futures_util::stream::iter(candidates)
             .map(|candidate| async move {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return (candidate, Ok(None));
+                }
                 let result = self.mark_link(&candidate).await;
+                if result.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 (candidate, result)
             })
             .buffer_unordered(PARALLEL);
@@ -313,7 +349,7 @@ impl Registry {
                         let txn = Txn::new().require_version(key.clone(), version);
                         let removed = if referenced {
                             // Referenced since the first scan: unmarked.
-                            let txn = txn.put(key, encode(&candidate.record));
+                            let txn = txn.put(key, encode(&candidate.unmarked()));
                             self.meta.commit(txn).await.map(|_| false)
                         } else {
                             // Fails if claimed back by a push or a HEAD.
@@ -326,11 +362,19 @@ impl Registry {
                 .collect()
                 .await;
             for (digest, removed) in outcomes {
-                if removed? {
-                    report.links_removed += 1;
-                    tracing::debug!(repository, %digest, "removed an unreferenced link");
-                } else {
-                    kept.insert(digest);
+                match removed {
+                    Ok(true) => {
+                        report.links_removed += 1;
+                        tracing::debug!(repository, %digest, "removed an unreferenced link");
+                    }
+                    Ok(false) => {
+                        kept.insert(digest);
+                    }
+                    Err(e) => {
+                        // The repositories not reached yet keep no marks.
+                        self.unmark_links(marked.into_values().flatten()).await;
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -370,7 +414,7 @@ impl Registry {
             let key = candidate.kv.key.clone();
             let txn = Txn::new()
                 .require_version(key.clone(), version)
-                .put(key, encode(&candidate.record));
+                .put(key, encode(&candidate.unmarked()));
             if let Err(e) = self.meta.commit(txn).await {
                 tracing::debug!(error = %e, "could not unmark a link after a failed collection");
             }
@@ -393,12 +437,18 @@ mod tests {
     const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
     fn registry(dir: &std::path::Path) -> Registry {
+        with_trash(dir, 0)
+    }
+
+    /// A registry keeping deleted manifests `trash_ms` milliseconds.
+    fn with_trash(dir: &std::path::Path, trash_ms: u64) -> Registry {
         let meta = Arc::new(RedbMetaStore::open(&dir.join("meta.redb")).unwrap());
         let blobs = Arc::new(FsBlobStore::open(dir, FsOptions { verify_reads: true }).unwrap());
         let limits = Limits {
             // Links count as confirmed for a millisecond only, so that the
             // tests need not wait ten minutes.
             link_refresh_ms: 1,
+            trash_retention_ms: trash_ms,
             ..Limits::default()
         };
         Registry::new(meta, blobs, limits)
@@ -618,5 +668,39 @@ mod tests {
         let report = registry.collect_garbage(now(0), None).await.unwrap();
         assert_eq!((report.links_removed, report.blobs_removed), (1, 1));
         assert!(registry.blobs.stat(&image).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_trash_keeps_content_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = with_trash(dir.path(), 300);
+        let config = blob(&registry, "app", b"{}").await;
+        let layer = blob(&registry, "app", b"layer").await;
+        let image = push(&registry, "app", "v1", manifest(&config, &layer, 5))
+            .await
+            .unwrap();
+        registry
+            .delete_manifest(&repo("app"), &Reference::Digest(image.clone()))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let report = registry.collect_garbage(now(0), None).await.unwrap();
+        assert_eq!(report.trash_emptied, 0);
+        assert_eq!((report.links_removed, report.blobs_removed), (0, 0));
+        assert!(registry.blobs.stat(&image).await.unwrap().is_some());
+
+        tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+        // Expired: an undelete no longer starts.
+        assert!(
+            registry
+                .undelete(&repo("app"), &Reference::Digest(image.clone()), None)
+                .await
+                .is_err()
+        );
+        let report = registry.collect_garbage(now(0), None).await.unwrap();
+        assert_eq!(report.trash_emptied, 1);
+        // The config, the layer and the manifest's own bytes.
+        assert_eq!((report.links_removed, report.blobs_removed), (2, 3));
+        assert!(registry.trash(None).await.unwrap().is_empty());
     }
 }

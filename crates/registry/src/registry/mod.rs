@@ -1,6 +1,6 @@
 //! The registry: one type whose operations live in a module per concern
 //! (blobs, uploads, manifests, tags, referrers, catalog, deletion, removal,
-//! gc, changes), on the records each owns. This module holds what they share:
+//! gc, trash, retention, changes), on the records each owns. This module holds what they share:
 //! the stores, the limits, the manifest cache and the transaction helpers.
 
 use std::sync::Arc;
@@ -18,13 +18,19 @@ mod gc;
 mod manifests;
 mod referrers;
 mod removal;
+mod retention;
 mod tags;
+mod trash;
 mod uploads;
 
 pub use changes::{Applied, Hlc, StateSummary, stamp_ms};
 pub use gc::{GcOptions, GcReport, Progress as GcProgress};
 pub use manifests::{ManifestContent, PutManifestOutcome};
 pub use removal::Removed;
+pub use retention::{
+    NameMatcher, PlannedManifest, PlannedTag, RetentionPlan, RetentionReport, RetentionRule,
+};
+pub use trash::{TrashEntry, Undeleted};
 pub use uploads::{MAX_UPLOAD_PARTS, ORPHAN_GRACE_MS, UploadStatus};
 
 use crate::RegistryError;
@@ -50,6 +56,9 @@ pub struct Limits {
     /// (see `Registry::confirm_blob`). Garbage collection's grace period
     /// should be well above it.
     pub link_refresh_ms: u64,
+    /// How long deleted manifests and tags stay in the trash (0: no
+    /// trash).
+    pub trash_retention_ms: u64,
 }
 
 impl Default for Limits {
@@ -62,6 +71,7 @@ impl Default for Limits {
             max_referrers_page: 1000,
             upload_ttl_ms: 24 * 3600 * 1000,
             link_refresh_ms: 10 * 60 * 1000,
+            trash_retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }

@@ -48,9 +48,19 @@ impl Registry {
         let started = std::time::Instant::now();
         let mut marked = HashMap::new();
         let mut failure = None;
+        // After a failure no new mark starts; those in flight finish, so
+        // that every committed mark is known and can be taken off.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let failed = &failed;
         let mut marks = futures_util::stream::iter(candidates.iter().cloned())
             .map(|digest: Digest| async move {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return (digest, Ok(None));
+                }
                 let result = self.mark_blob(&digest).await;
+                if result.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 (digest, result)
             })
             .buffer_unordered(REMOVAL_PARALLEL);
@@ -186,7 +196,8 @@ impl Registry {
         Ok((record.removing_since_ms == Some(mark)).then_some((kv, size)))
     }
 
-    /// Which of the marked blobs a link or a manifest record names.
+    /// Which of the marked blobs a link, a manifest record or a trashed
+    /// manifest names.
     async fn referenced_among(
         &self,
         marked: &HashMap<Digest, (KeyValue, u64)>,
@@ -198,6 +209,8 @@ impl Registry {
                 keys::link_digest as fn(&[u8]) -> Option<Digest>,
             ),
             (keys::MANIFEST_PREFIX, keys::manifest_key_digest),
+            // A manifest in the trash keeps its bytes for undelete.
+            (keys::TRASH_MANIFEST_PREFIX, keys::trash_manifest_digest),
         ] {
             let mut after: Option<Vec<u8>> = None;
             loop {

@@ -3,10 +3,11 @@
 use berth_oci::{Digest, RepositoryName, Tag};
 use berth_store::Txn;
 
+use super::deletion::Deleter;
 use super::{Page, Registry, Result, TXN_ATTEMPTS, backoff, changes, now_ms};
 use crate::RegistryError;
 use crate::keys;
-use crate::records::{Change, Stamp, TagRecord, decode, encode};
+use crate::records::{Change, Stamp, TagRecord, TrashedTag, decode, encode};
 
 impl Registry {
     /// Points a tag at a manifest recorded in the repository.
@@ -34,8 +35,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Points `tag` back at `digest`, a manifest still recorded in the
-    /// repository (one it pointed to before, as tag history shows): a push
+    /// Points `tag` at `digest`, a manifest still recorded in the
+    /// repository (usually one it pointed to before, as tag history
+    /// shows): a push
     /// of that manifest by tag, so it is logged, replicated and recorded
     /// in the history, and it obeys the immutable rules.
     pub async fn restore_tag(
@@ -74,13 +76,13 @@ impl Registry {
         &self,
         name: &RepositoryName,
         tag: &Tag,
-        logged: bool,
+        deleter: Deleter<'_>,
     ) -> Result<()> {
-        // A client's delete (logged) obeys the immutable rules; the cache's
-        // own does not.
-        let by_client = logged;
+        // A client's delete obeys the immutable rules and goes to the
+        // trash; the cache's own does neither.
+        let by_client = deleter.is_client();
         // Tombstones and the log matter only to replication.
-        let logged = logged && self.region.is_some();
+        let logged = by_client && self.region.is_some();
         let key = keys::tag(name, tag.as_str());
         let change = Change::Untag {
             repository: name.to_string(),
@@ -92,20 +94,39 @@ impl Registry {
                 .get(key.as_bytes())
                 .await?
                 .ok_or(RegistryError::ManifestUnknown)?;
+            let current: TagRecord = decode(&seen.key, &seen.value)?;
+            if let Deleter::Rule(Some(planned)) = deleter
+                && &current.digest != planned
+            {
+                return Err(RegistryError::Changed(format!(
+                    "{name}:{} points at {} now",
+                    tag.as_str(),
+                    current.digest
+                )));
+            }
             if by_client {
-                let current: TagRecord = decode(&seen.key, &seen.value)?;
                 self.check_mutable(name, tag.as_str(), &current.digest)?;
             }
-            let txn = Txn::new()
+            let mut txn = Txn::new()
                 .require_version(key.clone(), seen.version)
                 .delete(key.clone());
+            if by_client && self.limits.trash_retention_ms > 0 {
+                txn = txn.put(
+                    keys::trash_tag(name, tag.as_str()),
+                    encode(&TrashedTag {
+                        digest: current.digest.clone(),
+                        deleted_ms: now_ms(),
+                        by: deleter.by(),
+                    }),
+                );
+            }
             if !logged {
                 if self.meta.commit(txn).await? {
                     return Ok(());
                 }
                 continue;
             }
-            let record: TagRecord = decode(&seen.key, &seen.value)?;
+            let record = current;
             let tomb_key = keys::tag_tombstone(name, tag.as_str());
             let tomb = self.meta.get(tomb_key.as_bytes()).await?;
             // Newer than everything it overwrites, here and elsewhere.

@@ -373,6 +373,19 @@ async fn every_route_answers_every_kind_of_caller_exactly() {
             go(Method::GET, "/berth/v1/auth/keys".into()).await
         );
         row!(
+            "POST tags/restore",
+            Needs::Push,
+            200,
+            go(
+                Method::POST,
+                format!(
+                    "/berth/v1/tags/restore?repository=team/app&tag=restored&digest={}",
+                    image.digest
+                )
+            )
+            .await
+        );
+        row!(
             "POST gc (dry run)",
             Needs::Admin,
             200,
