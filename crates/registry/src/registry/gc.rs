@@ -18,6 +18,7 @@ use berth_oci::Digest;
 use berth_store::{KeyValue, Txn};
 
 use super::{Registry, Result, now_ms};
+use crate::RegistryError;
 use crate::keys;
 use crate::records::{LinkRecord, ManifestRecord, decode, encode};
 
@@ -27,6 +28,20 @@ const BLOB_BATCH: usize = 256;
 
 /// Marks and removals in flight at once.
 const PARALLEL: usize = 16;
+
+/// Links marked or removed by one transaction: 64 operations, well inside
+/// etcd's limit of 128 per transaction.
+const BATCH: usize = 32;
+
+/// `items` in batches of `BATCH`.
+fn batches<T>(items: Vec<T>) -> Vec<Vec<T>> {
+    let mut out = Vec::with_capacity(items.len().div_ceil(BATCH));
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        out.push(items.by_ref().take(BATCH).collect());
+    }
+    out
+}
 
 /// Keys read per scan request (etcd answers at most 4 MiB).
 const SCAN_BATCH: usize = 1000;
@@ -294,18 +309,19 @@ impl Registry {
         // that every committed mark is known and can be taken off.
         let failed = std::sync::atomic::AtomicBool::new(false);
         let failed = &failed;
-        let mut marks = futures_util::stream::iter(candidates)
-            .map(|candidate| async move {
+        let mut marks = futures_util::stream::iter(batches(candidates))
+            .map(|batch| async move {
                 if failed.load(std::sync::atomic::Ordering::Relaxed) {
-                    return (candidate, Ok(None));
+                    return batch.into_iter().map(|c| (c, Ok(None))).collect();
                 }
-                let result = self.mark_link(&candidate).await;
-                if result.is_err() {
+                let results = self.mark_links(batch).await;
+                if results.iter().any(|(_, r)| r.is_err()) {
                     failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                (candidate, result)
+                results
             })
-            .buffer_unordered(PARALLEL);
+            .buffer_unordered(PARALLEL / 4)
+            .flat_map(futures_util::stream::iter);
         while let Some((candidate, result)) = marks.next().await {
             match result {
                 Ok(Some(version)) => marked
@@ -341,26 +357,20 @@ impl Registry {
             let Some(links) = marked.remove(&repository) else {
                 continue;
             };
-            let outcomes: Vec<(Digest, Result<bool>)> = futures_util::stream::iter(links)
+            let decided: Vec<(Candidate, u64, bool)> = links
+                .into_iter()
                 .map(|(candidate, version)| {
                     let referenced = references.is_some_and(|r| r.contains(&candidate.digest));
-                    async move {
-                        let key = candidate.kv.key.clone();
-                        let txn = Txn::new().require_version(key.clone(), version);
-                        let removed = if referenced {
-                            // Referenced since the first scan: unmarked.
-                            let txn = txn.put(key, encode(&candidate.unmarked()));
-                            self.meta.commit(txn).await.map(|_| false)
-                        } else {
-                            // Fails if claimed back by a push or a HEAD.
-                            self.meta.commit(txn.delete(key)).await
-                        };
-                        (candidate.digest, removed.map_err(Into::into))
-                    }
+                    (candidate, version, referenced)
                 })
-                .buffer_unordered(PARALLEL)
-                .collect()
-                .await;
+                .collect();
+            let outcomes: Vec<(Digest, Result<bool>)> =
+                futures_util::stream::iter(batches(decided))
+                    .map(|batch| self.finish_links(batch))
+                    .buffer_unordered(PARALLEL / 4)
+                    .flat_map(futures_util::stream::iter)
+                    .collect()
+                    .await;
             for (digest, removed) in outcomes {
                 match removed {
                     Ok(true) => {
@@ -381,6 +391,108 @@ impl Registry {
         Ok(kept)
     }
 
+    /// Marks a batch of candidate links in one transaction (one commit, not
+    /// one per link: each is a disk sync or an etcd round); if any of them
+    /// changed meanwhile, one by one. The version of each mark, or `None`
+    /// for a link that changed first.
+    async fn mark_links(&self, batch: Vec<Candidate>) -> Vec<(Candidate, Result<Option<u64>>)> {
+        let mark = now_ms();
+        let mut txn = Txn::new();
+        for candidate in &batch {
+            let key = &candidate.kv.key;
+            let record = LinkRecord {
+                removing_since_ms: Some(mark),
+                ..candidate.record.clone()
+            };
+            txn = txn
+                .require_version(key.clone(), candidate.kv.version)
+                .put(key.clone(), encode(&record));
+        }
+        match self.meta.commit(txn).await {
+            Ok(true) => {
+                let mut out = Vec::with_capacity(batch.len());
+                for candidate in batch {
+                    let version = self.own_mark(&candidate.kv.key, mark).await;
+                    out.push((candidate, version));
+                }
+                out
+            }
+            Ok(false) => {
+                let mut out = Vec::with_capacity(batch.len());
+                for candidate in batch {
+                    let version = self.mark_link(&candidate).await;
+                    out.push((candidate, version));
+                }
+                out
+            }
+            Err(e) => {
+                let e: RegistryError = e.into();
+                let message = e.to_string();
+                batch
+                    .into_iter()
+                    .map(|c| {
+                        let err = RegistryError::Store(berth_store::StoreError::Unavailable(
+                            message.clone(),
+                        ));
+                        (c, Err(err))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Removes (or, if referenced, unmarks) a batch of marked links in one
+    /// transaction; if any changed meanwhile (claimed back), one by one.
+    /// Whether each was removed.
+    async fn finish_links(
+        &self,
+        batch: Vec<(Candidate, u64, bool)>,
+    ) -> Vec<(Digest, Result<bool>)> {
+        let mut txn = Txn::new();
+        for (candidate, version, referenced) in &batch {
+            let key = candidate.kv.key.clone();
+            txn = txn.require_version(key.clone(), *version);
+            txn = if *referenced {
+                txn.put(key, encode(&candidate.unmarked()))
+            } else {
+                txn.delete(key)
+            };
+        }
+        if let Ok(true) = self.meta.commit(txn).await {
+            return batch
+                .into_iter()
+                .map(|(c, _, referenced)| (c.digest, Ok(!referenced)))
+                .collect();
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for (candidate, version, referenced) in batch {
+            let key = candidate.kv.key.clone();
+            let txn = Txn::new().require_version(key.clone(), version);
+            let removed = if referenced {
+                // Referenced since the first scan: unmarked.
+                let txn = txn.put(key, encode(&candidate.unmarked()));
+                self.meta.commit(txn).await.map(|_| false)
+            } else {
+                // Fails if claimed back by a push or a HEAD.
+                self.meta.commit(txn.delete(key)).await
+            };
+            out.push((candidate.digest, removed.map_err(Into::into)));
+        }
+        out
+    }
+
+    /// The version of `key` if it still carries the mark made at `mark`: a
+    /// HEAD or a push may claim the link back between the commit and this
+    /// read, and the version read is then theirs and must stay.
+    async fn own_mark(&self, key: &[u8], mark: u64) -> Result<Option<u64>> {
+        Ok(self.meta.get(key).await?.and_then(|kv| {
+            decode::<LinkRecord>(&kv.key, &kv.value)
+                .ok()
+                .filter(|r| r.removing_since_ms == Some(mark))
+                .map(|_| kv.version)
+        }))
+    }
+
     /// Marks a candidate link; the version of the mark, or `None` if the
     /// link changed first.
     async fn mark_link(&self, candidate: &Candidate) -> Result<Option<u64>> {
@@ -396,14 +508,7 @@ impl Registry {
         if !self.meta.commit(txn).await? {
             return Ok(None);
         }
-        // A HEAD or a push may claim the link back between the commit and
-        // this read; the version read is then theirs and must stay.
-        Ok(self.meta.get(key).await?.and_then(|kv| {
-            decode::<LinkRecord>(&kv.key, &kv.value)
-                .ok()
-                .filter(|r| r.removing_since_ms == Some(mark))
-                .map(|_| kv.version)
-        }))
+        self.own_mark(key, mark).await
     }
 
     /// Takes the collector's marks off links after a failure, so that
@@ -702,5 +807,40 @@ mod tests {
         // The config, the layer and the manifest's own bytes.
         assert_eq!((report.links_removed, report.blobs_removed), (2, 3));
         assert!(registry.trash(None).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_manifest_committed_after_the_first_scan_keeps_its_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let config = blob(&registry, "app", b"{}").await;
+        let layer = blob(&registry, "app", b"layer").await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // The collector's first scan: nothing references the two links.
+        let mut report = GcReport::default();
+        let (references, _) = registry
+            .manifest_references(None, &mut report)
+            .await
+            .unwrap();
+        let (candidates, _) = registry
+            .unreferenced_links(&references, now_ms(), false, &mut report)
+            .await
+            .unwrap();
+        assert_eq!(candidates.len(), 2);
+        // A push lands before the marks: its commit does not change the
+        // links it requires, so only the second scan can see it.
+        push(&registry, "app", "v1", manifest(&config, &layer, 5))
+            .await
+            .unwrap();
+        let kept = registry
+            .remove_links(candidates, &mut report)
+            .await
+            .unwrap();
+        assert_eq!(report.links_removed, 0);
+        assert_eq!(kept.len(), 2);
+        for digest in [&config, &layer] {
+            let link = link(&registry, "app", digest).await.unwrap();
+            assert!(link.removing_since_ms.is_none(), "unmarked again");
+        }
     }
 }

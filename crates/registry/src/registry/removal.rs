@@ -19,9 +19,45 @@ pub(super) const REMOVAL_WINDOW: std::time::Duration = std::time::Duration::from
 /// `REMOVAL_WINDOW`, to allow for clock differences between nodes.
 pub(super) const REMOVAL_MARK_STALE_MS: u64 = 5 * 60 * 1000;
 
-/// Marks and deletes in flight at once: each is a MetaStore transaction or
-/// an object-store request of a few milliseconds, mostly waiting.
+/// Deletes in flight at once: each is a file removal or an object-store
+/// request of a few milliseconds, mostly waiting.
 const REMOVAL_PARALLEL: usize = 16;
+
+/// Records marked or ended by one transaction: 64 operations, well inside
+/// etcd's limit of 128 per transaction.
+const BATCH: usize = 32;
+
+/// What a marked blob's record needs once its bytes were dealt with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The bytes are gone: the record goes.
+    Forget,
+    /// Still referenced, or out of time: the mark comes off.
+    Unmark,
+    /// The delete failed or timed out and may still happen: the mark stays
+    /// until it is stale.
+    KeepMark,
+}
+
+struct End {
+    digest: Digest,
+    kv: KeyValue,
+    size: u64,
+    end: Ending,
+}
+
+/// The same failure for every blob of a batch.
+fn one_error<T>(batch: Vec<Digest>, e: crate::RegistryError) -> Vec<(Digest, Result<T>)> {
+    let message = e.to_string();
+    batch
+        .into_iter()
+        .map(|d| {
+            let err =
+                crate::RegistryError::Store(berth_store::StoreError::Unavailable(message.clone()));
+            (d, Err(err))
+        })
+        .collect()
+}
 /// What a removal took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Removed {
@@ -52,18 +88,20 @@ impl Registry {
         // that every committed mark is known and can be taken off.
         let failed = std::sync::atomic::AtomicBool::new(false);
         let failed = &failed;
-        let mut marks = futures_util::stream::iter(candidates.iter().cloned())
-            .map(|digest: Digest| async move {
+        let batches: Vec<Vec<Digest>> = candidates.chunks(BATCH).map(<[Digest]>::to_vec).collect();
+        let mut marks = futures_util::stream::iter(batches)
+            .map(|batch: Vec<Digest>| async move {
                 if failed.load(std::sync::atomic::Ordering::Relaxed) {
-                    return (digest, Ok(None));
+                    return batch.into_iter().map(|d| (d, Ok(None))).collect();
                 }
-                let result = self.mark_blob(&digest).await;
-                if result.is_err() {
+                let results = self.mark_blobs(batch).await;
+                if results.iter().any(|(_, r)| r.is_err()) {
                     failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                (digest, result)
+                results
             })
-            .buffer_unordered(REMOVAL_PARALLEL);
+            .buffer_unordered(REMOVAL_PARALLEL / 4)
+            .flat_map(futures_util::stream::iter);
         while let Some((digest, result)) = marks.next().await {
             match result {
                 Ok(Some(seen)) => {
@@ -88,112 +126,193 @@ impl Registry {
                 return Err(e);
             }
         };
-        let outcomes: Vec<Result<Option<u64>>> = futures_util::stream::iter(marked)
+        // The bytes first, 16 at a time; then the records, a batch per
+        // transaction.
+        let ends: Vec<End> = futures_util::stream::iter(marked)
             .map(|(digest, (kv, size))| {
                 let still_referenced = referenced.contains(&digest);
                 async move {
-                    self.finish_removal(&digest, &kv, size, still_referenced, started)
-                        .await
+                    let end = self.delete_bytes(&digest, still_referenced, started).await;
+                    End {
+                        digest,
+                        kv,
+                        size,
+                        end,
+                    }
                 }
             })
             .buffer_unordered(REMOVAL_PARALLEL)
             .collect()
             .await;
+        let recorded: Vec<End> = ends
+            .into_iter()
+            .filter(|e| e.end != Ending::KeepMark)
+            .collect();
         let mut removed = Removed::default();
-        for outcome in outcomes {
-            if let Some(size) = outcome? {
-                removed.blobs += 1;
-                removed.bytes += size;
+        for batch in recorded.chunks(BATCH) {
+            self.end_removals(batch).await?;
+            for end in batch {
+                if end.end == Ending::Forget {
+                    removed.blobs += 1;
+                    removed.bytes += end.size;
+                }
             }
         }
         Ok(removed)
     }
 
-    /// Deletes a marked blob's bytes and then its record, or unmarks it if
-    /// it is still referenced or the window has passed. The size removed,
-    /// if it was.
-    async fn finish_removal(
+    /// Deletes a marked blob's bytes unless it is still referenced or the
+    /// window has passed: what its record then needs.
+    async fn delete_bytes(
         &self,
         digest: &Digest,
-        kv: &KeyValue,
-        size: u64,
         still_referenced: bool,
         started: std::time::Instant,
-    ) -> Result<Option<u64>> {
-        let key = keys::blob(digest);
+    ) -> Ending {
         // The bytes go within the window or not at all: past it, a pusher
         // may consider the mark abandoned.
         let left = REMOVAL_WINDOW.saturating_sub(started.elapsed());
         if still_referenced || left.is_zero() {
-            // Unmarked, so that the blob can be linked at once again.
-            let unmark = Txn::new()
-                .require_version(key.clone(), kv.version)
-                .put(key, encode(&BlobRecord::new(size)));
-            self.meta.commit(unmark).await?;
-            return Ok(None);
+            return Ending::Unmark;
         }
         match tokio::time::timeout(left, self.blobs.delete(digest)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => Ending::Forget,
             // The delete may still happen (a blocking file removal, a
             // request already sent): the mark stays, so that nothing links
             // the blob until it is stale, and a link after that checks that
             // the bytes are there.
             Ok(Err(e)) => {
                 tracing::warn!(%digest, error = %e, "could not remove an unreferenced blob; its mark stays until it is stale");
-                return Ok(None);
+                Ending::KeepMark
             }
             Err(_) => {
                 tracing::warn!(%digest, "removing an unreferenced blob timed out; its mark stays until it is stale");
-                return Ok(None);
+                Ending::KeepMark
             }
         }
-        let forget = Txn::new()
-            .require_version(key.clone(), kv.version)
-            .delete(key);
-        self.meta.commit(forget).await?;
-        Ok(Some(size))
+    }
+
+    /// Forgets removed blobs' records and unmarks kept ones, in one
+    /// transaction; one by one if any record changed meanwhile.
+    async fn end_removals(&self, batch: &[End]) -> Result<()> {
+        let txn_for = |end: &End, txn: Txn| {
+            let key = keys::blob(&end.digest);
+            let txn = txn.require_version(key.clone(), end.kv.version);
+            match end.end {
+                Ending::Forget => txn.delete(key),
+                _ => txn.put(key, encode(&BlobRecord::new(end.size))),
+            }
+        };
+        let all = batch.iter().fold(Txn::new(), |txn, end| txn_for(end, txn));
+        if self.meta.commit(all).await? {
+            return Ok(());
+        }
+        for end in batch {
+            self.meta.commit(txn_for(end, Txn::new())).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks a batch of blobs' records in one transaction (one commit, not
+    /// one per blob); if any changed meanwhile, one by one.
+    async fn mark_blobs(
+        &self,
+        batch: Vec<Digest>,
+    ) -> Vec<(Digest, Result<Option<(KeyValue, u64)>>)> {
+        let mark = now_ms();
+        let mut txn = Txn::new();
+        let mut planned = Vec::with_capacity(batch.len());
+        for digest in &batch {
+            match self.mark_txn(digest, mark, txn).await {
+                Ok((next, any)) => {
+                    txn = next;
+                    planned.push(any);
+                }
+                Err(e) => return one_error(batch, e),
+            }
+        }
+        if !planned.iter().any(|p| *p) {
+            return batch.into_iter().map(|d| (d, Ok(None))).collect();
+        }
+        match self.meta.commit(txn).await {
+            Ok(true) => {
+                let mut out = Vec::with_capacity(batch.len());
+                for (digest, any) in batch.into_iter().zip(planned) {
+                    let result = if any {
+                        self.own_blob_mark(&digest, mark).await
+                    } else {
+                        Ok(None)
+                    };
+                    out.push((digest, result));
+                }
+                out
+            }
+            Ok(false) => {
+                let mut out = Vec::with_capacity(batch.len());
+                for digest in batch {
+                    let result = self.mark_blob(&digest).await;
+                    out.push((digest, result));
+                }
+                out
+            }
+            Err(e) => one_error(batch, e.into()),
+        }
+    }
+
+    /// Adds the mark of `digest`'s record to `txn`; false if there is
+    /// nothing to mark (no record and no bytes).
+    async fn mark_txn(&self, digest: &Digest, mark: u64, txn: Txn) -> Result<(Txn, bool)> {
+        let key = keys::blob(digest);
+        Ok(match self.meta.get(key.as_bytes()).await? {
+            Some(kv) => {
+                let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
+                record.removing_since_ms = Some(mark);
+                (
+                    txn.require_version(key.clone(), kv.version)
+                        .put(key, encode(&record)),
+                    true,
+                )
+            }
+            // Bytes no commit has recorded (a push that died before its
+            // commit, or content from before blob records): marked by
+            // creating the record, which fails a commit racing for it.
+            None => match self.blobs.stat(digest).await? {
+                None => (txn, false),
+                Some(size) => {
+                    let record = BlobRecord {
+                        size,
+                        removing_since_ms: Some(mark),
+                    };
+                    (
+                        txn.require_absent(key.clone()).put(key, encode(&record)),
+                        true,
+                    )
+                }
+            },
+        })
+    }
+
+    /// The record of `digest` and its size if it carries the mark made at
+    /// `mark` (only this mark's version may be removed).
+    async fn own_blob_mark(&self, digest: &Digest, mark: u64) -> Result<Option<(KeyValue, u64)>> {
+        let Some(kv) = self.meta.get(keys::blob(digest).as_bytes()).await? else {
+            return Ok(None);
+        };
+        let record: BlobRecord = decode(&kv.key, &kv.value)?;
+        let size = record.size;
+        Ok((record.removing_since_ms == Some(mark)).then_some((kv, size)))
     }
 
     /// Marks a blob's record (creating it marked, for bytes that have
     /// none): the record as marked and the blob's size, or `None` when
     /// there is nothing to remove or the record changed first.
     async fn mark_blob(&self, digest: &Digest) -> Result<Option<(KeyValue, u64)>> {
-        let key = keys::blob(digest);
         let mark = now_ms();
-        let txn = match self.meta.get(key.as_bytes()).await? {
-            Some(kv) => {
-                let mut record: BlobRecord = decode(&kv.key, &kv.value)?;
-                record.removing_since_ms = Some(mark);
-                Txn::new()
-                    .require_version(key.clone(), kv.version)
-                    .put(key.clone(), encode(&record))
-            }
-            // Bytes no commit has recorded (a push that died before its
-            // commit, or content from before blob records): marked by
-            // creating the record, which fails a commit racing for it.
-            None => {
-                let Some(size) = self.blobs.stat(digest).await? else {
-                    return Ok(None);
-                };
-                let record = BlobRecord {
-                    size,
-                    removing_since_ms: Some(mark),
-                };
-                Txn::new()
-                    .require_absent(key.clone())
-                    .put(key.clone(), encode(&record))
-            }
-        };
-        if !self.meta.commit(txn).await? {
+        let (txn, any) = self.mark_txn(digest, mark, Txn::new()).await?;
+        if !any || !self.meta.commit(txn).await? {
             return Ok(None);
         }
-        // Only this mark's version may be removed.
-        let Some(kv) = self.meta.get(key.as_bytes()).await? else {
-            return Ok(None);
-        };
-        let record: BlobRecord = decode(&kv.key, &kv.value)?;
-        let size = record.size;
-        Ok((record.removing_since_ms == Some(mark)).then_some((kv, size)))
+        self.own_blob_mark(digest, mark).await
     }
 
     /// Which of the marked blobs a link, a manifest record or a trashed
