@@ -190,37 +190,43 @@ impl Registry {
             ) else {
                 continue;
             };
-            match self
+            let deleted = self
                 .delete_tag(&name, &tag, Deleter::Rule(Some(&planned.digest)))
-                .await
-            {
-                Ok(()) => report.tags_deleted += 1,
-                Err(
-                    RegistryError::Changed(_)
-                    | RegistryError::ManifestUnknown
-                    | RegistryError::TagImmutable { .. },
-                ) => report.changed += 1,
-                Err(e) => return Err(e),
+                .await;
+            if happened(deleted)? {
+                report.tags_deleted += 1;
+            } else {
+                report.changed += 1;
             }
         }
         for planned in &plan.manifests {
             let Ok(name) = RepositoryName::parse(&planned.repository) else {
                 continue;
             };
-            match self
+            let deleted = self
                 .delete_manifest_by_digest(&name, &planned.digest, Deleter::Rule(None))
-                .await
-            {
-                Ok(()) => report.manifests_deleted += 1,
-                Err(
-                    RegistryError::Changed(_)
-                    | RegistryError::ManifestUnknown
-                    | RegistryError::TagImmutable { .. },
-                ) => report.changed += 1,
-                Err(e) => return Err(e),
+                .await;
+            if happened(deleted)? {
+                report.manifests_deleted += 1;
+            } else {
+                report.changed += 1;
             }
         }
         Ok(report)
+    }
+}
+
+/// Whether a planned delete happened: `false` when what it planned changed
+/// meanwhile (moved, tagged, gone, or covered by an immutable rule since).
+fn happened(result: Result<()>) -> Result<bool> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(
+            RegistryError::Changed(_)
+            | RegistryError::ManifestUnknown
+            | RegistryError::TagImmutable { .. },
+        ) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
