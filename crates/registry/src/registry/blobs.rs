@@ -45,10 +45,22 @@ impl Registry {
             let txn = Txn::new()
                 .require_version(key.clone(), kv.version)
                 .put(key.clone(), encode(&LinkRecord::new(link.size, now_ms())));
-            if self.meta.commit(txn).await? {
-                return Ok(link.size);
+            match self.meta.commit(txn).await {
+                Ok(true) => return Ok(link.size),
+                // Changed meanwhile: confirmed by another request, or
+                // removed.
+                Ok(false) => {}
+                // Without a writable store (an etcd without quorum) the
+                // blob is still there to pull: a HEAD answers, undated.
+                // Nothing is lost: a collector that removes the link meanwhile
+                // makes a manifest push that relies on it fail with
+                // MANIFEST_BLOB_UNKNOWN, which the client retries by
+                // uploading.
+                Err(e) => {
+                    tracing::debug!(repository = %name, %digest, error = %e, "could not date a blob link; answering from the record");
+                    return Ok(link.size);
+                }
             }
-            // Changed meanwhile: confirmed by another request, or removed.
         }
         Err(RegistryError::Store(berth_store::StoreError::Unavailable(
             "the blob's link kept changing; retry".into(),
