@@ -4,6 +4,7 @@ mod admin;
 mod cache_cmd;
 mod client;
 mod cluster;
+mod compact_cmd;
 mod config;
 mod gc_cmd;
 mod replication_cmd;
@@ -81,6 +82,20 @@ enum Command {
         /// registry's --gc-grace-secs].
         #[arg(long)]
         grace: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compact a running registry's metadata now: change-log entries every
+    /// peer has applied, tombstones and tag history older than the
+    /// registry's --log-retention-secs. Shows the metadata by kind, before
+    /// and after.
+    Compact {
+        #[command(flatten)]
+        connection: client::Connection,
+        /// Report what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -370,6 +385,15 @@ fn main() -> ExitCode {
             // Progress arrives every second; a minute of silence is a hang.
             let api = connection.api(std::time::Duration::from_secs(60))?;
             gc_cmd::run(&api, dry_run, grace, json).await
+        }),
+        Command::Compact {
+            connection,
+            dry_run,
+            json,
+        } => run_admin(|| async move {
+            // It scans all metadata twice to measure it: minutes at worst.
+            let api = connection.api(std::time::Duration::from_secs(600))?;
+            compact_cmd::run(&api, dry_run, json).await
         }),
         Command::Tags {
             connection,

@@ -7,7 +7,7 @@ use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
 use berth_server::{
-    AppState, GarbageCollector, Metrics, RequestLimits, Retention, ServeOptions, Shared,
+    AppState, Compactor, GarbageCollector, Metrics, RequestLimits, Retention, ServeOptions, Shared,
 };
 use berth_store::blob::fs::FsOptions;
 use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
@@ -171,6 +171,12 @@ fn open_replication(
                 .collect(),
             read_through_timeout: settings.read_through_timeout,
             feed_wait: std::time::Duration::from_secs(10),
+            // Often enough that a reader that is up always looks live to
+            // compaction, whose window is the measure.
+            ack_refresh: (config.lifecycle.log_retention / 4).clamp(
+                std::time::Duration::from_millis(200),
+                std::time::Duration::from_secs(30),
+            ),
             spool_dir: config.data_dir.join("replication-spool"),
         },
     )
@@ -316,8 +322,14 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         registry.clone(),
         retention_rules(&config.lifecycle.retention, &config.cache),
     ));
+    let compactor = Arc::new(Compactor::new(
+        registry.clone(),
+        replicator.clone(),
+        config.lifecycle.log_retention,
+    ));
     let metrics = Metrics::with_extra(|prometheus| {
         gc.register_metrics(prometheus);
+        compactor.register_metrics(prometheus);
         retention.register_metrics(prometheus);
         security.security.register_metrics(prometheus);
         if let Some(tls) = &security.tls {
@@ -338,6 +350,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         security: security.security.clone(),
         gc: gc.clone(),
         retention: retention.clone(),
+        compactor: compactor.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -390,6 +403,19 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
                 // A failure is logged and counted by the collector; the
                 // next interval runs again.
                 let _ = gc.run(options, None).await;
+            }
+        }))
+    });
+
+    // Metadata compaction, on one node of the region.
+    let compaction = config.lifecycle.compaction_interval.map(|interval| {
+        let compactor = compactor.clone();
+        tokio::spawn(node.clone().run_as_leader("compaction", interval, move || {
+            let compactor = compactor.clone();
+            async move {
+                // Logged and counted by the compactor; the next interval
+                // runs again.
+                let _ = compactor.run(false, false).await;
             }
         }))
     });
@@ -523,7 +549,10 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     for worker in workers {
         worker.abort();
     }
-    for job in [evictor, collector, retainer].into_iter().flatten() {
+    for job in [evictor, collector, retainer, compaction]
+        .into_iter()
+        .flatten()
+    {
         job.abort();
     }
     maintainer.abort();

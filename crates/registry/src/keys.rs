@@ -89,20 +89,27 @@ pub fn change(seq: u64) -> String {
 
 /// A deleted tag's stamp, so that older writes do not bring it back.
 pub fn tag_tombstone(name: &RepositoryName, tag: &str) -> String {
-    format!("tagtomb/{name}:{tag}")
+    format!("{TAG_TOMBSTONE_PREFIX}{name}:{tag}")
 }
+
+pub const TAG_TOMBSTONE_PREFIX: &str = "tagtomb/";
+pub const MANIFEST_TOMBSTONE_PREFIX: &str = "mtomb/";
+pub const TAG_HISTORY_PREFIX: &str = "taghist/";
 
 /// A deleted manifest's stamp.
 pub fn manifest_tombstone(name: &RepositoryName, digest: &Digest) -> String {
-    format!("mtomb/{name}@{digest}")
+    format!("{MANIFEST_TOMBSTONE_PREFIX}{name}@{digest}")
 }
 
 pub fn tag_history_prefix(name: &RepositoryName, tag: &str) -> String {
-    format!("taghist/{name}:{tag}/")
+    format!("{TAG_HISTORY_PREFIX}{name}:{tag}/")
 }
 
 pub fn tag_history(name: &RepositoryName, tag: &str, stamp: &crate::records::Stamp) -> String {
-    format!("taghist/{name}:{tag}/{:020}-{}", stamp.hlc, stamp.origin)
+    format!(
+        "{TAG_HISTORY_PREFIX}{name}:{tag}/{:020}-{}",
+        stamp.hlc, stamp.origin
+    )
 }
 
 pub const TAG_PREFIX: &str = "tag/";

@@ -12,10 +12,13 @@ mod records;
 mod registry;
 
 pub use error::RegistryError;
-pub use records::{Change, ChangeEvent, ManifestRecord, Stamp, TagHistoryEntry, UploadRecord};
+pub use records::{
+    Change, ChangeEvent, ManifestRecord, Stamp, TagHistoryEntry, TagRecord, UploadRecord,
+};
 pub use registry::{
-    Applied, GcOptions, GcProgress, GcReport, Hlc, ImmutableTags, Limits, MAX_UPLOAD_PARTS,
-    ManifestContent, NameMatcher, ORPHAN_GRACE_MS, Page, PlannedManifest, PlannedTag,
-    PutManifestOutcome, Registry, Removed, RetentionPlan, RetentionReport, RetentionRule,
-    StateSummary, TrashEntry, Undeleted, UploadStatus, now_ms, stamp_ms,
+    Applied, ChangePage, CompactionOptions, CompactionReport, GcOptions, GcProgress, GcReport, Hlc,
+    ImmutableTags, Limits, MAX_UPLOAD_PARTS, ManifestContent, MetadataUsage, NameMatcher,
+    ORPHAN_GRACE_MS, Page, PlannedManifest, PlannedTag, PutManifestOutcome, RecordKind, Registry,
+    Removed, RetentionPlan, RetentionReport, RetentionRule, StateSummary, TrashEntry, Undeleted,
+    UploadStatus, Usage, now_ms, stamp_ms,
 };

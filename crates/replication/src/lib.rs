@@ -15,5 +15,6 @@ mod replicator;
 
 pub use metrics::ReplicationMetrics;
 pub use replicator::{
-    FeedPage, PeerConfig, PeerStatus, ReplicationError, ReplicationOptions, Replicator,
+    FeedPage, FeedReader, PeerConfig, PeerStatus, ReplicationError, ReplicationOptions, Replicator,
+    SnapshotPage,
 };

@@ -19,6 +19,7 @@ pub struct ReplicationMetrics {
     pub bytes_copied: Family<PeerLabels, Counter>,
     pub errors: Family<PeerLabels, Counter>,
     pub read_throughs: Family<PeerLabels, Counter>,
+    pub resyncs: Family<PeerLabels, Counter>,
 }
 
 impl ReplicationMetrics {
@@ -52,6 +53,11 @@ impl ReplicationMetrics {
             "replication_read_throughs",
             "Local misses served by fetching from a peer",
             self.read_throughs.clone(),
+        );
+        registry.register(
+            "replication_resyncs",
+            "Times this region fell behind a peer's compacted change log and copied its state",
+            self.resyncs.clone(),
         );
     }
 

@@ -62,7 +62,7 @@ pub fn requirement(
 }
 
 fn admin_requirement(rest: &str, query: Option<&str>) -> Requirement {
-    if rest == "replication/feed" {
+    if rest == "replication/feed" || rest == "replication/snapshot" {
         return Requirement::Feed;
     }
     if rest == "region/serving" || rest.starts_with("replication/peers/") {
@@ -142,6 +142,10 @@ mod tests {
         );
         assert_eq!(req(M::GET, "/berth/v1/replication/feed"), Requirement::Feed);
         assert_eq!(
+            req(M::GET, "/berth/v1/replication/snapshot"),
+            Requirement::Feed
+        );
+        assert_eq!(
             req(M::POST, "/berth/v1/replication/peers/us/pause"),
             Requirement::RegionControl
         );
@@ -158,6 +162,7 @@ mod tests {
             "/berth/v1/tokens/ci",
             "/berth/v1/auth/keys",
             "/berth/v1/gc",
+            "/berth/v1/compact",
             "/berth/v1/retention/plan",
             "/berth/v1/retention/apply",
             "/berth/v1/unknown",

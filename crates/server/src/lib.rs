@@ -9,6 +9,7 @@ mod api;
 pub mod audit;
 mod body;
 mod cache_admin;
+mod compaction;
 mod error;
 mod gc;
 mod headers;
@@ -34,6 +35,7 @@ use berth_proxy::PullThroughCache;
 use berth_registry::Registry;
 use berth_replication::Replicator;
 
+pub use compaction::{CompactionRun, Compactor};
 pub use gc::GarbageCollector;
 pub use metrics::Metrics;
 pub use reload::{FileWatch, fingerprint as reload_fingerprint, watch as watch_files};
@@ -76,6 +78,8 @@ pub struct Shared {
     pub gc: Arc<GarbageCollector>,
     /// Retention rules, for the admin endpoints and the job.
     pub retention: Arc<Retention>,
+    /// Metadata compaction, for the admin endpoint and the job.
+    pub compactor: Arc<Compactor>,
 }
 
 /// Protection against slow or too many clients.
@@ -108,6 +112,10 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/berth/v1/cache/pin", axum::routing::post(cache_admin::pin))
         .route("/berth/v1/replication/feed", get(replication_admin::feed))
         .route(
+            "/berth/v1/replication/snapshot",
+            get(replication_admin::snapshot),
+        )
+        .route(
             "/berth/v1/replication/status",
             get(replication_admin::status),
         )
@@ -126,6 +134,7 @@ pub fn router(state: AppState) -> axum::Router {
             axum::routing::post(tags_admin::restore),
         )
         .route("/berth/v1/gc", axum::routing::post(gc::run))
+        .route("/berth/v1/compact", axum::routing::post(compaction::run))
         .route("/berth/v1/trash", get(trash_admin::list))
         .route("/berth/v1/retention/plan", get(retention::plan))
         .route(

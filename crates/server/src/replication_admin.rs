@@ -5,13 +5,18 @@
 
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use berth_auth::Identity;
 use berth_oci::ErrorCode;
+use berth_registry::RecordKind;
+use berth_replication::FeedReader;
 use http::StatusCode;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::security::Caller;
 
 /// Longest a feed request may wait for changes.
 const MAX_FEED_WAIT: Duration = Duration::from_secs(30);
@@ -43,18 +48,74 @@ pub struct FeedQuery {
     limit: usize,
     #[serde(default)]
     wait_ms: u64,
+    /// The reading region, and the epoch of this region's log its cursor
+    /// is in (for compaction).
+    reader: Option<String>,
+    #[serde(default)]
+    epoch: String,
 }
 
 fn default_limit() -> usize {
     256
 }
 
-pub async fn feed(State(state): State<AppState>, Query(query): Query<FeedQuery>) -> Response {
+pub async fn feed(
+    State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    Query(query): Query<FeedQuery>,
+) -> Response {
     let Some(replication) = &state.replication else {
         return not_configured();
     };
     let wait = Duration::from_millis(query.wait_ms).min(MAX_FEED_WAIT);
-    match replication.feed(query.after, query.limit, wait).await {
+    // A peer proven by its credential reads as itself, whatever it says; on
+    // an open registry (credentials not checked) the name it gives counts.
+    // An early acknowledgement only makes that peer resynchronize.
+    let region = match caller.as_ref().map(|c| &c.identity) {
+        Some(Identity::Peer(name)) => Some(name.clone()),
+        _ if !state.security.auth.enabled() => query.reader.clone(),
+        _ => None,
+    };
+    let reader = region.map(|region| FeedReader {
+        region,
+        epoch: query.epoch.clone(),
+    });
+    match replication
+        .feed(query.after, query.limit, wait, reader)
+        .await
+    {
+        Ok(page) => axum::Json(page).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct SnapshotQuery {
+    kind: String,
+    after: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+/// A page of this region's records, for a peer that fell behind its
+/// compacted log.
+pub async fn snapshot(
+    State(state): State<AppState>,
+    Query(query): Query<SnapshotQuery>,
+) -> Response {
+    let Some(replication) = &state.replication else {
+        return not_configured();
+    };
+    let Some(kind) = RecordKind::parse(&query.kind) else {
+        return ApiError::new(ErrorCode::Unsupported)
+            .status(StatusCode::BAD_REQUEST)
+            .message("kind must be tags, tag-tombstones, manifests or manifest-tombstones")
+            .into_response();
+    };
+    match replication
+        .snapshot(kind, query.after.as_deref(), query.limit)
+        .await
+    {
         Ok(page) => axum::Json(page).into_response(),
         Err(e) => failed(e),
     }

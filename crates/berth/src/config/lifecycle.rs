@@ -13,6 +13,11 @@ use super::ConfigError;
 /// blob and the push of the manifest that uses it.
 pub const DEFAULT_GC_GRACE_SECS: u64 = 3600;
 
+/// Default retention of the change log, tombstones and tag history: two
+/// weeks of history to restore from, and of absence a region survives
+/// without resynchronizing.
+pub const DEFAULT_LOG_RETENTION_SECS: u64 = 14 * 86_400;
+
 /// Lifecycle flags of `berth serve` (each also a key of the TOML file).
 #[derive(Args, Debug, Default, Clone)]
 pub struct LifecycleArgs {
@@ -38,6 +43,15 @@ pub struct LifecycleArgs {
     /// region; 0 only plans (`berth retention plan`) [default: 3600].
     #[arg(long, env = "BERTH_RETENTION_INTERVAL_SECS")]
     pub retention_interval_secs: Option<u64>,
+    /// Keep change-log entries, tombstones and tag history this long (and
+    /// log entries until every live peer has applied them); a peer away
+    /// longer resynchronizes [default: 1209600, 14 days].
+    #[arg(long, env = "BERTH_LOG_RETENTION_SECS")]
+    pub log_retention_secs: Option<u64>,
+    /// Compact metadata this often, on one node of the region; 0 turns
+    /// the job off (compact with `berth compact`) [default: 3600].
+    #[arg(long, env = "BERTH_COMPACTION_INTERVAL_SECS")]
+    pub compaction_interval_secs: Option<u64>,
 }
 
 /// The same keys in the TOML file (flattened into it, so unknown keys are
@@ -49,6 +63,8 @@ pub struct FileLifecycle {
     link_refresh_secs: Option<u64>,
     trash_retention_days: Option<u64>,
     retention_interval_secs: Option<u64>,
+    log_retention_secs: Option<u64>,
+    compaction_interval_secs: Option<u64>,
     #[serde(default)]
     immutable: Vec<FileImmutable>,
     #[serde(default)]
@@ -112,6 +128,10 @@ pub struct LifecycleSettings {
     pub retention: Vec<RetentionSetting>,
     /// `None`: rules are only planned.
     pub retention_interval: Option<Duration>,
+    /// How long compaction keeps the change log, tombstones and history.
+    pub log_retention: Duration,
+    /// `None`: the compaction job is off.
+    pub compaction_interval: Option<Duration>,
 }
 
 pub(super) fn resolve(
@@ -192,6 +212,17 @@ pub(super) fn resolve(
             untagged_days: rule.untagged_days,
         });
     }
+    let log_retention = args
+        .log_retention_secs
+        .or(file.log_retention_secs)
+        .unwrap_or(DEFAULT_LOG_RETENTION_SECS);
+    if log_retention == 0 {
+        return Err(ConfigError::Zero("log_retention_secs"));
+    }
+    let compaction_interval = args
+        .compaction_interval_secs
+        .or(file.compaction_interval_secs)
+        .unwrap_or(3600);
     let retention_interval = args
         .retention_interval_secs
         .or(file.retention_interval_secs)
@@ -210,5 +241,8 @@ pub(super) fn resolve(
                 .saturating_mul(86_400),
         ),
         immutable,
+        log_retention: Duration::from_secs(log_retention),
+        compaction_interval: (compaction_interval > 0)
+            .then(|| Duration::from_secs(compaction_interval)),
     })
 }

@@ -108,6 +108,19 @@ pub enum Applied {
     Unchanged,
 }
 
+/// A page of the change log.
+#[derive(Debug)]
+pub struct ChangePage {
+    pub events: Vec<ChangeEvent>,
+    /// The newest sequence.
+    pub head: u64,
+    /// The log's identity.
+    pub epoch: String,
+    /// The highest sequence compacted away: a reader whose cursor is below
+    /// it has missed changes and must resynchronize.
+    pub compacted: u64,
+}
+
 /// A digest of a region's state, to compare regions.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StateSummary {
@@ -197,35 +210,47 @@ impl Registry {
         }
     }
 
-    /// Changes after `after`, at most `limit`, with the newest sequence
-    /// and the log's epoch.
-    pub async fn changes_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<(Vec<ChangeEvent>, u64, String)> {
+    /// Changes after `after`, at most `limit`, with the newest sequence,
+    /// the log's epoch and how far it was compacted.
+    pub async fn changes_after(&self, after: u64, limit: usize) -> Result<ChangePage> {
         let head = match self.meta.get(keys::CHANGE_HEAD.as_bytes()).await? {
             Some(kv) => decode::<LogHead>(&kv.key, &kv.value)?,
             None => LogHead::default(),
         };
         let (epoch, head) = (head.epoch, head.seq);
-        if after >= head {
-            return Ok((Vec::new(), head, epoch));
+        let mut events = Vec::new();
+        if after < head {
+            let start = keys::change(after);
+            let batch = self
+                .meta
+                .scan(
+                    keys::CHANGE_PREFIX.as_bytes(),
+                    Some(start.as_bytes()),
+                    limit.max(1),
+                )
+                .await?;
+            events.reserve(batch.len());
+            for kv in batch {
+                events.push(decode::<ChangeEvent>(&kv.key, &kv.value)?);
+            }
         }
-        let start = keys::change(after);
-        let batch = self
-            .meta
-            .scan(
-                keys::CHANGE_PREFIX.as_bytes(),
-                Some(start.as_bytes()),
-                limit.max(1),
-            )
-            .await?;
-        let mut events = Vec::with_capacity(batch.len());
-        for kv in batch {
-            events.push(decode::<ChangeEvent>(&kv.key, &kv.value)?);
+        // Read after the entries: a compaction that removed some of them
+        // before the scan has moved the floor by now, so a reader never
+        // takes a gap for the whole log.
+        let mut compacted = self.log_floor().await?;
+        if let Some(first) = events.first()
+            && first.seq > after + 1
+        {
+            compacted = compacted.max(first.seq - 1);
+        } else if events.is_empty() && after < head {
+            compacted = compacted.max(head);
         }
-        Ok((events, head, epoch))
+        Ok(ChangePage {
+            events,
+            head,
+            epoch,
+            compacted,
+        })
     }
 
     /// Signalled when a write is logged here. (Writes on other nodes of a

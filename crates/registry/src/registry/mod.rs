@@ -1,6 +1,6 @@
 //! The registry: one type whose operations live in a module per concern
 //! (blobs, uploads, manifests, tags, referrers, catalog, deletion, removal,
-//! gc, trash, retention, changes), on the records each owns. This module holds what they share:
+//! gc, trash, retention, changes, compaction), on the records each owns. This module holds what they share:
 //! the stores, the limits, the manifest cache and the transaction helpers.
 
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use bytes::Bytes;
 mod blobs;
 mod catalog;
 mod changes;
+mod compaction;
 mod deletion;
 mod gc;
 mod manifests;
@@ -23,7 +24,8 @@ mod tags;
 mod trash;
 mod uploads;
 
-pub use changes::{Applied, Hlc, StateSummary, stamp_ms};
+pub use changes::{Applied, ChangePage, Hlc, StateSummary, stamp_ms};
+pub use compaction::{CompactionOptions, CompactionReport, MetadataUsage, RecordKind, Usage};
 pub use gc::{GcOptions, GcReport, Progress as GcProgress};
 pub use manifests::{ManifestContent, PutManifestOutcome};
 pub use removal::Removed;

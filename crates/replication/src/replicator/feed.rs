@@ -1,29 +1,75 @@
-//! Serving this region's change feed to its peers.
+//! Serving this region's change feed to its peers, remembering how far each
+//! has durably applied it (the cursor it asks after), and what that allows
+//! compaction to remove.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{FeedPage, Replicator, Result};
+use berth_registry::{RecordKind, now_ms};
+use serde::{Deserialize, Serialize};
+
+use super::{FeedPage, Replicator, Result, SnapshotPage};
+
+/// An acknowledgement is written at most this often per reader while its
+/// cursor moves (and every `ack_refresh` while it does not, so that a
+/// reader that is up but idle stays live).
+const ACK_EVERY: Duration = Duration::from_secs(1);
+
+/// How far a reader region has applied this region's log, and when it
+/// last said so.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(super) struct Ack {
+    pub seq: u64,
+    pub epoch: String,
+    pub ms: u64,
+}
+
+pub(super) fn ack_key(reader: &str) -> String {
+    format!("repl/ack/{reader}")
+}
+
+/// Who is reading the feed, and in which of this region's logs its cursor
+/// is.
+pub struct FeedReader {
+    pub region: String,
+    pub epoch: String,
+}
 
 impl Replicator {
     /// This region's changes after `after`, waiting up to `wait` for some.
-    pub async fn feed(&self, after: u64, limit: usize, wait: Duration) -> Result<FeedPage> {
+    /// A reader that is one of this region's peers acknowledges `after`:
+    /// it asks after its durable cursor.
+    pub async fn feed(
+        &self,
+        after: u64,
+        limit: usize,
+        wait: Duration,
+        reader: Option<FeedReader>,
+    ) -> Result<FeedPage> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Interest first, then the read: a write in between wakes us.
             let signal = self.registry.change_signal().notified();
             tokio::pin!(signal);
             signal.as_mut().enable();
-            let (events, head, epoch) = self
+            let page = self
                 .registry
                 .changes_after(after, limit.clamp(1, 1000))
                 .await?;
+            // On every pass of the wait (the acknowledgement throttles
+            // itself), so a long wait keeps the reader live.
+            if let Some(reader) = &reader
+                && reader.epoch == page.epoch
+            {
+                self.acknowledge(&reader.region, after, &page.epoch).await;
+            }
             let now = tokio::time::Instant::now();
-            if !events.is_empty() || now >= deadline {
+            if !page.events.is_empty() || now >= deadline || page.compacted > after {
                 return Ok(FeedPage {
                     region: self.options.region.clone(),
-                    epoch,
-                    head,
-                    events,
+                    epoch: page.epoch,
+                    head: page.head,
+                    compacted: page.compacted,
+                    events: page.events,
                 });
             }
             // Woken by a local write; polled for writes of other nodes.
@@ -31,4 +77,112 @@ impl Replicator {
             let _ = tokio::time::timeout(left, signal).await;
         }
     }
+
+    /// Records a peer's cursor (throttled; a failure only delays
+    /// compaction, so it is logged, not returned).
+    async fn acknowledge(&self, reader: &str, seq: u64, epoch: &str) {
+        if !self.options.peers.iter().any(|p| p.name == reader) {
+            return;
+        }
+        {
+            let mut last = self
+                .acks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let now = Instant::now();
+            if let Some((seen, at)) = last.get(reader) {
+                let elapsed = now.duration_since(*at);
+                if (*seen == seq && elapsed < self.options.ack_refresh) || elapsed < ACK_EVERY {
+                    return;
+                }
+            }
+            last.insert(reader.to_string(), (seq, now));
+        }
+        let ack = Ack {
+            seq,
+            epoch: epoch.to_string(),
+            ms: now_ms(),
+        };
+        if let Err(e) = self.save(&ack_key(reader), &ack).await {
+            tracing::debug!(reader, error = %e, "could not record a feed acknowledgement");
+        }
+    }
+
+    /// The newest log sequence every live peer has applied (`u64::MAX`
+    /// when no peer is live). A peer that has not acknowledged within
+    /// `window` is not waited for: when it comes back, it finds its cursor
+    /// behind the compacted log and resynchronizes.
+    pub async fn acknowledged_by_all(&self, window: Duration) -> Result<u64> {
+        let (epoch, live_after) = (
+            self.registry.changes_after(u64::MAX, 1).await?.epoch,
+            now_ms().saturating_sub(window.as_millis() as u64),
+        );
+        let mut through = u64::MAX;
+        for peer in &self.options.peers {
+            let Some(ack) = self.load::<Ack>(&ack_key(&peer.name)).await? else {
+                continue;
+            };
+            if ack.ms < live_after {
+                continue;
+            }
+            let seq = if ack.epoch == epoch { ack.seq } else { 0 };
+            through = through.min(seq);
+        }
+        Ok(through)
+    }
+
+    /// Before when tombstones may go: older than `window`, and older (by a
+    /// margin for clocks) than the last time this region had applied all
+    /// of each live peer's changes, so no write a tombstone must outrank
+    /// can still arrive from a peer that is up.
+    pub async fn tombstone_cutoff(&self, window: Duration) -> Result<u64> {
+        let now = now_ms();
+        let window_ms = window.as_millis() as u64;
+        let margin = CLOCK_MARGIN.min(window).as_millis() as u64;
+        let mut cutoff = now.saturating_sub(window_ms);
+        for peer in &self.options.peers {
+            let status = self.status_of(peer).await?;
+            if status.caught_up_ms < now.saturating_sub(window_ms) {
+                // Behind the window (or never seen): it resynchronizes.
+                continue;
+            }
+            cutoff = cutoff.min(status.caught_up_ms.saturating_sub(margin));
+        }
+        Ok(cutoff)
+    }
+
+    /// One page of this region's records of `kind`, for a peer
+    /// resynchronizing.
+    pub async fn snapshot(
+        &self,
+        kind: RecordKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<SnapshotPage> {
+        let limit = limit.clamp(1, 1000);
+        let page = self
+            .registry
+            .records_page(kind, after.map(str::as_bytes), limit)
+            .await?;
+        let done = page.len() < limit;
+        let mut records = Vec::with_capacity(page.len());
+        for kv in page {
+            let (Ok(key), Ok(value)) = (
+                String::from_utf8(kv.key),
+                serde_json::from_slice::<serde_json::Value>(&kv.value),
+            ) else {
+                continue;
+            };
+            records.push((key, value));
+        }
+        Ok(SnapshotPage {
+            region: self.options.region.clone(),
+            records,
+            done,
+        })
+    }
 }
+
+/// How far apart regions' clocks may be, for tombstone pruning (capped by
+/// the window: an operator who keeps less history than this accepts it).
+const CLOCK_MARGIN: Duration = Duration::from_secs(60);

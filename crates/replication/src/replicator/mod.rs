@@ -15,7 +15,10 @@ use crate::metrics::ReplicationMetrics;
 mod copy;
 mod feed;
 mod read_through;
+mod resync;
 mod round;
+
+pub use feed::FeedReader;
 
 /// Changes fetched per feed request.
 const FEED_BATCH: usize = 256;
@@ -61,6 +64,10 @@ pub struct ReplicationOptions {
     pub read_through_timeout: Duration,
     /// How long a feed request waits for new changes.
     pub feed_wait: Duration,
+    /// How often a reader's acknowledgement of the feed is renewed while
+    /// it waits (it must stay well inside the compaction window for the
+    /// reader to count as live).
+    pub ack_refresh: Duration,
     pub spool_dir: PathBuf,
     /// How peers' certificates are verified, and this region's client
     /// certificate for them.
@@ -90,7 +97,21 @@ pub struct FeedPage {
     #[serde(default)]
     pub epoch: String,
     pub head: u64,
+    /// The highest sequence compacted away: a reader whose cursor is below
+    /// it resynchronizes from a snapshot.
+    #[serde(default)]
+    pub compacted: u64,
     pub events: Vec<ChangeEvent>,
+}
+
+/// A page of a region's records, for a peer resynchronizing: the keys as
+/// stored, with their records.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotPage {
+    pub region: String,
+    pub records: Vec<(String, serde_json::Value)>,
+    /// No records after these.
+    pub done: bool,
 }
 
 /// Where replication from one peer stands.
@@ -112,6 +133,14 @@ pub struct PeerStatus {
     pub last_error_ms: u64,
     pub paused: bool,
     pub updated_ms: u64,
+    /// When a round last ended with every change of the peer's, as of the
+    /// start of its feed request, applied here.
+    #[serde(default)]
+    pub caught_up_ms: u64,
+    /// Times this region fell behind the peer's compacted log and copied
+    /// its state instead.
+    #[serde(default)]
+    pub resyncs: u64,
 }
 
 /// How far replication from a peer got: the last change applied, in which
@@ -152,6 +181,8 @@ pub struct Replicator {
     metrics: ReplicationMetrics,
     /// Consecutive failed rounds per peer, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The last acknowledgement written per reader, to throttle them.
+    acks: Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
 
 /// An error talking to a peer that says "not there" (superseded at the
@@ -219,6 +250,7 @@ impl Replicator {
             peers_cache: Arc::new(peers_cache),
             metrics: ReplicationMetrics::default(),
             failures: Mutex::new(HashMap::new()),
+            acks: Mutex::new(HashMap::new()),
         })
     }
 

@@ -56,7 +56,8 @@ impl Replicator {
             .as_ref()
             .map(|kv| Cursor::decode(&kv.value))
             .unwrap_or_default();
-        let mut page = self.fetch_feed(peer, saved.seq).await?;
+        let requested_ms = now_ms();
+        let mut page = self.fetch_feed(peer, saved.seq, &saved.epoch).await?;
         let mut cursor = saved.clone();
         if (!saved.epoch.is_empty() && !page.epoch.is_empty() && saved.epoch != page.epoch)
             || page.head < saved.seq
@@ -64,7 +65,7 @@ impl Replicator {
             // The peer's log was rebuilt: start over (applying is idempotent).
             tracing::warn!(peer = %peer.name, "the peer's change log is new; replicating it from the start");
             cursor = Cursor::default();
-            page = self.fetch_feed(peer, 0).await?;
+            page = self.fetch_feed(peer, 0, &page.epoch).await?;
         }
         cursor.epoch = page.epoch.clone();
         // Paused while the feed request waited: apply nothing of it.
@@ -76,6 +77,26 @@ impl Replicator {
             .is_some()
         {
             return Ok(());
+        }
+        if page.compacted > cursor.seq {
+            // Changes this region has not applied are gone from the peer's
+            // log: its state, read after the head was, covers them.
+            tracing::warn!(
+                peer = %peer.name,
+                cursor = cursor.seq,
+                compacted = page.compacted,
+                "behind the peer's compacted change log; copying its state"
+            );
+            let copied = self.resync(peer).await?;
+            status.resyncs += 1;
+            status.bytes_copied += copied;
+            self.metrics.resyncs.get_or_create(&labels).inc();
+            self.metrics
+                .bytes_copied
+                .get_or_create(&labels)
+                .inc_by(copied);
+            cursor.seq = page.head;
+            page.events.clear();
         }
         status.head = page.head;
         status.oldest_pending_ms = page.events.first().map_or(0, |e| e.ms);
@@ -105,6 +126,9 @@ impl Replicator {
         if outcome.is_ok() {
             status.oldest_pending_ms = 0;
             status.last_error = None;
+            if cursor.seq >= page.head {
+                status.caught_up_ms = requested_ms;
+            }
         }
         // Guarded by the cursor read at the start: if another node (a
         // former leader) moved it meanwhile, it is not moved back.
@@ -150,16 +174,30 @@ impl Replicator {
         }
     }
 
-    pub(super) async fn fetch_feed(&self, peer: &PeerConfig, after: u64) -> Result<FeedPage> {
+    /// The peer's feed after `after`, saying who reads it and in which of
+    /// its logs (`epoch`) that cursor is, so that the peer can compact what
+    /// this region has applied.
+    pub(super) async fn fetch_feed(
+        &self,
+        peer: &PeerConfig,
+        after: u64,
+        epoch: &str,
+    ) -> Result<FeedPage> {
         let wait = self.options.feed_wait;
-        let url = format!(
-            "{}/berth/v1/replication/feed?after={after}&limit={FEED_BATCH}&wait_ms={}",
-            peer.url.trim_end_matches('/'),
-            wait.as_millis()
-        );
+        let mut url = reqwest::Url::parse(&format!(
+            "{}/berth/v1/replication/feed",
+            peer.url.trim_end_matches('/')
+        ))
+        .map_err(|e| Self::peer_error(peer, format!("feed: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("after", &after.to_string())
+            .append_pair("limit", &FEED_BATCH.to_string())
+            .append_pair("wait_ms", &wait.as_millis().to_string())
+            .append_pair("reader", &self.options.region)
+            .append_pair("epoch", epoch);
         let response = self
             .http
-            .get(&url)
+            .get(url)
             .headers(Self::credentials(peer))
             .timeout(wait + Duration::from_secs(10))
             .send()

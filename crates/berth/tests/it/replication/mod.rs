@@ -8,6 +8,8 @@ use serde_json::Value;
 
 use crate::support::*;
 
+mod compaction;
+
 const SECRET: &str = "replication-test-secret";
 
 /// Regions started together, each knowing the others' addresses.
@@ -34,11 +36,20 @@ fn region_options(names: &[String], ports: &[u16], i: usize) -> Options {
 
 impl Regions {
     async fn start(names: &[&str]) -> Regions {
+        Regions::start_with_flags(names, &[]).await
+    }
+
+    /// Regions whose every node also gets `flags` (name, value).
+    async fn start_with_flags(names: &[&str], flags: &[(&str, &str)]) -> Regions {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let mut regs = Vec::new();
         for i in 0..names.len() {
-            regs.push(Registry::start_with(region_options(&names, &ports, i)).await);
+            let mut options = region_options(&names, &ports, i);
+            for (name, value) in flags {
+                options = options.flag(name, value);
+            }
+            regs.push(Registry::start_with(options).await);
         }
         Regions { names, regs }
     }

@@ -1,0 +1,145 @@
+//! Bounded metadata across regions: the change log is compacted once every
+//! live peer has applied it and the window passed; a peer kept away past the
+//! window resynchronizes by itself and converges to the same state.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::*;
+
+/// The window the regions here keep their log, tombstones and history.
+const WINDOW_SECS: &str = "2";
+
+fn compact(reg: &Registry, dry_run: bool) -> Value {
+    let mut cmd = berth_cli();
+    cmd.args(["compact", "--json", "--registry", &reg.url()]);
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "berth compact: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn peer_status(reg: &Registry, peer: &str) -> Value {
+    let r = reg.get("/berth/v1/replication/status").await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    r.json()["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == peer)
+        .cloned()
+        .unwrap()
+}
+
+async fn delete_manifest(reg: &Registry, repo: &str, digest: &str) {
+    let r = reg.delete(&format!("/v2/{repo}/manifests/{digest}")).await;
+    assert_eq!(r.status, 202, "{}", r.describe());
+}
+
+#[tokio::test]
+async fn a_peer_paused_past_the_compacted_window_resynchronizes_and_converges() {
+    let regions = Regions::start_with_flags(
+        &["eu", "us"],
+        &[
+            ("--log-retention-secs", WINDOW_SECS),
+            ("--compaction-interval-secs", "0"),
+        ],
+    )
+    .await;
+    let (eu, us) = (&regions.regs[0], &regions.regs[1]);
+    let seed = fresh_seed();
+    // Both regions hold these, written in eu.
+    let gone = Image::oci(seed, 1, 3_000);
+    let gone_digest = gone.push(eu, "team/gone", Some("v1")).await;
+    let moved = Image::oci(seed + 1, 1, 3_000);
+    moved.push(eu, "team/moved", Some("v1")).await;
+    let untagged = Image::oci(seed + 2, 1, 3_000);
+    untagged.push(eu, "team/untagged", Some("v1")).await;
+    regions.converge(Duration::from_secs(30)).await;
+
+    // us stops reading eu; eu deletes, moves and adds while it is away.
+    set_paused(us, "eu", true).await;
+    delete_manifest(eu, "team/gone", &gone_digest).await;
+    let moved_again = Image::oci(seed + 3, 1, 3_000);
+    moved_again.push(eu, "team/moved", Some("v1")).await;
+    let r = eu.delete("/v2/team/untagged/manifests/v1").await;
+    assert_eq!(r.status, 202, "{}", r.describe());
+    let added = Image::oci(seed + 4, 2, 3_000);
+    added.push(eu, "team/added", Some("v1")).await;
+    // And us writes: eu, reading it live, must not need a resync.
+    let from_us = Image::oci(seed + 5, 1, 3_000);
+    from_us.push(us, "team/from-us", Some("v1")).await;
+
+    // Past the window, us has not acknowledged eu's log for longer than
+    // it: eu compacts it all, and the tombstones of what it deleted.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let dry = compact(eu, true);
+    assert!(dry["log_entries"].as_u64().unwrap() >= 5, "{dry:#}");
+    let report = compact(eu, false);
+    eprintln!("eu compacted: {report:#}");
+    assert_eq!(report["log_entries"], dry["log_entries"], "{report:#}");
+    assert!(report.get("acknowledged_through").is_none(), "{report:#}");
+    assert_eq!(report["after"]["change_log"]["records"], 0, "{report:#}");
+    // The manifest delete's, the hidden tag's, the untag's.
+    assert!(report["tombstones"].as_u64().unwrap() >= 3, "{report:#}");
+    assert_eq!(report["after"]["tombstones"]["records"], 0, "{report:#}");
+    // team/moved:v1 had two values: the first goes, the current stays;
+    // deleted tags' history goes.
+    assert!(
+        report["history_entries"].as_u64().unwrap() >= 3,
+        "{report:#}"
+    );
+    let history = eu
+        .get("/berth/v1/tags/history?repository=team/moved&tag=v1")
+        .await;
+    assert_eq!(history.status, 200, "{}", history.describe());
+    assert_eq!(
+        history.json()["history"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        history.describe()
+    );
+    // A second run finds nothing more.
+    let again = compact(eu, false);
+    assert_eq!(again["log_entries"], 0, "{again:#}");
+    assert_eq!(again["tombstones"], 0, "{again:#}");
+
+    // eu read us's log all along: what eu applied goes from us's log
+    // without eu resynchronizing.
+    let us_report = compact(us, false);
+    assert!(
+        us_report["log_entries"].as_u64().unwrap() >= 1,
+        "{us_report:#}"
+    );
+    assert!(us_report["acknowledged_through"].as_u64().unwrap() >= 1);
+
+    // us comes back: its cursor is behind eu's compacted log, so it
+    // copies eu's state, and the regions converge.
+    set_paused(us, "eu", false).await;
+    regions.converge(Duration::from_secs(60)).await;
+    let status = peer_status(us, "eu").await;
+    assert_eq!(status["resyncs"], 1, "{status:#}");
+    assert_eq!(peer_status(eu, "us").await["resyncs"], 0);
+    for reg in [eu, us] {
+        expect_local_image(reg, "team/moved", "v1", &moved_again).await;
+        expect_local_image(reg, "team/added", "v1", &added).await;
+        expect_local_image(reg, "team/from-us", "v1", &from_us).await;
+        let r = local_get(reg, &format!("/v2/team/gone/manifests/{gone_digest}")).await;
+        assert_eq!(r.status, 404, "{}", r.describe());
+        assert_eq!(tag_digest(reg, "team/gone", "v1").await, None);
+        assert_eq!(tag_digest(reg, "team/untagged", "v1").await, None);
+    }
+    // And replication goes on from the log after the resync.
+    let later = Image::oci(seed + 6, 1, 3_000);
+    later.push(eu, "team/later", Some("v1")).await;
+    regions.converge(Duration::from_secs(30)).await;
+    expect_local_image(us, "team/later", "v1", &later).await;
+    assert_eq!(peer_status(us, "eu").await["resyncs"], 1);
+}

@@ -1,0 +1,204 @@
+//! Metadata compaction as a service: it works out what may go (from the
+//! retention window and, with replication, how far every peer has applied
+//! this region's log and this region every peer's), has the registry
+//! remove it, counts it, and serves `POST /berth/v1/compact?dry_run=BOOL`
+//! for `berth compact`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use berth_oci::ErrorCode;
+use berth_registry::{CompactionOptions, CompactionReport, Registry, now_ms};
+use berth_replication::{ReplicationError, Replicator};
+use http::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as PromRegistry;
+use serde::Serialize;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Default)]
+struct CompactionMetrics {
+    runs: Family<OutcomeLabels, Counter>,
+    log_entries: Counter,
+    tombstones: Counter,
+    history: Counter,
+    last_success: Gauge,
+}
+
+/// A run's report with the bounds it worked out.
+#[derive(Debug, Serialize)]
+pub struct CompactionRun {
+    pub window_secs: u64,
+    /// Log entries up to this sequence were applied by every live peer
+    /// (absent: no peer is live, or no replication).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged_through: Option<u64>,
+    /// Tombstones and history written before this (Unix milliseconds) may
+    /// go.
+    pub cutoff_ms: u64,
+    #[serde(flatten)]
+    pub report: CompactionReport,
+}
+
+/// Compacts, one run at a time on this node.
+pub struct Compactor {
+    registry: Arc<Registry>,
+    replication: Option<Arc<Replicator>>,
+    window: Duration,
+    running: tokio::sync::Mutex<()>,
+    metrics: CompactionMetrics,
+}
+
+impl Compactor {
+    pub fn new(
+        registry: Arc<Registry>,
+        replication: Option<Arc<Replicator>>,
+        window: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            replication,
+            window,
+            running: tokio::sync::Mutex::new(()),
+            metrics: CompactionMetrics::default(),
+        }
+    }
+
+    pub async fn run(
+        &self,
+        dry_run: bool,
+        measure: bool,
+    ) -> Result<CompactionRun, ReplicationError> {
+        let _one = self.running.lock().await;
+        let result = self.compact(dry_run, measure).await;
+        let outcome = match &result {
+            Ok(run) if !dry_run => {
+                let m = &self.metrics;
+                m.log_entries.inc_by(run.report.log_entries);
+                m.tombstones.inc_by(run.report.tombstones);
+                m.history.inc_by(run.report.history_entries);
+                m.last_success.set((now_ms() / 1000) as i64);
+                if run.report.log_entries + run.report.tombstones + run.report.history_entries > 0 {
+                    tracing::info!(
+                        log_entries = run.report.log_entries,
+                        log_floor = run.report.log_floor,
+                        tombstones = run.report.tombstones,
+                        history_entries = run.report.history_entries,
+                        "metadata compaction"
+                    );
+                }
+                "ok"
+            }
+            Ok(_) => "dry_run",
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata compaction failed; it will run again");
+                "failed"
+            }
+        };
+        self.metrics
+            .runs
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        result
+    }
+
+    async fn compact(
+        &self,
+        dry_run: bool,
+        measure: bool,
+    ) -> Result<CompactionRun, ReplicationError> {
+        let before = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let (acknowledged, cutoff_ms) = match &self.replication {
+            Some(replication) => (
+                replication.acknowledged_by_all(self.window).await?,
+                replication.tombstone_cutoff(self.window).await?,
+            ),
+            None => (u64::MAX, before),
+        };
+        let options = CompactionOptions {
+            log_through: acknowledged,
+            log_before_ms: before,
+            cutoff_ms,
+            dry_run,
+            measure,
+        };
+        let report = self.registry.compact_metadata(&options).await?;
+        Ok(CompactionRun {
+            window_secs: self.window.as_secs(),
+            acknowledged_through: (acknowledged != u64::MAX).then_some(acknowledged),
+            cutoff_ms,
+            report,
+        })
+    }
+
+    pub fn register_metrics(&self, registry: &mut PromRegistry) {
+        let m = &self.metrics;
+        registry.register(
+            "compaction_runs",
+            "Metadata compactions by outcome (ok, dry_run, failed)",
+            m.runs.clone(),
+        );
+        registry.register(
+            "compaction_log_entries_removed",
+            "Change-log entries removed after every peer applied them and the window passed",
+            m.log_entries.clone(),
+        );
+        registry.register(
+            "compaction_tombstones_removed",
+            "Tag and manifest tombstones removed after the window",
+            m.tombstones.clone(),
+        );
+        registry.register(
+            "compaction_history_removed",
+            "Tag-history entries removed after the window",
+            m.history.clone(),
+        );
+        registry.register(
+            "compaction_last_success_timestamp_seconds",
+            "When the last metadata compaction succeeded (Unix time)",
+            m.last_success.clone(),
+        );
+    }
+}
+
+fn invalid(message: String) -> Response {
+    ApiError::new(ErrorCode::Unsupported)
+        .status(StatusCode::BAD_REQUEST)
+        .message(message)
+        .into_response()
+}
+
+/// `POST /berth/v1/compact`.
+pub async fn run(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let pairs = match berth_oci::query::parse(query.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return invalid(format!("invalid query: {e}")),
+    };
+    if let Some(unknown) = pairs.keys().find(|k| k.as_str() != "dry_run") {
+        return invalid(format!("unknown parameter {unknown:?}"));
+    }
+    let dry_run = match pairs.get("dry_run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return invalid(format!("dry_run must be true or false, not {other:?}")),
+    };
+    match state.compactor.run(dry_run, true).await {
+        Ok(run) => axum::Json(run).into_response(),
+        Err(ReplicationError::Registry(e)) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::new(ErrorCode::Unavailable)
+            .message(e.to_string())
+            .into_response(),
+    }
+}
