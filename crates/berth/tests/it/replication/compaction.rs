@@ -143,3 +143,85 @@ async fn a_peer_paused_past_the_compacted_window_resynchronizes_and_converges() 
     expect_local_image(us, "team/later", "v1", &later).await;
     assert_eq!(peer_status(us, "eu").await["resyncs"], 1);
 }
+
+/// What the metadata weighs per image and per tag before and after
+/// compaction, written to `docs/lifecycle.md` by `scripts/metadata-figures`:
+/// 200 tags in 20 repositories, each pushed 5 times (1,000 images), 40 of
+/// them deleted, in eu with us replicating; compacted past the window.
+#[tokio::test]
+async fn metadata_figures() {
+    let Ok(report) = std::env::var("BERTH_METADATA_REPORT") else {
+        eprintln!("SKIPPED: set BERTH_METADATA_REPORT=FILE (scripts/metadata-figures)");
+        return;
+    };
+    let regions = Regions::start_with_flags(
+        &["eu", "us"],
+        &[
+            ("--log-retention-secs", WINDOW_SECS),
+            ("--compaction-interval-secs", "0"),
+        ],
+    )
+    .await;
+    let eu = &regions.regs[0];
+    let seed = fresh_seed();
+    let (repos, tags_per_repo, pushes) = (20u64, 10u64, 5u64);
+    let mut images = 0u64;
+    for round in 0..pushes {
+        for r in 0..repos {
+            for t in 0..tags_per_repo {
+                let n = (round * repos + r) * tags_per_repo + t;
+                Image::oci(seed + n, 1, 100)
+                    .push(eu, &format!("fig/app{r}"), Some(&format!("v{t}")))
+                    .await;
+                images += 1;
+            }
+        }
+    }
+    let mut deleted = 0u64;
+    for r in 0..repos {
+        for t in 0..2 {
+            let path = format!("/v2/fig/app{r}/manifests/v{t}");
+            assert_eq!(eu.delete(&path).await.status, 202);
+            deleted += 1;
+        }
+    }
+    regions.converge(Duration::from_secs(120)).await;
+    let tags = repos * tags_per_repo - deleted;
+    let measured = compact(eu, true);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let compacted = compact(eu, false);
+    let kinds = ["change_log", "tombstones", "tag_history", "tags", "manifests"];
+    let mut table = String::from(
+        "| metadata in eu | records before | bytes before | records after | bytes after |\n|---|---:|---:|---:|---:|\n",
+    );
+    let (mut total_before, mut total_after) = (0, 0);
+    for kind in kinds {
+        let b = &measured["before"][kind];
+        let a = &compacted["after"][kind];
+        total_before += b["bytes"].as_u64().unwrap();
+        total_after += a["bytes"].as_u64().unwrap();
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            kind.replace('_', " "),
+            b["records"],
+            b["bytes"],
+            a["records"],
+            a["bytes"]
+        ));
+    }
+    table.push_str(&format!(
+        "| **all of these, per image** ({images} images) | | {} | | {} |\n| **per tag** ({tags} tags) | | {} | | {} |\n",
+        total_before / images,
+        total_after / images,
+        total_before / tags,
+        total_after / tags,
+    ));
+    println!("{table}");
+    let doc = std::fs::read_to_string(&report).unwrap_or_default();
+    let (begin, end) = ("<!-- metadata:begin -->", "<!-- metadata:end -->");
+    let doc = match (doc.find(begin), doc.find(end)) {
+        (Some(b), Some(e)) => format!("{}{begin}\n{table}{}", &doc[..b], &doc[e..]),
+        _ => format!("{doc}\n{begin}\n{table}{end}\n"),
+    };
+    std::fs::write(&report, doc).unwrap();
+}
