@@ -68,24 +68,26 @@ fn admin_requirement(rest: &str, query: Option<&str>) -> Requirement {
     if rest == "region/serving" || rest.starts_with("replication/peers/") {
         return Requirement::RegionControl;
     }
-    // Moving a tag back is a push of it.
-    if rest == "tags/restore" {
-        let repository = berth_oci::query::parse(query)
+    let repository = || {
+        berth_oci::query::parse(query)
             .ok()
             .and_then(|q| q.get("repository").cloned())
-            .filter(|r| RepositoryName::parse(r).is_ok());
-        if let Some(name) = repository {
-            return Requirement::Repositories(vec![(name, Action::Push)]);
+            .filter(|r| RepositoryName::parse(r).is_ok())
+    };
+    match rest {
+        // Moving a tag back, and bringing a deleted image back, are pushes.
+        "tags/restore" | "undelete" => {
+            if let Some(name) = repository() {
+                return Requirement::Repositories(vec![(name, Action::Push)]);
+            }
         }
-    }
-    if rest == "tags/history" {
-        let repository = berth_oci::query::parse(query)
-            .ok()
-            .and_then(|q| q.get("repository").cloned())
-            .filter(|r| RepositoryName::parse(r).is_ok());
-        if let Some(name) = repository {
-            return Requirement::RepositoryAdmin(name);
+        // Reading a repository's history or trash is its administrator's.
+        "tags/history" | "trash" => {
+            if let Some(name) = repository() {
+                return Requirement::RepositoryAdmin(name);
+            }
         }
+        _ => {}
     }
     Requirement::Admin
 }
@@ -188,7 +190,40 @@ mod tests {
             ),
             one("team/app", Action::Push)
         );
+        assert_eq!(
+            requirement(
+                &M::POST,
+                "/berth/v1/undelete",
+                Some("repository=team%2Fapp&reference=v1"),
+                MetricsAccess::Public
+            ),
+            one("team/app", Action::Push)
+        );
+        assert_eq!(
+            requirement(
+                &M::GET,
+                "/berth/v1/trash",
+                Some("repository=team%2Fapp"),
+                MetricsAccess::Public
+            ),
+            Requirement::RepositoryAdmin("team/app".into())
+        );
         // Without a valid repository only an administrator may ask.
-        assert_eq!(req(M::POST, "/berth/v1/tags/restore"), Requirement::Admin);
+        for path in [
+            "/berth/v1/tags/restore",
+            "/berth/v1/undelete",
+            "/berth/v1/trash",
+        ] {
+            assert_eq!(req(M::POST, path), Requirement::Admin, "{path}");
+        }
+        assert_eq!(
+            requirement(
+                &M::POST,
+                "/berth/v1/undelete",
+                Some("repository=Bad%20Name&reference=v1"),
+                MetricsAccess::Public
+            ),
+            Requirement::Admin
+        );
     }
 }

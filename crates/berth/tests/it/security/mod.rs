@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use crate::pki::{self, Pki};
 use crate::support::*;
 
+mod audit;
 mod cluster;
 mod matrix;
 mod signin;
