@@ -190,7 +190,13 @@ async fn metadata_figures() {
     let measured = compact(eu, true);
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let compacted = compact(eu, false);
-    let kinds = ["change_log", "tombstones", "tag_history", "tags", "manifests"];
+    let kinds = [
+        "change_log",
+        "tombstones",
+        "tag_history",
+        "tags",
+        "manifests",
+    ];
     let mut table = String::from(
         "| metadata in eu | records before | bytes before | records after | bytes after |\n|---|---:|---:|---:|---:|\n",
     );

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::support::*;
 
 mod compaction;
+mod history;
 
 const SECRET: &str = "replication-test-secret";
 

@@ -67,7 +67,11 @@ async fn restores_and_undeletes_are_audited_and_history_names_the_user() {
         .args(["tags", "history", "team/app:v1", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let history: Value = serde_json::from_slice(&out.stdout).unwrap();
     let entries = history["history"].as_array().unwrap();
     assert!(entries.len() >= 3, "{history:#}");
