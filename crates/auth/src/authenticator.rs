@@ -293,6 +293,21 @@ impl Authenticator {
         }
     }
 
+    /// Whether the credential that names peer `name` (its secret or its
+    /// certificate) names peer `other` too: a secret shared by several
+    /// peers proves only that the caller is one of them.
+    pub fn peer_credential_shared(&self, name: &str, other: &str) -> bool {
+        let find = |n: &str| self.settings.peers.iter().find(|p| p.name == n);
+        match (find(name), find(other)) {
+            (Some(a), Some(b)) if a.name == b.name => true,
+            (Some(a), Some(b)) => {
+                (a.secret.is_some() && a.secret == b.secret)
+                    || (a.certificate.is_some() && a.certificate == b.certificate)
+            }
+            _ => false,
+        }
+    }
+
     fn peer_by_secret(&self, presented: &str) -> Option<String> {
         let mut found = None;
         // Every secret is compared, in constant time, whatever matched.

@@ -539,3 +539,31 @@ async fn an_open_registry_checks_only_peers() {
         Decision::Allow
     );
 }
+
+#[test]
+fn a_shared_peer_secret_names_every_peer_that_holds_it() {
+    let mut s = settings(true);
+    s.peers = vec![
+        PeerCredential {
+            name: "us".into(),
+            secret: Some("shared".into()),
+            certificate: None,
+        },
+        PeerCredential {
+            name: "ap".into(),
+            secret: Some("shared".into()),
+            certificate: None,
+        },
+        PeerCredential {
+            name: "sa".into(),
+            secret: Some("its-own".into()),
+            certificate: Some("sa.example".into()),
+        },
+    ];
+    let a = Authenticator::new(s, None, None, None);
+    assert!(a.peer_credential_shared("us", "ap"));
+    assert!(a.peer_credential_shared("us", "us"));
+    assert!(!a.peer_credential_shared("us", "sa"));
+    assert!(!a.peer_credential_shared("sa", "us"));
+    assert!(!a.peer_credential_shared("us", "nowhere"));
+}

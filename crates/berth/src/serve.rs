@@ -170,7 +170,13 @@ fn open_replication(
                 })
                 .collect(),
             read_through_timeout: settings.read_through_timeout,
-            feed_wait: std::time::Duration::from_secs(10),
+            // A long poll answers at least this often, which is how often a
+            // region learns it has caught up with a quiet peer (what lets
+            // tombstones go): well inside the compaction window.
+            feed_wait: (config.lifecycle.log_retention / 4).clamp(
+                std::time::Duration::from_millis(200),
+                std::time::Duration::from_secs(10),
+            ),
             // Often enough that a reader that is up always looks live to
             // compaction, whose window is the measure.
             ack_refresh: (config.lifecycle.log_retention / 4).clamp(

@@ -15,6 +15,6 @@ mod replicator;
 
 pub use metrics::ReplicationMetrics;
 pub use replicator::{
-    FeedPage, FeedReader, PeerConfig, PeerStatus, ReplicationError, ReplicationOptions, Replicator,
-    SnapshotPage,
+    FeedPage, FeedReader, PeerAck, PeerConfig, PeerStatus, ReplicationError, ReplicationOptions,
+    Replicator, SnapshotPage,
 };

@@ -11,7 +11,7 @@ use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use berth_oci::ErrorCode;
 use berth_registry::{CompactionOptions, CompactionReport, Registry, now_ms};
-use berth_replication::{ReplicationError, Replicator};
+use berth_replication::{PeerAck, ReplicationError, Replicator};
 use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -45,9 +45,16 @@ pub struct CompactionRun {
     /// (absent: no peer is live, or no replication).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acknowledged_through: Option<u64>,
-    /// Tombstones and history written before this (Unix milliseconds) may
-    /// go.
-    pub cutoff_ms: u64,
+    /// Tombstones stamped before this (Unix milliseconds) may go, and of
+    /// this region's own deletes only those before `own_tombstones_ms`
+    /// (every peer has applied them).
+    pub tombstones_ms: u64,
+    pub own_tombstones_ms: u64,
+    /// Tag history stamped before this may go.
+    pub history_ms: u64,
+    /// How far each peer region has applied this region's log.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerAck>,
     #[serde(flatten)]
     pub report: CompactionReport,
 }
@@ -120,17 +127,20 @@ impl Compactor {
         measure: bool,
     ) -> Result<CompactionRun, ReplicationError> {
         let before = now_ms().saturating_sub(self.window.as_millis() as u64);
-        let (acknowledged, cutoff_ms) = match &self.replication {
+        let (peers, (tombstones_ms, own_tombstones_ms)) = match &self.replication {
             Some(replication) => (
-                replication.acknowledged_by_all(self.window).await?,
-                replication.tombstone_cutoff(self.window).await?,
+                replication.peer_acks(self.window).await?,
+                replication.tombstone_cutoffs(self.window).await?,
             ),
-            None => (u64::MAX, before),
+            None => (Vec::new(), (before, before)),
         };
+        let acknowledged = Replicator::acknowledged_by_all(&peers);
         let options = CompactionOptions {
             log_through: acknowledged,
             log_before_ms: before,
-            cutoff_ms,
+            tombstones_ms,
+            own_tombstones_ms,
+            history_ms: before,
             dry_run,
             measure,
         };
@@ -138,7 +148,10 @@ impl Compactor {
         Ok(CompactionRun {
             window_secs: self.window.as_secs(),
             acknowledged_through: (acknowledged != u64::MAX).then_some(acknowledged),
-            cutoff_ms,
+            tombstones_ms,
+            own_tombstones_ms,
+            history_ms: before,
+            peers,
             report,
         })
     }

@@ -72,10 +72,20 @@ pub async fn feed(
     // an open registry (credentials not checked) the name it gives counts.
     // An early acknowledgement only makes that peer resynchronize.
     let region = match caller.as_ref().map(|c| &c.identity) {
-        Some(Identity::Peer(name)) => Some(name.clone()),
+        // A secret several peers share names the first of them: the name
+        // the reader gives counts if that secret is also its own.
+        Some(Identity::Peer(name)) => match &query.reader {
+            Some(reader) if state.security.auth.peer_credential_shared(name, reader) => {
+                Some(reader.clone())
+            }
+            _ => Some(name.clone()),
+        },
         _ if !state.security.auth.enabled() => query.reader.clone(),
         _ => None,
     };
+    // A reader that does not say who it is predates compaction: it would
+    // not notice a gap, so it is told instead of served one.
+    let resynchronizes = query.reader.is_some();
     let reader = region.map(|region| FeedReader {
         region,
         epoch: query.epoch.clone(),
@@ -84,6 +94,15 @@ pub async fn feed(
         .feed(query.after, query.limit, wait, reader)
         .await
     {
+        Ok(page) if page.compacted > query.after && !resynchronizes => {
+            ApiError::new(ErrorCode::Unsupported)
+                .status(StatusCode::GONE)
+                .message(format!(
+                    "changes after {} were compacted away; a region that resynchronizes (a newer berth) is needed",
+                    query.after
+                ))
+                .into_response()
+        }
         Ok(page) => axum::Json(page).into_response(),
         Err(e) => failed(e),
     }

@@ -29,9 +29,13 @@ pub struct CompactionOptions {
     /// passed them), if they were also written before `log_before_ms`.
     pub log_through: u64,
     pub log_before_ms: u64,
-    /// Tombstones and tag history stamped before this (wall-clock
-    /// milliseconds) may go.
-    pub cutoff_ms: u64,
+    /// Tombstones stamped before this (wall-clock milliseconds) may go;
+    /// those of this region's own deletes only before `own_tombstones_ms`
+    /// too.
+    pub tombstones_ms: u64,
+    pub own_tombstones_ms: u64,
+    /// Tag history stamped before this may go.
+    pub history_ms: u64,
     /// Count only; remove nothing.
     pub dry_run: bool,
     /// Also measure the metadata by kind, before and after.
@@ -299,7 +303,13 @@ impl Registry {
                 after = Some(last.key.clone());
                 for kv in page {
                     let stamp: Stamp = decode(&kv.key, &kv.value)?;
-                    if super::stamp_ms(&stamp) < options.cutoff_ms {
+                    let own = self.region.as_deref() == Some(stamp.origin.as_str());
+                    let cutoff = if own {
+                        options.tombstones_ms.min(options.own_tombstones_ms)
+                    } else {
+                        options.tombstones_ms
+                    };
+                    if super::stamp_ms(&stamp) < cutoff {
                         doomed.push(kv);
                     }
                 }
@@ -313,11 +323,13 @@ impl Registry {
     /// Drops the tag-history entries stamped before the cutoff, except the
     /// newest of a tag that exists (what it points at now, and when it was
     /// set). A deleted tag's history goes entirely once it is old: the trash
-    /// keeps what undelete needs.
+    /// keeps what undelete needs. Keys sort by tag, then stamp, so one entry
+    /// held back tells whether it is its tag's newest: memory stays flat
+    /// whatever a tag's history holds.
     async fn prune_tag_history(&self, options: &CompactionOptions) -> Result<u64> {
         let mut removed = 0;
         let mut after: Option<Vec<u8>> = None;
-        let mut group: Vec<KeyValue> = Vec::new();
+        let mut held: Option<KeyValue> = None;
         let mut doomed = Vec::new();
         loop {
             let page = self
@@ -327,48 +339,45 @@ impl Registry {
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for kv in page {
-                let same = match (group.first(), history_group(&kv.key)) {
-                    (Some(first), Some(g)) => history_group(&first.key) == Some(g),
-                    _ => false,
-                };
-                if !same && !group.is_empty() {
-                    self.judge_history(std::mem::take(&mut group), options, &mut doomed)
+                if let Some(previous) = held.take() {
+                    let newest = history_group(&previous.key) != history_group(&kv.key);
+                    self.judge_history(previous, newest, options, &mut doomed)
                         .await?;
                 }
-                group.push(kv);
+                held = Some(kv);
             }
             removed += self.remove_batches(&mut doomed, options, false).await?;
         }
-        if !group.is_empty() {
-            self.judge_history(group, options, &mut doomed).await?;
+        if let Some(previous) = held {
+            self.judge_history(previous, true, options, &mut doomed)
+                .await?;
         }
         removed += self.remove_batches(&mut doomed, options, true).await?;
         Ok(removed)
     }
 
-    /// Adds to `doomed` the entries of one tag's history that may go.
+    /// Adds one history entry to `doomed` if it may go (`newest`: the last
+    /// of its tag's).
     async fn judge_history(
         &self,
-        mut entries: Vec<KeyValue>,
+        kv: KeyValue,
+        newest: bool,
         options: &CompactionOptions,
         doomed: &mut Vec<KeyValue>,
     ) -> Result<()> {
-        let Some(group) = entries.first().and_then(|kv| history_group(&kv.key)) else {
+        let entry: TagHistoryEntry = decode(&kv.key, &kv.value)?;
+        if super::stamp_ms(&entry.stamp) >= options.history_ms {
             return Ok(());
-        };
-        // `taghist/REPO:TAG/` names the tag record `tag/REPO:TAG`.
-        let inner = &group[keys::TAG_HISTORY_PREFIX.len()..group.len() - 1];
-        let tag_key = [keys::TAG_PREFIX.as_bytes(), inner].concat();
-        if self.meta.get(&tag_key).await?.is_some() {
-            // Keys sort by stamp: the last is the newest.
-            entries.pop();
         }
-        for kv in entries {
-            let entry: TagHistoryEntry = decode(&kv.key, &kv.value)?;
-            if super::stamp_ms(&entry.stamp) < options.cutoff_ms {
-                doomed.push(kv);
+        if newest && let Some(group) = history_group(&kv.key) {
+            // `taghist/REPO:TAG/` names the tag record `tag/REPO:TAG`.
+            let inner = &group[keys::TAG_HISTORY_PREFIX.len()..group.len() - 1];
+            let tag_key = [keys::TAG_PREFIX.as_bytes(), inner].concat();
+            if self.meta.get(&tag_key).await?.is_some() {
+                return Ok(());
             }
         }
+        doomed.push(kv);
         Ok(())
     }
 
@@ -417,32 +426,9 @@ impl Registry {
         Ok(removed)
     }
 
-    /// The newest change-log sequence written before `cutoff_ms` (0: none),
-    /// from the floor on.
-    pub async fn log_seq_before(&self, cutoff_ms: u64) -> Result<u64> {
-        let mut after = self.log_floor().await?;
-        let mut newest = 0;
-        loop {
-            let page = self
-                .meta
-                .scan(
-                    keys::CHANGE_PREFIX.as_bytes(),
-                    Some(keys::change(after).as_bytes()),
-                    PAGE,
-                )
-                .await?;
-            if page.is_empty() {
-                return Ok(newest);
-            }
-            for kv in &page {
-                let event: ChangeEvent = decode(&kv.key, &kv.value)?;
-                if event.ms >= cutoff_ms {
-                    return Ok(newest);
-                }
-                newest = event.seq;
-                after = event.seq;
-            }
-        }
+    /// One change-log entry, if it is still there.
+    pub async fn change(&self, seq: u64) -> Result<Option<ChangeEvent>> {
+        self.get_record(&keys::change(seq)).await
     }
 }
 
@@ -500,7 +486,9 @@ mod tests {
         CompactionOptions {
             log_through,
             log_before_ms: u64::MAX,
-            cutoff_ms,
+            tombstones_ms: cutoff_ms,
+            own_tombstones_ms: cutoff_ms,
+            history_ms: cutoff_ms,
             dry_run: false,
             measure: true,
         }

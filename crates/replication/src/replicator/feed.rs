@@ -20,11 +20,29 @@ const ACK_EVERY: Duration = Duration::from_secs(1);
 pub(super) struct Ack {
     pub seq: u64,
     pub epoch: String,
+    /// When it was written.
     pub ms: u64,
+    /// Every write of this region's logged before this (wall-clock
+    /// milliseconds, less the commit latency a margin covers) is applied
+    /// there: the time of the entry at `seq`, or the time of the
+    /// acknowledgement when `seq` was the head.
+    #[serde(default)]
+    pub through_ms: u64,
 }
 
 pub(super) fn ack_key(reader: &str) -> String {
     format!("repl/ack/{reader}")
+}
+
+/// How far a peer has applied this region's log, as it last said.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerAck {
+    pub peer: String,
+    /// The last change it applied (none: it never said).
+    pub seq: Option<u64>,
+    pub acknowledged_ms: u64,
+    /// Said so within the window: compaction waits for it.
+    pub live: bool,
 }
 
 /// Who is reading the feed, and in which of this region's logs its cursor
@@ -60,7 +78,8 @@ impl Replicator {
             if let Some(reader) = &reader
                 && reader.epoch == page.epoch
             {
-                self.acknowledge(&reader.region, after, &page.epoch).await;
+                self.acknowledge(&reader.region, after, &page.epoch, page.head)
+                    .await;
             }
             let now = tokio::time::Instant::now();
             if !page.events.is_empty() || now >= deadline || page.compacted > after {
@@ -80,7 +99,7 @@ impl Replicator {
 
     /// Records a peer's cursor (throttled; a failure only delays
     /// compaction, so it is logged, not returned).
-    async fn acknowledge(&self, reader: &str, seq: u64, epoch: &str) {
+    async fn acknowledge(&self, reader: &str, seq: u64, epoch: &str, head: u64) {
         if !self.options.peers.iter().any(|p| p.name == reader) {
             return;
         }
@@ -98,57 +117,91 @@ impl Replicator {
             }
             last.insert(reader.to_string(), (seq, now));
         }
+        let now = now_ms();
+        let through_ms = if seq >= head {
+            now
+        } else {
+            match self.registry.change(seq).await {
+                Ok(Some(event)) => event.ms,
+                // Compacted (the reader resynchronizes) or unreadable: it
+                // vouches for nothing yet.
+                _ => 0,
+            }
+        };
         let ack = Ack {
             seq,
             epoch: epoch.to_string(),
-            ms: now_ms(),
+            ms: now,
+            through_ms,
         };
         if let Err(e) = self.save(&ack_key(reader), &ack).await {
             tracing::debug!(reader, error = %e, "could not record a feed acknowledgement");
         }
     }
 
+    /// How far each peer has said it applied this region's log.
+    pub async fn peer_acks(&self, window: Duration) -> Result<Vec<PeerAck>> {
+        let epoch = self.registry.changes_after(u64::MAX, 1).await?.epoch;
+        let live_after = now_ms().saturating_sub(window.as_millis() as u64);
+        let mut out = Vec::with_capacity(self.options.peers.len());
+        for peer in &self.options.peers {
+            let ack = self.load::<Ack>(&ack_key(&peer.name)).await?;
+            out.push(match ack {
+                Some(ack) => PeerAck {
+                    peer: peer.name.clone(),
+                    seq: Some(if ack.epoch == epoch { ack.seq } else { 0 }),
+                    acknowledged_ms: ack.ms,
+                    live: ack.ms >= live_after,
+                },
+                None => PeerAck {
+                    peer: peer.name.clone(),
+                    seq: None,
+                    acknowledged_ms: 0,
+                    live: false,
+                },
+            });
+        }
+        Ok(out)
+    }
+
     /// The newest log sequence every live peer has applied (`u64::MAX`
     /// when no peer is live). A peer that has not acknowledged within
     /// `window` is not waited for: when it comes back, it finds its cursor
     /// behind the compacted log and resynchronizes.
-    pub async fn acknowledged_by_all(&self, window: Duration) -> Result<u64> {
-        let (epoch, live_after) = (
-            self.registry.changes_after(u64::MAX, 1).await?.epoch,
-            now_ms().saturating_sub(window.as_millis() as u64),
-        );
-        let mut through = u64::MAX;
-        for peer in &self.options.peers {
-            let Some(ack) = self.load::<Ack>(&ack_key(&peer.name)).await? else {
-                continue;
-            };
-            if ack.ms < live_after {
-                continue;
-            }
-            let seq = if ack.epoch == epoch { ack.seq } else { 0 };
-            through = through.min(seq);
-        }
-        Ok(through)
+    pub fn acknowledged_by_all(acks: &[PeerAck]) -> u64 {
+        acks.iter()
+            .filter(|a| a.live)
+            .filter_map(|a| a.seq)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
-    /// Before when tombstones may go: older than `window`, and older (by a
-    /// margin for clocks) than the last time this region had applied all
-    /// of each live peer's changes, so no write a tombstone must outrank
-    /// can still arrive from a peer that is up.
-    pub async fn tombstone_cutoff(&self, window: Duration) -> Result<u64> {
+    /// Before when tombstones may go, as (any tombstone, one of this
+    /// region's own deletes). Every peer counts here, live or not, so a
+    /// region away for long pins tombstones (few and small) but not the
+    /// log:
+    /// - no tombstone goes while a write older than it could still arrive:
+    ///   it must be older, by a margin for clocks, than the last time this
+    ///   region had applied all of each peer's changes;
+    /// - a tombstone of this region's own delete also stays until every
+    ///   peer has applied the delete, so a peer that resynchronizes finds it
+    ///   in the snapshot.
+    pub async fn tombstone_cutoffs(&self, window: Duration) -> Result<(u64, u64)> {
         let now = now_ms();
-        let window_ms = window.as_millis() as u64;
         let margin = CLOCK_MARGIN.min(window).as_millis() as u64;
-        let mut cutoff = now.saturating_sub(window_ms);
+        let epoch = self.registry.changes_after(u64::MAX, 1).await?.epoch;
+        let mut any = now.saturating_sub(window.as_millis() as u64);
+        let mut own = u64::MAX;
         for peer in &self.options.peers {
             let status = self.status_of(peer).await?;
-            if status.caught_up_ms < now.saturating_sub(window_ms) {
-                // Behind the window (or never seen): it resynchronizes.
-                continue;
-            }
-            cutoff = cutoff.min(status.caught_up_ms.saturating_sub(margin));
+            any = any.min(status.caught_up_ms.saturating_sub(margin));
+            let through = match self.load::<Ack>(&ack_key(&peer.name)).await? {
+                Some(ack) if ack.epoch == epoch => ack.through_ms,
+                _ => 0,
+            };
+            own = own.min(through.saturating_sub(margin));
         }
-        Ok(cutoff)
+        Ok((any, own.min(any)))
     }
 
     /// One page of this region's records of `kind`, for a peer

@@ -18,7 +18,7 @@ mod read_through;
 mod resync;
 mod round;
 
-pub use feed::FeedReader;
+pub use feed::{FeedReader, PeerAck};
 
 /// Changes fetched per feed request.
 const FEED_BATCH: usize = 256;

@@ -1,31 +1,31 @@
 //! Resynchronizing from a peer whose compacted log no longer holds the
 //! changes this region has not applied yet: its state is copied instead.
 //!
-//! The peer's tombstones, manifests and tags are applied like the changes
-//! that made them, by last writer wins on their stamps, so whatever this
-//! region holds that is newer stays. What the peer wrote and later deleted,
-//! and whose tombstone it has since pruned, is found by comparing: a record
-//! here whose newest write came from that peer, and which the peer no
-//! longer has at all, was deleted there after that write, and goes here too.
-//! The pages are compared in key order, a page at a time, so memory stays
-//! bounded whatever the number of tags.
+//! The peer's own tombstones, manifests and tags are applied like the
+//! changes that made them, by last writer wins on their stamps, so whatever
+//! this region holds that is newer stays, and applying twice (two nodes of a
+//! region for a moment, a retried round) changes nothing. Nothing is
+//! inferred from what the peer lacks: a peer keeps the tombstone of each of
+//! its own deletes until every region has applied it (see the feed's
+//! acknowledgements), so each delete this region missed is in the snapshot
+//! with its own stamp. A stale snapshot (a peer restored from a backup, a
+//! read from a lagging etcd member) can only offer older writes, which
+//! lose. Records of other regions come from those regions. Pages are read
+//! one at a time, so memory stays bounded whatever the number of tags.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use berth_oci::{Digest, RepositoryName};
-use berth_registry::{
-    Applied, Change, ManifestRecord, RecordKind, RegistryError, Stamp, TagRecord,
-};
+use berth_registry::{Change, ManifestRecord, RecordKind, RegistryError, Stamp, TagRecord};
 
-use super::{PeerConfig, Replicator, Result, SnapshotPage};
+use super::{PeerConfig, ReplicationError, Replicator, Result, SnapshotPage};
 use crate::glob;
 
 /// Records asked for per snapshot page.
 const PAGE: usize = 500;
 
-/// Order matters only for the vanished check: a record the peer deleted
-/// with its tombstone still there is removed by the tombstone first.
+/// Deletes first, so that content the peer deleted is not copied for
+/// nothing.
 const KINDS: [RecordKind; 4] = [
     RecordKind::ManifestTombstones,
     RecordKind::TagTombstones,
@@ -44,16 +44,6 @@ fn split_key(kind: RecordKind, key: &str) -> Option<(RepositoryName, &str)> {
     Some((RepositoryName::parse(repo).ok()?, item))
 }
 
-/// The write that comes right after `stamp` in the same region: a delete
-/// the peer made after that write, whose own stamp is gone with its
-/// tombstone.
-fn just_after(stamp: &Stamp, origin: &str) -> Stamp {
-    Stamp {
-        hlc: stamp.hlc.saturating_add(1),
-        origin: origin.to_string(),
-    }
-}
-
 impl Replicator {
     /// Copies the peer's state here. Returns the bytes copied.
     pub(super) async fn resync(&self, peer: &PeerConfig) -> Result<u64> {
@@ -62,23 +52,26 @@ impl Replicator {
             let mut after: Option<String> = None;
             loop {
                 let page = self.fetch_snapshot(peer, kind, after.as_deref()).await?;
-                let mut seen = HashSet::with_capacity(page.records.len());
                 for (key, value) in &page.records {
-                    seen.insert(key.as_str());
-                    copied += self.resync_record(peer, kind, key, value).await?;
+                    match self.resync_record(peer, kind, key, value).await {
+                        Ok(n) => copied += n,
+                        // As for a change: what this region can never take
+                        // must not hold the others back.
+                        Err(ReplicationError::Registry(
+                            e @ (RegistryError::ManifestInvalid(_)
+                            | RegistryError::TooLarge { .. }
+                            | RegistryError::DigestInvalid(_)
+                            | RegistryError::SizeInvalid(_)
+                            | RegistryError::CorruptRecord(_)),
+                        )) => {
+                            tracing::error!(peer = %peer.name, key, error = %e, "skipping a record this region cannot take");
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                let upto = if page.done {
-                    None
-                } else {
-                    page.records.last().map(|(key, _)| key.clone())
-                };
-                if matches!(kind, RecordKind::Manifests | RecordKind::Tags) {
-                    self.remove_vanished(peer, kind, after.as_deref(), upto.as_deref(), &seen)
-                        .await?;
-                }
-                match upto {
-                    Some(key) => after = Some(key),
-                    None => break,
+                match page.records.last() {
+                    Some((key, _)) if !page.done => after = Some(key.clone()),
+                    _ => break,
                 }
             }
         }
@@ -223,86 +216,6 @@ impl Replicator {
             }
         }
         Ok(copied)
-    }
-
-    /// Removes the records of `kind` here, in `(after, upto]` (to the end
-    /// when `upto` is `None`), whose newest write came from the peer and
-    /// which the peer no longer has (`seen` holds what it has there).
-    async fn remove_vanished(
-        &self,
-        peer: &PeerConfig,
-        kind: RecordKind,
-        after: Option<&str>,
-        upto: Option<&str>,
-        seen: &HashSet<&str>,
-    ) -> Result<()> {
-        let mut cursor: Option<Vec<u8>> = after.map(|a| a.as_bytes().to_vec());
-        loop {
-            let page = self
-                .registry
-                .records_page(kind, cursor.as_deref(), PAGE)
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
-            cursor = Some(last.key.clone());
-            for kv in &page {
-                let Ok(key) = std::str::from_utf8(&kv.key) else {
-                    continue;
-                };
-                if upto.is_some_and(|u| key > u) {
-                    return Ok(());
-                }
-                if seen.contains(key) {
-                    continue;
-                }
-                let Some((name, item)) = split_key(kind, key) else {
-                    continue;
-                };
-                if !glob::selected(&peer.include, &peer.exclude, name.as_str()) {
-                    continue;
-                }
-                let repository = name.to_string();
-                let (stamp, change) = match kind {
-                    RecordKind::Manifests => {
-                        let Ok(record) = serde_json::from_slice::<ManifestRecord>(&kv.value) else {
-                            continue;
-                        };
-                        let (Some(stamp), Ok(digest)) = (record.stamp, item.parse::<Digest>())
-                        else {
-                            continue;
-                        };
-                        let change = Change::DeleteManifest {
-                            repository,
-                            digest,
-                            tags: Vec::new(),
-                        };
-                        (stamp, change)
-                    }
-                    _ => {
-                        let Ok(record) = serde_json::from_slice::<TagRecord>(&kv.value) else {
-                            continue;
-                        };
-                        let Some(stamp) = record.stamp else { continue };
-                        let change = Change::Untag {
-                            repository,
-                            tag: item.to_string(),
-                        };
-                        (stamp, change)
-                    }
-                };
-                if stamp.origin != peer.name {
-                    continue;
-                }
-                let applied = self
-                    .registry
-                    .apply_change(&just_after(&stamp, &peer.name), &change)
-                    .await?;
-                if applied == Applied::Changed {
-                    tracing::info!(peer = %peer.name, key, "removed what the peer deleted while this region was behind its log");
-                }
-            }
-        }
     }
 }
 

@@ -56,7 +56,6 @@ impl Replicator {
             .as_ref()
             .map(|kv| Cursor::decode(&kv.value))
             .unwrap_or_default();
-        let requested_ms = now_ms();
         let mut page = self.fetch_feed(peer, saved.seq, &saved.epoch).await?;
         let mut cursor = saved.clone();
         if (!saved.epoch.is_empty() && !page.epoch.is_empty() && saved.epoch != page.epoch)
@@ -67,6 +66,10 @@ impl Replicator {
             cursor = Cursor::default();
             page = self.fetch_feed(peer, 0, &page.epoch).await?;
         }
+        // The peer read its head just before answering: every change of its
+        // committed before now (less network time, which the tombstone
+        // margin covers) is on this page or before it.
+        let answered_ms = now_ms();
         cursor.epoch = page.epoch.clone();
         // Paused while the feed request waited: apply nothing of it.
         if self
@@ -127,7 +130,7 @@ impl Replicator {
             status.oldest_pending_ms = 0;
             status.last_error = None;
             if cursor.seq >= page.head {
-                status.caught_up_ms = requested_ms;
+                status.caught_up_ms = answered_ms;
             }
         }
         // Guarded by the cursor read at the start: if another node (a
