@@ -179,6 +179,7 @@ fn open_replication(
             ),
             // Often enough that a reader that is up always looks live to
             // compaction, whose window is the measure.
+            clock_margin: config.lifecycle.max_clock_skew,
             ack_refresh: (config.lifecycle.log_retention / 4).clamp(
                 std::time::Duration::from_millis(200),
                 std::time::Duration::from_secs(30),
@@ -281,6 +282,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             upload_ttl_ms: config.upload_ttl.as_millis() as u64,
             link_refresh_ms: config.lifecycle.link_refresh.as_millis() as u64,
             trash_retention_ms: config.lifecycle.trash_retention.as_millis() as u64,
+            max_clock_skew_ms: config.lifecycle.max_clock_skew.as_millis() as u64,
             ..Limits::default()
         },
     );

@@ -59,6 +59,28 @@ fn default_limit() -> usize {
     256
 }
 
+/// Which peer region a feed or snapshot request reads as.
+fn reader_region(
+    state: &AppState,
+    caller: Option<&Extension<Caller>>,
+    named: Option<&String>,
+) -> Option<String> {
+    match caller.map(|c| &c.identity) {
+        // A secret several peers share names the first of them: the name
+        // the reader gives counts if that secret is also its own.
+        Some(Identity::Peer(name)) => match named {
+            Some(reader) if state.security.auth.peer_credential_shared(name, reader) => {
+                Some(reader.clone())
+            }
+            _ => Some(name.clone()),
+        },
+        // On an open registry (credentials not checked) the name it gives
+        // counts. An early acknowledgement only makes that peer resync.
+        _ if !state.security.auth.enabled() => named.cloned(),
+        _ => None,
+    }
+}
+
 pub async fn feed(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
@@ -68,21 +90,7 @@ pub async fn feed(
         return not_configured();
     };
     let wait = Duration::from_millis(query.wait_ms).min(MAX_FEED_WAIT);
-    // A peer proven by its credential reads as itself, whatever it says; on
-    // an open registry (credentials not checked) the name it gives counts.
-    // An early acknowledgement only makes that peer resynchronize.
-    let region = match caller.as_ref().map(|c| &c.identity) {
-        // A secret several peers share names the first of them: the name
-        // the reader gives counts if that secret is also its own.
-        Some(Identity::Peer(name)) => match &query.reader {
-            Some(reader) if state.security.auth.peer_credential_shared(name, reader) => {
-                Some(reader.clone())
-            }
-            _ => Some(name.clone()),
-        },
-        _ if !state.security.auth.enabled() => query.reader.clone(),
-        _ => None,
-    };
+    let region = reader_region(&state, caller.as_ref(), query.reader.as_ref());
     // A reader that does not say who it is predates compaction: it would
     // not notice a gap, so it is told instead of served one.
     let resynchronizes = query.reader.is_some();
@@ -114,12 +122,19 @@ pub struct SnapshotQuery {
     after: Option<String>,
     #[serde(default = "default_limit")]
     limit: usize,
+    /// The reading region, the epoch of this region's log its cursor is
+    /// in, and that cursor (it stays live while it resynchronizes).
+    reader: Option<String>,
+    #[serde(default)]
+    epoch: String,
+    cursor: Option<u64>,
 }
 
 /// A page of this region's records, for a peer that fell behind its
 /// compacted log.
 pub async fn snapshot(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     Query(query): Query<SnapshotQuery>,
 ) -> Response {
     let Some(replication) = &state.replication else {
@@ -131,8 +146,19 @@ pub async fn snapshot(
             .message("kind must be tags, tag-tombstones, manifests or manifest-tombstones")
             .into_response();
     };
+    let reader = reader_region(&state, caller.as_ref(), query.reader.as_ref())
+        .zip(query.cursor)
+        .map(|(region, cursor)| {
+            (
+                FeedReader {
+                    region,
+                    epoch: query.epoch.clone(),
+                },
+                cursor,
+            )
+        });
     match replication
-        .snapshot(kind, query.after.as_deref(), query.limit)
+        .snapshot(kind, query.after.as_deref(), query.limit, reader)
         .await
     {
         Ok(page) => axum::Json(page).into_response(),

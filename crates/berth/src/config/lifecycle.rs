@@ -52,6 +52,12 @@ pub struct LifecycleArgs {
     /// the job off (compact with `berth compact`) [default: 3600].
     #[arg(long, env = "BERTH_COMPACTION_INTERVAL_SECS")]
     pub compaction_interval_secs: Option<u64>,
+    /// How far apart regions' clocks may be: a replicated change stamped
+    /// further ahead waits until they agree, and a tombstone stays this
+    /// much longer than the moment every peer had caught up past it
+    /// [default: 600].
+    #[arg(long, env = "BERTH_MAX_CLOCK_SKEW_SECS")]
+    pub max_clock_skew_secs: Option<u64>,
 }
 
 /// The same keys in the TOML file (flattened into it, so unknown keys are
@@ -65,6 +71,7 @@ pub struct FileLifecycle {
     retention_interval_secs: Option<u64>,
     log_retention_secs: Option<u64>,
     compaction_interval_secs: Option<u64>,
+    max_clock_skew_secs: Option<u64>,
     #[serde(default)]
     immutable: Vec<FileImmutable>,
     #[serde(default)]
@@ -132,6 +139,7 @@ pub struct LifecycleSettings {
     pub log_retention: Duration,
     /// `None`: the compaction job is off.
     pub compaction_interval: Option<Duration>,
+    pub max_clock_skew: Duration,
 }
 
 pub(super) fn resolve(
@@ -219,6 +227,13 @@ pub(super) fn resolve(
     if log_retention == 0 {
         return Err(ConfigError::Zero("log_retention_secs"));
     }
+    let max_clock_skew = args
+        .max_clock_skew_secs
+        .or(file.max_clock_skew_secs)
+        .unwrap_or(600);
+    if max_clock_skew == 0 {
+        return Err(ConfigError::Zero("max_clock_skew_secs"));
+    }
     let compaction_interval = args
         .compaction_interval_secs
         .or(file.compaction_interval_secs)
@@ -244,5 +259,6 @@ pub(super) fn resolve(
         log_retention: Duration::from_secs(log_retention),
         compaction_interval: (compaction_interval > 0)
             .then(|| Duration::from_secs(compaction_interval)),
+        max_clock_skew: Duration::from_secs(max_clock_skew),
     })
 }

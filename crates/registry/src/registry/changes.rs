@@ -59,13 +59,14 @@ pub fn stamp_ms(stamp: &Stamp) -> u64 {
     stamp.hlc >> 16
 }
 
-/// How far ahead of this node's clock a replicated stamp may be. Further
-/// means a broken clock somewhere: such a change would win every conflict,
-/// so it waits (the worker retries) until the clocks agree.
-const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+/// How far ahead of this node's clock a replicated stamp may be by default
+/// (`Limits::max_clock_skew_ms`). Further means a broken clock somewhere:
+/// such a change would win every conflict, so it waits (the worker
+/// retries) until the clocks agree.
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
 
-fn check_skew(stamp: &Stamp) -> Result<()> {
-    if stamp_ms(stamp) > now_ms().saturating_add(MAX_CLOCK_SKEW_MS) {
+fn check_skew(stamp: &Stamp, max_skew_ms: u64) -> Result<()> {
+    if stamp_ms(stamp) > now_ms().saturating_add(max_skew_ms) {
         return Err(RegistryError::Store(berth_store::StoreError::Unavailable(
             format!(
                 "a change stamped by region {} is {} s ahead of this clock; waiting for clocks to agree",
@@ -146,7 +147,7 @@ impl Registry {
     /// the write's own stamp is newer (also across nodes and restarts).
     pub(super) fn observe_stamp(&self, stamp: Option<&Stamp>) {
         if let Some(stamp) = stamp
-            && check_skew(stamp).is_ok()
+            && check_skew(stamp, self.limits.max_clock_skew_ms).is_ok()
         {
             self.hlc.observe(stamp.hlc);
         }
@@ -296,7 +297,7 @@ impl Registry {
         bytes: Bytes,
         stamp: &Stamp,
     ) -> Result<Applied> {
-        check_skew(stamp)?;
+        check_skew(stamp, self.limits.max_clock_skew_ms)?;
         self.hlc.observe(stamp.hlc);
         let reference = berth_oci::Reference::Digest(digest.clone());
         let (digest, manifest) = self.parse_manifest(&reference, content_type, &bytes)?;
@@ -340,7 +341,7 @@ impl Registry {
     /// Applies a tag or delete change from another region. The manifests a
     /// tag change names must have been stored first.
     pub async fn apply_change(&self, stamp: &Stamp, change: &Change) -> Result<Applied> {
-        check_skew(stamp)?;
+        check_skew(stamp, self.limits.max_clock_skew_ms)?;
         self.hlc.observe(stamp.hlc);
         let parse = |r: &str| {
             RepositoryName::parse(r).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))
@@ -473,7 +474,7 @@ impl Registry {
         stamp: &Stamp,
     ) -> Result<Applied> {
         let tomb_key = keys::manifest_tombstone(name, digest);
-        check_skew(stamp)?;
+        check_skew(stamp, self.limits.max_clock_skew_ms)?;
         self.hlc.observe(stamp.hlc);
         for _ in 0..TXN_ATTEMPTS {
             let tomb = self.tombstone(&tomb_key).await?;

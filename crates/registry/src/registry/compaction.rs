@@ -22,6 +22,12 @@ const PAGE: usize = 1000;
 /// The highest change-log sequence compacted away (0: none).
 const LOG_FLOOR: &str = "changelog/floor";
 
+/// The highest tombstone cutoff a compaction has used: every peer's write
+/// stamped before it had been applied here then, so a resynchronization
+/// skips such records (the tombstones that would have outranked them may
+/// be gone).
+const TOMBSTONE_HORIZON: &str = "compaction/tombstone-horizon";
+
 /// What to compact.
 #[derive(Clone, Debug)]
 pub struct CompactionOptions {
@@ -138,6 +144,34 @@ impl Registry {
         })
     }
 
+    /// Writes of peers stamped before this were applied here when a
+    /// compaction last ran (0: none ran).
+    pub async fn tombstone_horizon(&self) -> Result<u64> {
+        Ok(match self.meta.get(TOMBSTONE_HORIZON.as_bytes()).await? {
+            Some(kv) => decode(&kv.key, &kv.value)?,
+            None => 0,
+        })
+    }
+
+    async fn raise_tombstone_horizon(&self, to: u64) -> Result<()> {
+        loop {
+            let seen = self.meta.get(TOMBSTONE_HORIZON.as_bytes()).await?;
+            let current: u64 = match &seen {
+                Some(kv) => decode(&kv.key, &kv.value)?,
+                None => 0,
+            };
+            if current >= to {
+                return Ok(());
+            }
+            let txn = Txn::new()
+                .require_unchanged(TOMBSTONE_HORIZON, seen.as_ref())
+                .put(TOMBSTONE_HORIZON, encode(&to));
+            if self.meta.commit(txn).await? {
+                return Ok(());
+            }
+        }
+    }
+
     /// One page of the records of `kind` after key `after`, in key order:
     /// what a peer that fell behind the compacted log copies.
     pub async fn records_page(
@@ -169,6 +203,11 @@ impl Registry {
         let (removed, floor) = self.compact_log(options).await?;
         report.log_entries = removed;
         report.log_floor = floor;
+        if !options.dry_run {
+            // Before any tombstone goes, so that the horizon always covers
+            // what is gone.
+            self.raise_tombstone_horizon(options.tombstones_ms).await?;
+        }
         report.tombstones = self.prune_tombstones(options).await?;
         report.history_entries = self.prune_tag_history(options).await?;
         if options.measure {

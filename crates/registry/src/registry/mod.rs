@@ -61,6 +61,10 @@ pub struct Limits {
     /// How long deleted manifests and tags stay in the trash (0: no
     /// trash).
     pub trash_retention_ms: u64,
+    /// How far apart regions' clocks may be: a replicated stamp further
+    /// ahead waits, and tombstones outlive the moment they became
+    /// prunable by this much.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for Limits {
@@ -74,6 +78,7 @@ impl Default for Limits {
             upload_ttl_ms: 24 * 3600 * 1000,
             link_refresh_ms: 10 * 60 * 1000,
             trash_retention_ms: 7 * 24 * 3600 * 1000,
+            max_clock_skew_ms: changes::MAX_CLOCK_SKEW_MS,
         }
     }
 }

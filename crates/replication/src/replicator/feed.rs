@@ -69,6 +69,7 @@ impl Replicator {
             let signal = self.registry.change_signal().notified();
             tokio::pin!(signal);
             signal.as_mut().enable();
+            let read_at = now_ms();
             let page = self
                 .registry
                 .changes_after(after, limit.clamp(1, 1000))
@@ -78,7 +79,7 @@ impl Replicator {
             if let Some(reader) = &reader
                 && reader.epoch == page.epoch
             {
-                self.acknowledge(&reader.region, after, &page.epoch, page.head)
+                self.acknowledge(&reader.region, after, &page.epoch, page.head, read_at)
                     .await;
             }
             let now = tokio::time::Instant::now();
@@ -97,10 +98,13 @@ impl Replicator {
         }
     }
 
-    /// Records a peer's cursor (throttled; a failure only delays
-    /// compaction, so it is logged, not returned).
-    async fn acknowledge(&self, reader: &str, seq: u64, epoch: &str, head: u64) {
-        if !self.options.peers.iter().any(|p| p.name == reader) {
+    /// Records that `reader` has applied this region's log through `seq`
+    /// (throttled; a failure only delays compaction, so it is logged, not
+    /// returned). `head` was read at `read_at` or later.
+    async fn acknowledge(&self, reader: &str, seq: u64, epoch: &str, head: u64, read_at: u64) {
+        if !self.options.peers.iter().any(|p| p.name == reader) || seq > head {
+            // Not a peer, or past the head this node sees (a stale read, a
+            // log restored backwards): it vouches for nothing.
             return;
         }
         {
@@ -109,32 +113,41 @@ impl Replicator {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let now = Instant::now();
+            let every = ACK_EVERY.min(self.options.ack_refresh);
             if let Some((seen, at)) = last.get(reader) {
                 let elapsed = now.duration_since(*at);
-                if (*seen == seq && elapsed < self.options.ack_refresh) || elapsed < ACK_EVERY {
+                // A cursor that went back is said at once.
+                let back = seq < *seen;
+                if !back
+                    && ((*seen == seq && elapsed < self.options.ack_refresh) || elapsed < every)
+                {
                     return;
                 }
             }
             last.insert(reader.to_string(), (seq, now));
         }
-        let now = now_ms();
-        let through_ms = if seq >= head {
-            now
+        let key = ack_key(reader);
+        let previous = self.load::<Ack>(&key).await.ok().flatten();
+        let through_ms = if seq == head {
+            // Caught up: every write logged before the head was read.
+            read_at
         } else {
             match self.registry.change(seq).await {
                 Ok(Some(event)) => event.ms,
-                // Compacted (the reader resynchronizes) or unreadable: it
-                // vouches for nothing yet.
-                _ => 0,
+                // Compacted (the reader is resynchronizing, from the cursor
+                // it had): what it vouched for before still holds.
+                _ => previous
+                    .filter(|p| p.epoch == epoch && p.seq <= seq)
+                    .map_or(0, |p| p.through_ms),
             }
         };
         let ack = Ack {
             seq,
             epoch: epoch.to_string(),
-            ms: now,
+            ms: now_ms(),
             through_ms,
         };
-        if let Err(e) = self.save(&ack_key(reader), &ack).await {
+        if let Err(e) = self.save(&key, &ack).await {
             tracing::debug!(reader, error = %e, "could not record a feed acknowledgement");
         }
     }
@@ -188,7 +201,7 @@ impl Replicator {
     ///   in the snapshot.
     pub async fn tombstone_cutoffs(&self, window: Duration) -> Result<(u64, u64)> {
         let now = now_ms();
-        let margin = CLOCK_MARGIN.min(window).as_millis() as u64;
+        let margin = self.options.clock_margin.as_millis() as u64;
         let epoch = self.registry.changes_after(u64::MAX, 1).await?.epoch;
         let mut any = now.saturating_sub(window.as_millis() as u64);
         let mut own = u64::MAX;
@@ -205,19 +218,36 @@ impl Replicator {
     }
 
     /// One page of this region's records of `kind`, for a peer
-    /// resynchronizing.
+    /// resynchronizing, with the head this node had read before it (so the
+    /// peer can tell a page from a member that lags). The reader, still at
+    /// `cursor` meanwhile, stays live.
     pub async fn snapshot(
         &self,
         kind: RecordKind,
         after: Option<&str>,
         limit: usize,
+        reader: Option<(FeedReader, u64)>,
     ) -> Result<SnapshotPage> {
         let limit = limit.clamp(1, 1000);
+        let read_at = now_ms();
+        let log = self.registry.changes_after(u64::MAX, 1).await?;
+        if let Some((reader, cursor)) = &reader
+            && reader.epoch == log.epoch
+        {
+            self.acknowledge(&reader.region, *cursor, &log.epoch, log.head, read_at)
+                .await;
+        }
         let page = self
             .registry
             .records_page(kind, after.map(str::as_bytes), limit)
             .await?;
         let done = page.len() < limit;
+        let next = if done {
+            None
+        } else {
+            page.last()
+                .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        };
         let mut records = Vec::with_capacity(page.len());
         for kv in page {
             let (Ok(key), Ok(value)) = (
@@ -230,12 +260,10 @@ impl Replicator {
         }
         Ok(SnapshotPage {
             region: self.options.region.clone(),
+            head: log.head,
             records,
             done,
+            next,
         })
     }
 }
-
-/// How far apart regions' clocks may be, for tombstone pruning (capped by
-/// the window: an operator who keeps less history than this accepts it).
-const CLOCK_MARGIN: Duration = Duration::from_secs(60);

@@ -64,6 +64,9 @@ pub struct ReplicationOptions {
     pub read_through_timeout: Duration,
     /// How long a feed request waits for new changes.
     pub feed_wait: Duration,
+    /// How far apart regions' clocks may be: tombstones outlive the moment
+    /// they became safe to prune by this much.
+    pub clock_margin: Duration,
     /// How often a reader's acknowledgement of the feed is renewed while
     /// it waits (it must stay well inside the compaction window for the
     /// reader to count as live).
@@ -109,9 +112,16 @@ pub struct FeedPage {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotPage {
     pub region: String,
+    /// The log head the serving node had read before the page.
+    #[serde(default)]
+    pub head: u64,
     pub records: Vec<(String, serde_json::Value)>,
     /// No records after these.
     pub done: bool,
+    /// Where the next page starts (the last key read, even when its
+    /// record could not be sent).
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// Where replication from one peer stands.

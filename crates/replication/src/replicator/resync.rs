@@ -45,15 +45,38 @@ fn split_key(kind: RecordKind, key: &str) -> Option<(RepositoryName, &str)> {
 }
 
 impl Replicator {
-    /// Copies the peer's state here. Returns the bytes copied.
-    pub(super) async fn resync(&self, peer: &PeerConfig) -> Result<u64> {
+    /// Copies the peer's state here, as of a log head `head` read before;
+    /// this region is at `cursor` in the peer's log (`epoch`) meanwhile.
+    /// Returns the bytes copied.
+    pub(super) async fn resync(
+        &self,
+        peer: &PeerConfig,
+        head: u64,
+        cursor: u64,
+        epoch: &str,
+    ) -> Result<u64> {
+        // Writes of the peer's stamped before the horizon were applied here
+        // before tombstones that outranked them may have gone: replaying
+        // them could bring back what they lost to.
+        let horizon = self.registry.tombstone_horizon().await?;
         let mut copied = 0;
         for kind in KINDS {
             let mut after: Option<String> = None;
             loop {
-                let page = self.fetch_snapshot(peer, kind, after.as_deref()).await?;
+                let page = self
+                    .fetch_snapshot(peer, kind, after.as_deref(), cursor, epoch)
+                    .await?;
+                if page.head < head {
+                    return Err(Self::peer_error(
+                        peer,
+                        format!(
+                            "snapshot read at head {} behind the feed's {head} (a lagging member); retrying",
+                            page.head
+                        ),
+                    ));
+                }
                 for (key, value) in &page.records {
-                    match self.resync_record(peer, kind, key, value).await {
+                    match self.resync_record(peer, kind, key, value, horizon).await {
                         Ok(n) => copied += n,
                         // As for a change: what this region can never take
                         // must not hold the others back.
@@ -69,8 +92,8 @@ impl Replicator {
                         Err(e) => return Err(e),
                     }
                 }
-                match page.records.last() {
-                    Some((key, _)) if !page.done => after = Some(key.clone()),
+                match page.next {
+                    Some(next) if !page.done => after = Some(next),
                     _ => break,
                 }
             }
@@ -83,6 +106,8 @@ impl Replicator {
         peer: &PeerConfig,
         kind: RecordKind,
         after: Option<&str>,
+        cursor: u64,
+        epoch: &str,
     ) -> Result<SnapshotPage> {
         let mut url = reqwest::Url::parse(&format!(
             "{}/berth/v1/replication/snapshot",
@@ -91,7 +116,10 @@ impl Replicator {
         .map_err(|e| Self::peer_error(peer, format!("snapshot: {e}")))?;
         url.query_pairs_mut()
             .append_pair("kind", kind.name())
-            .append_pair("limit", &PAGE.to_string());
+            .append_pair("limit", &PAGE.to_string())
+            .append_pair("reader", &self.options.region)
+            .append_pair("epoch", epoch)
+            .append_pair("cursor", &cursor.to_string());
         if let Some(after) = after {
             url.query_pairs_mut().append_pair("after", after);
         }
@@ -131,6 +159,7 @@ impl Replicator {
         kind: RecordKind,
         key: &str,
         value: &serde_json::Value,
+        horizon: u64,
     ) -> Result<u64> {
         let Some((name, item)) = split_key(kind, key) else {
             tracing::warn!(peer = %peer.name, key, "skipping a snapshot record with an invalid key");
@@ -145,8 +174,16 @@ impl Replicator {
         let repository = name.to_string();
         // Only the peer's own writes, as from its log: a third region's
         // come from that region, so one region's view of another's never
-        // overrides what that region says itself.
-        let own = |stamp: &Stamp| stamp.origin == peer.name;
+        // overrides what that region says itself. A region no longer among
+        // the peers (gone for good) has no one else to speak for it. And
+        // nothing older than the horizon.
+        let own = |stamp: &Stamp| {
+            let origin = stamp.origin.as_str();
+            let speaks = origin == peer.name
+                || (origin != self.options.region
+                    && !self.options.peers.iter().any(|p| p.name == origin));
+            speaks && berth_registry::stamp_ms(stamp) >= horizon
+        };
         let mut copied = 0;
         match kind {
             RecordKind::ManifestTombstones => {

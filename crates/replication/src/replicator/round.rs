@@ -56,6 +56,10 @@ impl Replicator {
             .as_ref()
             .map(|kv| Cursor::decode(&kv.value))
             .unwrap_or_default();
+        // Before the request: the peer reads its head after this moment,
+        // so every change of its committed before it is on the page or
+        // before it.
+        let requested_ms = now_ms();
         let mut page = self.fetch_feed(peer, saved.seq, &saved.epoch).await?;
         let mut cursor = saved.clone();
         if (!saved.epoch.is_empty() && !page.epoch.is_empty() && saved.epoch != page.epoch)
@@ -66,10 +70,6 @@ impl Replicator {
             cursor = Cursor::default();
             page = self.fetch_feed(peer, 0, &page.epoch).await?;
         }
-        // The peer read its head just before answering: every change of its
-        // committed before now (less network time, which the tombstone
-        // margin covers) is on this page or before it.
-        let answered_ms = now_ms();
         cursor.epoch = page.epoch.clone();
         // Paused while the feed request waited: apply nothing of it.
         if self
@@ -90,7 +90,7 @@ impl Replicator {
                 compacted = page.compacted,
                 "behind the peer's compacted change log; copying its state"
             );
-            let copied = self.resync(peer).await?;
+            let copied = self.resync(peer, page.head, saved.seq, &page.epoch).await?;
             status.resyncs += 1;
             status.bytes_copied += copied;
             self.metrics.resyncs.get_or_create(&labels).inc();
@@ -130,7 +130,7 @@ impl Replicator {
             status.oldest_pending_ms = 0;
             status.last_error = None;
             if cursor.seq >= page.head {
-                status.caught_up_ms = answered_ms;
+                status.caught_up_ms = requested_ms;
             }
         }
         // Guarded by the cursor read at the start: if another node (a

@@ -8,8 +8,10 @@ use serde_json::Value;
 
 use super::*;
 
-/// The window the regions here keep their log, tombstones and history.
+/// The window the regions here keep their log, tombstones and history,
+/// and how far apart their clocks may be (both on one machine here).
 const WINDOW_SECS: &str = "2";
+const SKEW_SECS: &str = "1";
 
 fn compact(reg: &Registry, dry_run: bool) -> Value {
     let mut cmd = berth_cli();
@@ -49,6 +51,7 @@ async fn a_peer_paused_past_the_compacted_window_resynchronizes_and_converges() 
         &["eu", "us"],
         &[
             ("--log-retention-secs", WINDOW_SECS),
+            ("--max-clock-skew-secs", SKEW_SECS),
             ("--compaction-interval-secs", "0"),
         ],
     )
@@ -93,9 +96,10 @@ async fn a_peer_paused_past_the_compacted_window_resynchronizes_and_converges() 
     assert_eq!(report["log_entries"], dry["log_entries"], "{report:#}");
     assert!(report.get("acknowledged_through").is_none(), "{report:#}");
     assert_eq!(report["after"]["change_log"]["records"], 0, "{report:#}");
-    assert_eq!(report["tombstones"], 0, "{report:#}");
+    // The manifest delete's and the two untags' (the tag the delete hid
+    // keeps the tag's own older stamp, which us had applied).
     let pinned = report["after"]["tombstones"]["records"].as_u64().unwrap();
-    assert!(pinned >= 4, "{report:#}");
+    assert!(pinned >= 3, "{report:#}");
     // team/moved:v1 had two values: the first goes, the current stays;
     // deleted tags' history goes.
     assert!(
@@ -137,8 +141,16 @@ async fn a_peer_paused_past_the_compacted_window_resynchronizes_and_converges() 
     // copies eu's state, deletes included, and the regions converge.
     set_paused(us, "eu", false).await;
     regions.converge(Duration::from_secs(60)).await;
-    let status = peer_status(us, "eu").await;
-    assert_eq!(status["resyncs"], 1, "{status:#}");
+    // The status is saved after the cursor: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while peer_status(us, "eu").await["resyncs"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#}",
+            peer_status(us, "eu").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(peer_status(eu, "us").await["resyncs"], 0);
     for reg in [eu, us] {
         expect_local_image(reg, "team/moved", "v1", &moved_again).await;
@@ -185,6 +197,7 @@ async fn metadata_figures() {
         &["eu", "us"],
         &[
             ("--log-retention-secs", WINDOW_SECS),
+            ("--max-clock-skew-secs", SKEW_SECS),
             ("--compaction-interval-secs", "0"),
         ],
     )
@@ -267,7 +280,7 @@ async fn each_reader_acknowledges_as_itself_with_a_shared_secret() {
     let regions = Regions::start_with_flags(
         &["eu", "us", "ap"],
         &[
-            ("--log-retention-secs", WINDOW_SECS),
+            ("--log-retention-secs", "10"),
             ("--compaction-interval-secs", "0"),
         ],
     )
@@ -280,7 +293,8 @@ async fn each_reader_acknowledges_as_itself_with_a_shared_secret() {
             .await;
     }
     regions.converge(Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // Both have asked for what follows v2 at least once since.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     let report = compact(eu, true);
     let peers = report["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 2, "{report:#}");
