@@ -274,6 +274,7 @@ impl Registry {
                 .await?;
             let mut txn = Txn::new().require_unchanged(LOG_FLOOR, floor_kv.as_ref());
             let mut last = floor;
+            let mut batch = 0;
             let mut ended = page.len() < BATCH;
             for kv in &page {
                 let event: ChangeEvent = decode(&kv.key, &kv.value)?;
@@ -283,11 +284,11 @@ impl Registry {
                 }
                 txn = txn.delete(kv.key.clone());
                 last = event.seq;
+                batch += 1;
             }
-            if last == floor {
+            if batch == 0 {
                 return Ok((removed, floor));
             }
-            let batch = last - floor;
             txn = txn.put(LOG_FLOOR, encode(&last));
             if self.meta.commit(txn).await? {
                 removed += batch;
