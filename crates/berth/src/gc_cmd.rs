@@ -5,14 +5,9 @@
 use std::io::Write as _;
 
 use berth_registry::GcReport;
-use futures_util::StreamExt;
 
 use crate::admin::AdminError;
-use crate::client::{Api, error_message};
-
-fn failed(what: &str, e: impl std::fmt::Display) -> AdminError {
-    AdminError::Failed(format!("{what}: {e}"))
-}
+use crate::client::Api;
 
 /// Bytes for people: 1.5 GiB.
 pub fn human_bytes(bytes: u64) -> String {
@@ -55,21 +50,6 @@ pub async fn run(
     if let Some(grace) = grace_secs {
         path.push_str(&format!("&grace_secs={grace}"));
     }
-    let what = format!("POST {}", api.url("/berth/v1/gc"));
-    let response = api
-        .request(reqwest::Method::POST, &path)
-        .send()
-        .await
-        .map_err(|e| failed(&what, e))?;
-    let status = response.status();
-    if !status.is_success() {
-        let bytes = response.bytes().await.unwrap_or_default();
-        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        return Err(AdminError::Failed(format!(
-            "HTTP {status}: {}",
-            error_message(&value, &bytes)
-        )));
-    }
     let interactive = !json;
     if interactive {
         eprintln!(
@@ -78,43 +58,14 @@ pub async fn run(
             grace_secs.map_or(String::new(), |g| format!(" older than {g} s"))
         );
     }
-    // JSON lines: progress while it runs, then the report or an error.
-    let mut body = response.bytes_stream();
-    let mut pending = Vec::new();
-    let mut report = None;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| failed(&what, e))?;
-        pending.extend_from_slice(&chunk);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let value: serde_json::Value =
-                serde_json::from_slice(&line).map_err(|e| failed("the registry's answer", e))?;
-            if let Some(error) = value.get("error") {
-                return Err(AdminError::Failed(format!(
-                    "garbage collection failed: {}",
-                    error.as_str().unwrap_or_default()
-                )));
-            }
-            if let Some(done) = value.get("report") {
-                report = Some(
-                    serde_json::from_value::<GcReport>(done.clone())
-                        .map_err(|e| failed("the registry's report", e))?,
-                );
-            } else if let Some(p) = value.get("progress")
-                && interactive
-                && let Ok(p) = serde_json::from_value::<GcReport>(p.clone())
-                && !p.phase.is_empty()
-            {
-                eprintln!("{}", progress_line(&p));
+    let report: GcReport =
+        crate::job_stream::follow(api, &path, "garbage collection", |p: &GcReport| {
+            if interactive && !p.phase.is_empty() {
+                eprintln!("{}", progress_line(p));
                 let _ = std::io::stderr().flush();
             }
-        }
-    }
-    let Some(report) = report else {
-        return Err(AdminError::Failed(
-            "the registry closed the connection before the collection finished (it goes on there; run again to see the result)".into(),
-        ));
-    };
+        })
+        .await?;
     if json {
         println!(
             "{}",

@@ -7,8 +7,10 @@ mod cluster;
 mod compact_cmd;
 mod config;
 mod gc_cmd;
+mod job_stream;
 mod replication_cmd;
 mod retention_cmd;
+mod scrub_cmd;
 mod security;
 mod serve;
 mod tags_cmd;
@@ -96,6 +98,15 @@ enum Command {
         /// Report what would be removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read and re-hash every blob at rest in a running registry now;
+    /// names each corrupt or missing blob and exits 1 when it found any.
+    Scrub {
+        #[command(flatten)]
+        connection: client::Connection,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -394,6 +405,11 @@ fn main() -> ExitCode {
             // It scans all metadata twice to measure it: minutes at worst.
             let api = connection.api(std::time::Duration::from_secs(600))?;
             compact_cmd::run(&api, dry_run, json).await
+        }),
+        Command::Scrub { connection, json } => run_admin(|| async move {
+            // Progress arrives every second; a minute of silence is a hang.
+            let api = connection.api(std::time::Duration::from_secs(60))?;
+            scrub_cmd::run(&api, json).await
         }),
         Command::Tags {
             connection,

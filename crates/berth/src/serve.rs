@@ -7,7 +7,8 @@ use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
 use berth_server::{
-    AppState, Compactor, GarbageCollector, Metrics, RequestLimits, Retention, ServeOptions, Shared,
+    AppState, Compactor, GarbageCollector, Metrics, RequestLimits, Retention, Scrubber,
+    ServeOptions, Shared,
 };
 use berth_store::blob::fs::FsOptions;
 use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
@@ -335,8 +336,10 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         replicator.clone(),
         config.lifecycle.log_retention,
     ));
+    let scrubber = Arc::new(Scrubber::new(registry.clone()));
     let metrics = Metrics::with_extra(|prometheus| {
         gc.register_metrics(prometheus);
+        scrubber.register_metrics(prometheus);
         compactor.register_metrics(prometheus);
         retention.register_metrics(prometheus);
         security.security.register_metrics(prometheus);
@@ -359,6 +362,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         gc: gc.clone(),
         retention: retention.clone(),
         compactor: compactor.clone(),
+        scrubber: scrubber.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -411,6 +415,19 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
                 // A failure is logged and counted by the collector; the
                 // next interval runs again.
                 let _ = gc.run(options, None).await;
+            }
+        }))
+    });
+
+    // Scrub of the blobs at rest, on one node of the region, when asked.
+    let scrubbing = config.lifecycle.scrub_interval.map(|interval| {
+        let scrubber = scrubber.clone();
+        tokio::spawn(node.clone().run_as_leader("scrub", interval, move || {
+            let scrubber = scrubber.clone();
+            async move {
+                // Logged and counted by the scrubber; the next interval
+                // runs again.
+                let _ = scrubber.run(None).await;
             }
         }))
     });
@@ -557,7 +574,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     for worker in workers {
         worker.abort();
     }
-    for job in [evictor, collector, retainer, compaction]
+    for job in [evictor, collector, retainer, compaction, scrubbing]
         .into_iter()
         .flatten()
     {

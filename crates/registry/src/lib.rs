@@ -19,6 +19,6 @@ pub use registry::{
     Applied, ChangePage, CompactionOptions, CompactionReport, GcOptions, GcProgress, GcReport, Hlc,
     ImmutableTags, Limits, MAX_UPLOAD_PARTS, ManifestContent, MetadataUsage, NameMatcher,
     ORPHAN_GRACE_MS, Page, PlannedManifest, PlannedTag, PutManifestOutcome, RecordKind, Registry,
-    Removed, RetentionPlan, RetentionReport, RetentionRule, StateSummary, TrashEntry, Undeleted,
-    UploadStatus, Usage, now_ms, stamp_ms,
+    Removed, RetentionPlan, RetentionReport, RetentionRule, ScrubProgress, ScrubReport,
+    StateSummary, TrashEntry, Undeleted, UploadStatus, Usage, now_ms, stamp_ms,
 };

@@ -165,6 +165,7 @@ mod tests {
             "/berth/v1/auth/keys",
             "/berth/v1/gc",
             "/berth/v1/compact",
+            "/berth/v1/scrub",
             "/berth/v1/retention/plan",
             "/berth/v1/retention/apply",
             "/berth/v1/unknown",

@@ -1,20 +1,15 @@
 //! Garbage collection as a service: one collection at a time on a node,
 //! its metrics, and `POST /berth/v1/gc?dry_run=BOOL&grace_secs=N`, which
-//! streams the run's progress as JSON lines (one a second while it runs,
-//! then `{"report": ...}` or `{"error": ...}`), so that `berth gc` shows
-//! progress on a long run and a load balancer's idle timeout does not cut
-//! it off.
+//! streams the run's progress as JSON lines (see `progress`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use berth_oci::ErrorCode;
 use berth_registry::{GcOptions, GcReport, Registry, RegistryError};
-use bytes::Bytes;
-use http::{StatusCode, header};
+use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,9 +18,6 @@ use prometheus_client::registry::Registry as PromRegistry;
 
 use crate::AppState;
 use crate::error::ApiError;
-
-/// How often a running collection reports progress to its caller.
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -154,12 +146,6 @@ fn invalid(message: String) -> Response {
         .into_response()
 }
 
-fn line(value: &serde_json::Value) -> Bytes {
-    let mut text = value.to_string();
-    text.push('\n');
-    Bytes::from(text)
-}
-
 /// `POST /berth/v1/gc`.
 pub async fn run(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let pairs = match berth_oci::query::parse(query.as_deref()) {
@@ -190,33 +176,6 @@ pub async fn run(State(state): State<AppState>, RawQuery(query): RawQuery) -> Re
     };
     let (progress, watching) = tokio::sync::watch::channel(GcReport::default());
     let gc = state.gc.clone();
-    // The run goes on if the caller goes away: stopping halfway is safe,
-    // but finishing is what the caller asked for.
     let task = tokio::spawn(async move { gc.run(options, Some(&progress)).await });
-    let stream = futures_util::stream::unfold(
-        (Some(task), watching),
-        |(task, mut watching)| async move {
-            let mut task = task?;
-            tokio::select! {
-                finished = &mut task => {
-                    let value = match finished {
-                        Ok(Ok(report)) => serde_json::json!({ "report": report }),
-                        Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
-                        Err(e) => serde_json::json!({ "error": format!("the collection stopped: {e}") }),
-                    };
-                    Some((Ok::<_, std::io::Error>(line(&value)), (None, watching)))
-                }
-                _ = tokio::time::sleep(PROGRESS_EVERY) => {
-                    let now = watching.borrow_and_update().clone();
-                    Some((Ok(line(&serde_json::json!({ "progress": now }))), (Some(task), watching)))
-                }
-            }
-        },
-    );
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response()
+    crate::progress::stream(task, watching, "collection")
 }

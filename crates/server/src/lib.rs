@@ -16,10 +16,12 @@ mod headers;
 mod health;
 mod metrics;
 mod middleware;
+mod progress;
 mod reload;
 mod replication_admin;
 mod retention;
 mod route;
+mod scrub;
 pub mod security;
 mod serve;
 mod tags_admin;
@@ -40,6 +42,7 @@ pub use gc::GarbageCollector;
 pub use metrics::Metrics;
 pub use reload::{FileWatch, fingerprint as reload_fingerprint, watch as watch_files};
 pub use retention::Retention;
+pub use scrub::Scrubber;
 pub use security::{Cidr, Security};
 pub use serve::{ConnInfo, ServeOptions, serve};
 
@@ -80,6 +83,8 @@ pub struct Shared {
     pub retention: Arc<Retention>,
     /// Metadata compaction, for the admin endpoint and the job.
     pub compactor: Arc<Compactor>,
+    /// Scrub of the blobs at rest, for the admin endpoint and the job.
+    pub scrubber: Arc<Scrubber>,
 }
 
 /// Protection against slow or too many clients.
@@ -135,6 +140,7 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route("/berth/v1/gc", axum::routing::post(gc::run))
         .route("/berth/v1/compact", axum::routing::post(compaction::run))
+        .route("/berth/v1/scrub", axum::routing::post(scrub::run))
         .route("/berth/v1/trash", get(trash_admin::list))
         .route("/berth/v1/retention/plan", get(retention::plan))
         .route(

@@ -58,6 +58,11 @@ pub struct LifecycleArgs {
     /// [default: 600].
     #[arg(long, env = "BERTH_MAX_CLOCK_SKEW_SECS")]
     pub max_clock_skew_secs: Option<u64>,
+    /// Re-read and re-hash every blob at rest this often, on one node of
+    /// the region; 0 turns the job off (scrub with `berth scrub`)
+    /// [default: 0].
+    #[arg(long, env = "BERTH_SCRUB_INTERVAL_SECS")]
+    pub scrub_interval_secs: Option<u64>,
 }
 
 /// The same keys in the TOML file (flattened into it, so unknown keys are
@@ -72,6 +77,7 @@ pub struct FileLifecycle {
     log_retention_secs: Option<u64>,
     compaction_interval_secs: Option<u64>,
     max_clock_skew_secs: Option<u64>,
+    scrub_interval_secs: Option<u64>,
     #[serde(default)]
     immutable: Vec<FileImmutable>,
     #[serde(default)]
@@ -140,6 +146,8 @@ pub struct LifecycleSettings {
     /// `None`: the compaction job is off.
     pub compaction_interval: Option<Duration>,
     pub max_clock_skew: Duration,
+    /// `None`: the scrub job is off.
+    pub scrub_interval: Option<Duration>,
 }
 
 pub(super) fn resolve(
@@ -260,5 +268,10 @@ pub(super) fn resolve(
         compaction_interval: (compaction_interval > 0)
             .then(|| Duration::from_secs(compaction_interval)),
         max_clock_skew: Duration::from_secs(max_clock_skew),
+        scrub_interval: args
+            .scrub_interval_secs
+            .or(file.scrub_interval_secs)
+            .filter(|secs| *secs > 0)
+            .map(Duration::from_secs),
     })
 }

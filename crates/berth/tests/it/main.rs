@@ -21,6 +21,7 @@ mod pull_through;
 mod referrers;
 mod replication;
 mod s3_store;
+mod scrub;
 mod security;
 mod skopeo;
 mod tags_catalog;

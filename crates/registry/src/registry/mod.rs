@@ -1,6 +1,6 @@
 //! The registry: one type whose operations live in a module per concern
 //! (blobs, uploads, manifests, tags, referrers, catalog, deletion, removal,
-//! gc, trash, retention, changes, compaction), on the records each owns. This module holds what they share:
+//! gc, trash, retention, changes, compaction, scrub), on the records each owns. This module holds what they share:
 //! the stores, the limits, the manifest cache and the transaction helpers.
 
 use std::sync::Arc;
@@ -20,6 +20,7 @@ mod manifests;
 mod referrers;
 mod removal;
 mod retention;
+mod scrub;
 mod tags;
 mod trash;
 mod uploads;
@@ -32,6 +33,7 @@ pub use removal::Removed;
 pub use retention::{
     NameMatcher, PlannedManifest, PlannedTag, RetentionPlan, RetentionReport, RetentionRule,
 };
+pub use scrub::{Progress as ScrubProgress, ScrubReport};
 pub use trash::{TrashEntry, Undeleted};
 pub use uploads::{MAX_UPLOAD_PARTS, ORPHAN_GRACE_MS, UploadStatus};
 
