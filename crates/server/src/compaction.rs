@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use berth_oci::ErrorCode;
 use berth_registry::{CompactionOptions, CompactionReport, Registry, now_ms};
 use berth_replication::{PeerAck, ReplicationError, Replicator};
-use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,6 +20,7 @@ use prometheus_client::registry::Registry as PromRegistry;
 use serde::Serialize;
 
 use crate::AppState;
+use crate::admin_query;
 use crate::error::ApiError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -186,26 +186,15 @@ impl Compactor {
     }
 }
 
-fn invalid(message: String) -> Response {
-    ApiError::new(ErrorCode::Unsupported)
-        .status(StatusCode::BAD_REQUEST)
-        .message(message)
-        .into_response()
-}
-
 /// `POST /berth/v1/compact`.
 pub async fn run(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
-    let pairs = match berth_oci::query::parse(query.as_deref()) {
+    let pairs = match admin_query::parse(query.as_deref(), &["dry_run"]) {
         Ok(p) => p,
-        Err(e) => return invalid(format!("invalid query: {e}")),
+        Err(message) => return admin_query::invalid(message),
     };
-    if let Some(unknown) = pairs.keys().find(|k| k.as_str() != "dry_run") {
-        return invalid(format!("unknown parameter {unknown:?}"));
-    }
-    let dry_run = match pairs.get("dry_run").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => return invalid(format!("dry_run must be true or false, not {other:?}")),
+    let dry_run = match admin_query::dry_run(&pairs) {
+        Ok(d) => d,
+        Err(message) => return admin_query::invalid(message),
     };
     match state.compactor.run(dry_run, true).await {
         Ok(run) => axum::Json(run).into_response(),

@@ -6,10 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
-use axum::response::{IntoResponse, Response};
-use berth_oci::ErrorCode;
+use axum::response::Response;
 use berth_registry::{GcOptions, GcReport, Registry, RegistryError};
-use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as PromRegistry;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::admin_query::{self, invalid};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -139,29 +137,15 @@ impl GarbageCollector {
     }
 }
 
-fn invalid(message: String) -> Response {
-    ApiError::new(ErrorCode::Unsupported)
-        .status(StatusCode::BAD_REQUEST)
-        .message(message)
-        .into_response()
-}
-
 /// `POST /berth/v1/gc`.
 pub async fn run(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
-    let pairs = match berth_oci::query::parse(query.as_deref()) {
+    let pairs = match admin_query::parse(query.as_deref(), &["dry_run", "grace_secs"]) {
         Ok(p) => p,
-        Err(e) => return invalid(format!("invalid query: {e}")),
+        Err(message) => return admin_query::invalid(message),
     };
-    if let Some(unknown) = pairs
-        .keys()
-        .find(|k| !matches!(k.as_str(), "dry_run" | "grace_secs"))
-    {
-        return invalid(format!("unknown parameter {unknown:?}"));
-    }
-    let dry_run = match pairs.get("dry_run").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => return invalid(format!("dry_run must be true or false, not {other:?}")),
+    let dry_run = match admin_query::dry_run(&pairs) {
+        Ok(d) => d,
+        Err(message) => return admin_query::invalid(message),
     };
     let grace = match pairs.get("grace_secs") {
         None => state.gc.grace(),

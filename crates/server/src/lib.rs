@@ -5,6 +5,7 @@
 //! nothing about how content is stored.
 
 mod access;
+mod admin_query;
 mod api;
 pub mod audit;
 mod body;

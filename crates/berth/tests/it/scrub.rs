@@ -85,7 +85,11 @@ async fn scrub_names_exactly_the_corrupt_and_the_missing_blobs() {
 
     let (code, report, stderr) = scrub(&reg);
     assert_eq!(code, 1, "{report:#} {stderr}");
-    assert_eq!(digests(&report, "missing"), vec![lost.clone()], "{report:#}");
+    assert_eq!(
+        digests(&report, "missing"),
+        vec![lost.clone()],
+        "{report:#}"
+    );
     let corrupt = digests(&report, "corrupt");
     if blobs_in_s3() {
         assert!(corrupt.is_empty(), "{report:#}");
