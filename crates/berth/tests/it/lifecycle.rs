@@ -189,10 +189,20 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
     ] {
         assert!(text.contains(line), "no {line:?} in /metrics");
     }
-    // Bad input gets the spec's error shape.
-    let r = reg.post("/berth/v1/gc?grace_secs=soon").await;
-    assert_eq!(r.status, 400);
-    assert!(r.text().contains("grace_secs"), "{}", r.describe());
+    // Bad input gets the spec's error shape, on every operator job.
+    for (path, names) in [
+        ("/berth/v1/gc?grace_secs=soon", "grace_secs"),
+        ("/berth/v1/gc?dry_run=maybe", "dry_run"),
+        ("/berth/v1/gc?bogus=1", "bogus"),
+        ("/berth/v1/compact?dry_run=maybe", "dry_run"),
+        ("/berth/v1/compact?grace_secs=1", "grace_secs"),
+        ("/berth/v1/scrub?now=1", "no parameters"),
+    ] {
+        let r = reg.post(path).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.describe());
+        assert_eq!(r.json()["errors"][0]["code"], "UNSUPPORTED", "{path}");
+        assert!(r.text().contains(names), "{path}: {}", r.describe());
+    }
 }
 
 /// One pusher's view of what it did.
