@@ -179,8 +179,11 @@ impl Replicator {
         // nothing older than the horizon.
         let own = |stamp: &Stamp| {
             let origin = stamp.origin.as_str();
+            // (Writes made before replication was on carry no region:
+            // they do not replicate, by resync either.)
             let speaks = origin == peer.name
-                || (origin != self.options.region
+                || (!origin.is_empty()
+                    && origin != self.options.region
                     && !self.options.peers.iter().any(|p| p.name == origin));
             speaks && berth_registry::stamp_ms(stamp) >= horizon
         };
