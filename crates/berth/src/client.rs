@@ -101,9 +101,21 @@ impl Api {
         body: Option<&serde_json::Value>,
         bearer: Option<&str>,
     ) -> Result<serde_json::Value, AdminError> {
-        let mut request = self
-            .request(method.clone(), path)
-            .timeout(Duration::from_secs(60));
+        self.json_within(method, path, body, bearer, Duration::from_secs(60))
+            .await
+    }
+
+    /// [`Api::json`] for an endpoint that may take up to `timeout` to
+    /// answer.
+    pub async fn json_within(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        bearer: Option<&str>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, AdminError> {
+        let mut request = self.request(method.clone(), path).timeout(timeout);
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -2,38 +2,31 @@
 //! log every peer has applied, old tombstones and tag history), through its
 //! HTTP API, and show what the metadata weighs before and after.
 
-use crate::admin::AdminError;
-use crate::client::{Api, error_message};
-use crate::gc_cmd::human_bytes;
+use std::time::Duration;
 
-fn failed(what: &str, e: impl std::fmt::Display) -> AdminError {
-    AdminError::Failed(format!("{what}: {e}"))
-}
+use crate::admin::AdminError;
+use crate::client::Api;
+use crate::gc_cmd::human_bytes;
 
 /// Runs one compaction; prints what it removed (or, dry, would remove).
 pub async fn run(api: &Api, dry_run: bool, json: bool) -> Result<bool, AdminError> {
     let path = format!("/berth/v1/compact?dry_run={dry_run}");
-    let what = format!("POST {}", api.url("/berth/v1/compact"));
     if !json {
         eprintln!(
             "{} metadata...",
             if dry_run { "measuring" } else { "compacting" }
         );
     }
-    let response = api
-        .request(reqwest::Method::POST, &path)
-        .send()
-        .await
-        .map_err(|e| failed(&what, e))?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| failed(&what, e))?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    if !status.is_success() {
-        return Err(AdminError::Failed(format!(
-            "HTTP {status}: {}",
-            error_message(&value, &bytes)
-        )));
-    }
+    // It scans all metadata twice to measure it: minutes at worst.
+    let value = api
+        .json_within(
+            reqwest::Method::POST,
+            &path,
+            None,
+            None,
+            Duration::from_secs(600),
+        )
+        .await?;
     if json {
         println!(
             "{}",
