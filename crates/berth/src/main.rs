@@ -1,6 +1,7 @@
 //! `berth`: a highly available OCI container registry.
 
 mod admin;
+mod backup_cmd;
 mod cache_cmd;
 mod client;
 mod cluster;
@@ -111,6 +112,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Backups of a running registry into one of its targets
+    /// (`--backup-to`): take, list, verify and restore them.
+    Backup {
+        #[command(flatten)]
+        connection: client::Connection,
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
     /// A tag's history, and moving a tag back to a digest it had.
     Tags {
         #[command(flatten)]
@@ -178,6 +187,46 @@ enum RetentionCommand {
     },
     /// Apply the rules now (the job does it every --retention-interval-secs).
     Apply,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Take a consistent backup now while the registry serves; exits 1
+    /// when blobs had to be left out (missing or corrupt at rest).
+    Create {
+        /// The target (one of the node's --backup-to) [default: its first].
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The backups in a target, oldest first.
+    Ls {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read and re-hash every blob of a backup and check that every
+    /// manifest's references are in it; exits 1 when it found damage.
+    Verify {
+        #[arg(long)]
+        from: Option<String>,
+        /// The backup [default: the newest].
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into this registry, which must be empty (or hold
+    /// a restore of the same backup that was interrupted: it resumes).
+    Restore {
+        #[arg(long)]
+        from: Option<String>,
+        /// The backup [default: the newest].
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -410,6 +459,27 @@ fn main() -> ExitCode {
             // Progress arrives every second; a minute of silence is a hang.
             let api = connection.api(std::time::Duration::from_secs(60))?;
             scrub_cmd::run(&api, json).await
+        }),
+        Command::Backup {
+            connection,
+            command,
+        } => run_admin(|| async move {
+            // Progress arrives every second; a minute of silence is a hang.
+            let api = connection.api(std::time::Duration::from_secs(60))?;
+            match command {
+                BackupCommand::Create { to, json } => {
+                    backup_cmd::create(&api, to.as_deref(), json).await
+                }
+                BackupCommand::Ls { from, json } => {
+                    backup_cmd::list(&api, from.as_deref(), json).await
+                }
+                BackupCommand::Verify { from, id, json } => {
+                    backup_cmd::verify(&api, from.as_deref(), id.as_deref(), json).await
+                }
+                BackupCommand::Restore { from, id, json } => {
+                    backup_cmd::restore(&api, from.as_deref(), id.as_deref(), json).await
+                }
+            }
         }),
         Command::Tags {
             connection,

@@ -7,7 +7,7 @@ use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
 use berth_server::{
-    AppState, Compactor, GarbageCollector, Metrics, RequestLimits, Retention, Scrubber,
+    AppState, Backups, Compactor, GarbageCollector, Metrics, RequestLimits, Retention, Scrubber,
     ServeOptions, Shared,
 };
 use berth_store::blob::fs::FsOptions;
@@ -337,8 +337,14 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         config.lifecycle.log_retention,
     ));
     let scrubber = Arc::new(Scrubber::new(registry.clone()));
+    let backups = Arc::new(Backups::new(
+        registry.clone(),
+        config.backup.targets.clone(),
+        config.replication.as_ref().map(|r| r.region.clone()),
+    ));
     let metrics = Metrics::with_extra(|prometheus| {
         gc.register_metrics(prometheus);
+        backups.register_metrics(prometheus);
         scrubber.register_metrics(prometheus);
         compactor.register_metrics(prometheus);
         retention.register_metrics(prometheus);
@@ -363,6 +369,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         retention: retention.clone(),
         compactor: compactor.clone(),
         scrubber: scrubber.clone(),
+        backups: backups.clone(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
@@ -429,6 +436,16 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
                 // runs again.
                 let _ = scrubber.run(None).await;
             }
+        }))
+    });
+
+    // Scheduled backups with their retention, on one node of the region.
+    let backing_up = config.backup.every.map(|every| {
+        let backups = backups.clone();
+        let keep = config.backup.keep;
+        tokio::spawn(node.clone().run_as_leader("backup", every, move || {
+            let backups = backups.clone();
+            async move { backups.scheduled(keep).await }
         }))
     });
 
@@ -574,9 +591,11 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     for worker in workers {
         worker.abort();
     }
-    for job in [evictor, collector, retainer, compaction, scrubbing]
-        .into_iter()
-        .flatten()
+    for job in [
+        evictor, collector, retainer, compaction, scrubbing, backing_up,
+    ]
+    .into_iter()
+    .flatten()
     {
         job.abort();
     }

@@ -80,6 +80,9 @@ pub fn upload(id: &str) -> String {
     format!("{UPLOAD_PREFIX}{id}")
 }
 
+/// Held by a running backup: blob bytes are not removed while it exists.
+pub const BACKUP_HOLD: &str = "backup/hold";
+
 pub const CHANGE_PREFIX: &str = "changelog/e/";
 pub const CHANGE_HEAD: &str = "changelog/head";
 

@@ -6,6 +6,7 @@
 //! manifest, move a tag). A crash before the commit leaves unreferenced bytes,
 //! never a visible partial blob.
 
+pub mod backup;
 mod error;
 mod keys;
 mod records;

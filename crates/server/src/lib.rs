@@ -8,6 +8,7 @@ mod access;
 mod admin_query;
 mod api;
 pub mod audit;
+mod backup;
 mod body;
 mod cache_admin;
 mod compaction;
@@ -38,6 +39,7 @@ use berth_proxy::PullThroughCache;
 use berth_registry::Registry;
 use berth_replication::Replicator;
 
+pub use backup::Backups;
 pub use compaction::{CompactionRun, Compactor};
 pub use gc::GarbageCollector;
 pub use metrics::Metrics;
@@ -86,6 +88,8 @@ pub struct Shared {
     pub compactor: Arc<Compactor>,
     /// Scrub of the blobs at rest, for the admin endpoint and the job.
     pub scrubber: Arc<Scrubber>,
+    /// Backups: the configured targets and the runs' metrics.
+    pub backups: Arc<Backups>,
 }
 
 /// Protection against slow or too many clients.
@@ -142,6 +146,15 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/berth/v1/gc", axum::routing::post(gc::run))
         .route("/berth/v1/compact", axum::routing::post(compaction::run))
         .route("/berth/v1/scrub", axum::routing::post(scrub::run))
+        .route("/berth/v1/backups", get(backup::list).post(backup::create))
+        .route(
+            "/berth/v1/backups/verify",
+            axum::routing::post(backup::verify),
+        )
+        .route(
+            "/berth/v1/backups/restore",
+            axum::routing::post(backup::restore),
+        )
         .route("/berth/v1/trash", get(trash_admin::list))
         .route("/berth/v1/retention/plan", get(retention::plan))
         .route(

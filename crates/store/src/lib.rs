@@ -9,6 +9,7 @@
 //! must pass, so a new backend is correct the day it passes the suite.
 
 pub mod blob;
+pub mod documents;
 pub mod meta;
 pub mod testsuite;
 
@@ -17,9 +18,10 @@ pub use blob::{
     fs::FsBlobStore,
     s3::{S3BlobStore, S3Options},
 };
+pub use documents::{DirDocuments, Documents, S3Documents};
 pub use meta::{
-    Compare, KeyValue, LeaseId, MetaStore, Op, Txn, etcd::EtcdMetaStore, etcd::MemberStatus,
-    redb::RedbMetaStore,
+    Compare, KeyValue, LeaseId, MetaStore, Op, Snapshot, Txn, etcd::EtcdMetaStore,
+    etcd::MemberStatus, redb::RedbMetaStore,
 };
 
 /// A failure of the storage engine itself (disk, database), as opposed to a

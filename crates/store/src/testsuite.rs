@@ -151,6 +151,46 @@ pub async fn metastore_suite(store: &dyn MetaStore) {
             .unwrap()
     );
 
+    // A snapshot sees the store as it was when taken, page by page, while
+    // commits change and delete what it holds.
+    let before = keys(store.scan(b"p/", None, 100).await.unwrap());
+    let snapshot = store.snapshot().await.unwrap();
+    let revision = snapshot.revision();
+    let b = store.get(b"p/b").await.unwrap().unwrap();
+    assert!(
+        store
+            .commit(
+                Txn::new()
+                    .delete("p/a")
+                    .put("p/b", "changed")
+                    .put("p/z", "new")
+            )
+            .await
+            .unwrap()
+    );
+    let first = snapshot.scan(b"p/", None, 1).await.unwrap();
+    let rest = snapshot
+        .scan(b"p/", Some(&first[0].key), 100)
+        .await
+        .unwrap();
+    let seen: Vec<crate::KeyValue> = first.into_iter().chain(rest).collect();
+    assert_eq!(keys(seen.clone()), before);
+    let b_then = seen.iter().find(|kv| kv.key == b"p/b").unwrap();
+    assert_eq!(b_then.value, b.value);
+    assert_eq!(b_then.version, b.version);
+    assert_eq!(
+        keys(store.scan(b"p/", None, 100).await.unwrap()),
+        ["p/b", "p/z"]
+    );
+    assert!(store.snapshot().await.unwrap().revision() > revision);
+    drop(snapshot);
+    assert!(
+        store
+            .commit(Txn::new().put("p/a", "x").put("p/b", "x").delete("p/z"))
+            .await
+            .unwrap()
+    );
+
     // Binary keys and values.
     assert!(
         store

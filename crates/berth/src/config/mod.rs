@@ -8,12 +8,14 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+mod backup;
 mod cache;
 mod engines;
 mod lifecycle;
 mod replication;
 mod security;
 
+pub use backup::{BackupArgs, BackupSettings};
 use cache::upstreams;
 pub use cache::{CacheSettings, FileUpstream};
 pub use engines::{EtcdAccess, Metadata, Storage};
@@ -168,6 +170,8 @@ pub struct ServeArgs {
     pub security: SecurityArgs,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
+    #[command(flatten)]
+    pub backup: BackupArgs,
 }
 
 /// The TOML file: the same options, all optional.
@@ -216,6 +220,8 @@ struct FileConfig {
     security: security::FileSecurity,
     #[serde(flatten)]
     lifecycle: lifecycle::FileLifecycle,
+    #[serde(flatten)]
+    backup: backup::FileBackup,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +251,7 @@ pub struct ServeConfig {
     pub replication: Option<ReplicationSettings>,
     pub security: SecuritySettings,
     pub lifecycle: LifecycleSettings,
+    pub backup: BackupSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -380,6 +387,7 @@ impl ServeConfig {
         )?;
         let security = security::resolve(args.security, file.security, listen)?;
         let lifecycle = lifecycle::resolve(args.lifecycle, file.lifecycle)?;
+        let backup = backup::resolve(args.backup, file.backup)?;
         let scheme = if security.tls.is_some() {
             "https"
         } else {
@@ -388,6 +396,7 @@ impl ServeConfig {
         let config = ServeConfig {
             security,
             lifecycle,
+            backup,
             cache,
             replication,
             listen,

@@ -5,6 +5,7 @@ mod pki;
 mod support;
 
 mod api_base;
+mod backup;
 mod blobs;
 mod clients;
 mod cluster;

@@ -203,6 +203,19 @@ impl Registry {
         Ok(())
     }
 
+    pub(crate) fn meta_store(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
+    }
+
+    pub(crate) fn blob_store(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    /// Moves this node's clock past a stamp written elsewhere (restored).
+    pub(crate) fn observe_hlc(&self, hlc: u64) {
+        self.hlc.observe(hlc);
+    }
+
     async fn get_record<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.meta.get(key.as_bytes()).await? {
             Some(kv) => Ok(Some(decode(&kv.key, &kv.value)?)),

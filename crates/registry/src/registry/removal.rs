@@ -126,6 +126,29 @@ impl Registry {
                 return Err(e);
             }
         };
+        // A backup (or restore) holds removal off: checked through the
+        // store's own ordering (a compare, linearizable on etcd) after the
+        // scan, so a backup whose snapshot follows this check sees none of
+        // these blobs referenced (see `backup`'s module comment).
+        match self
+            .meta
+            .commit(Txn::new().require_absent(keys::BACKUP_HOLD))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(
+                    blobs = marked.len(),
+                    "a backup is running: blob removal waits for it"
+                );
+                self.unmark_blobs(&marked).await;
+                return Ok(Removed::default());
+            }
+            Err(e) => {
+                self.unmark_blobs(&marked).await;
+                return Err(e.into());
+            }
+        }
         // The bytes first, 16 at a time; then the records, a batch per
         // transaction.
         let ends: Vec<End> = futures_util::stream::iter(marked)

@@ -183,6 +183,14 @@ impl S3BlobStore {
         })
     }
 
+    /// Named documents under `<prefix><under>/` of the same bucket.
+    pub fn documents(&self, under: &str) -> crate::S3Documents {
+        crate::S3Documents {
+            store: self.store.clone(),
+            prefix: format!("{}{}/", self.prefix, under.trim_matches('/')),
+        }
+    }
+
     fn blob_key(&self, digest: &Digest) -> Path {
         Path::from(format!(
             "{}blobs/{}/{}",

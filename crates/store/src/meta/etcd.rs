@@ -22,7 +22,7 @@ use etcd_client::{
     Txn as EtcdTxn, TxnOp,
 };
 
-use super::{Compare, KeyValue, LeaseId, MetaStore, Op, Txn};
+use super::{Compare, KeyValue, LeaseId, MetaStore, Op, Snapshot, Txn};
 use crate::StoreError;
 
 #[derive(Clone, Debug)]
@@ -261,6 +261,21 @@ impl EtcdMetaStore {
         full
     }
 
+    fn range_maker(&self) -> RangeMaker {
+        RangeMaker {
+            prefix: self.prefix.clone(),
+        }
+    }
+
+    fn scan_range(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Option<(Vec<u8>, GetOptions)> {
+        self.range_maker().scan_range(prefix, start_after, limit)
+    }
+
     fn to_key_value(&self, kv: &etcd_client::KeyValue) -> KeyValue {
         KeyValue {
             key: kv
@@ -287,29 +302,30 @@ impl MetaStore for EtcdMetaStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        if limit == 0 {
+        let Some((start, options)) = self.scan_range(prefix, start_after, limit) else {
             return Ok(Vec::new());
-        }
-        let full_prefix = self.full_key(prefix);
-        let start = match start_after {
-            // The first key after `after` is `after` followed by a zero byte.
-            Some(after) if after >= prefix => {
-                let mut k = self.full_key(after);
-                k.push(0);
-                k
-            }
-            _ => full_prefix.clone(),
         };
-        let end = prefix_end(&full_prefix);
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        let options = GetOptions::new()
-            .with_range(end)
-            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
-            .with_sort(SortTarget::Key, SortOrder::Ascend);
         let resp = self.read(start, options).await?;
         Ok(resp.kvs().iter().map(|kv| self.to_key_value(kv)).collect())
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        // A linearizable read's header names the revision every later
+        // commit is above: the snapshot's moment.
+        let mut client = self.client.clone();
+        let resp = client
+            .get(
+                self.full_key(b"\0snapshot"),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(etcd_err)?;
+        let revision = resp.header().map_or(0, |h| h.revision()).max(0) as u64;
+        Ok(Box::new(EtcdSnapshot {
+            client: self.client.clone(),
+            range: self.range_maker(),
+            revision,
+        }))
     }
 
     async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
@@ -457,6 +473,110 @@ impl EtcdMetaStore {
             });
         }
         Ok(out)
+    }
+}
+
+/// Turns a scan's arguments into an etcd range under the store's prefix.
+#[derive(Clone)]
+struct RangeMaker {
+    prefix: Vec<u8>,
+}
+
+impl RangeMaker {
+    fn full_key(&self, key: &[u8]) -> Vec<u8> {
+        let mut full = Vec::with_capacity(self.prefix.len() + key.len());
+        full.extend_from_slice(&self.prefix);
+        full.extend_from_slice(key);
+        full
+    }
+
+    /// The range's start and options; `None` when it is empty.
+    fn scan_range(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Option<(Vec<u8>, GetOptions)> {
+        if limit == 0 {
+            return None;
+        }
+        let full_prefix = self.full_key(prefix);
+        let start = match start_after {
+            // The first key after `after` is `after` followed by a zero byte.
+            Some(after) if after >= prefix => {
+                let mut k = self.full_key(after);
+                k.push(0);
+                k
+            }
+            _ => full_prefix.clone(),
+        };
+        let end = prefix_end(&full_prefix);
+        if start >= end {
+            return None;
+        }
+        let options = GetOptions::new()
+            .with_range(end)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        Some((start, options))
+    }
+}
+
+/// Reads at one etcd revision. etcd keeps old revisions until it is
+/// compacted; a scan after a compaction past the revision fails, and the
+/// backup reading it fails with it (and is taken again).
+struct EtcdSnapshot {
+    client: Client,
+    range: RangeMaker,
+    revision: u64,
+}
+
+/// Attempts of one snapshot scan: each is idempotent.
+const SNAPSHOT_SCAN_ATTEMPTS: usize = 3;
+
+#[async_trait]
+impl Snapshot for EtcdSnapshot {
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let Some((start, options)) = self.range.scan_range(prefix, start_after, limit) else {
+            return Ok(Vec::new());
+        };
+        let options = options.with_revision(i64::try_from(self.revision).unwrap_or(i64::MAX));
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            let mut client = self.client.clone();
+            match client.get(start.clone(), Some(options.clone())).await {
+                Ok(resp) => break resp,
+                Err(e) => match etcd_err(e) {
+                    StoreError::Unavailable(_) if attempt < SNAPSHOT_SCAN_ATTEMPTS => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    other => return Err(other),
+                },
+            }
+        };
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| KeyValue {
+                key: kv
+                    .key()
+                    .get(self.range.prefix.len()..)
+                    .unwrap_or_default()
+                    .to_vec(),
+                value: kv.value().to_vec(),
+                version: kv.mod_revision().max(0) as u64,
+            })
+            .collect())
     }
 }
 

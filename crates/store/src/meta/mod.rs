@@ -97,6 +97,23 @@ impl Txn {
     }
 }
 
+/// A consistent view of the whole store at one moment (a redb read
+/// transaction, an etcd revision): every scan of it sees that moment,
+/// whatever commits meanwhile. Backups read through one.
+#[async_trait]
+pub trait Snapshot: Send + Sync {
+    /// The store's revision at the snapshot (a counter of commits).
+    fn revision(&self) -> u64;
+
+    /// As [`MetaStore::scan`], at the snapshot's moment.
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError>;
+}
+
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError>;
@@ -113,6 +130,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Applies the transaction atomically and durably. Returns `false`, with
     /// nothing written, when a comparison failed.
     async fn commit(&self, txn: Txn) -> Result<bool, StoreError>;
+
+    /// Opens a consistent view of the store as of now. It may pin old
+    /// versions while it lives (redb keeps their pages, etcd may compact
+    /// them away, failing later scans), so hold it only for one pass.
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError>;
 
     /// Whether the store can serve reads and writes now (for `/readyz`).
     async fn check_health(&self) -> Result<(), StoreError>;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Compare, KeyValue, LeaseId, MetaStore, Op, Txn};
+use super::{Compare, KeyValue, LeaseId, MetaStore, Op, Snapshot, Txn};
 use crate::StoreError;
 
 /// Values are stored as an 8-byte big-endian version followed by the payload.
@@ -150,6 +150,15 @@ impl RedbMetaStore {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
         let txn = db.begin_read().map_err(db_err)?;
+        Self::scan_in(&txn, prefix, start_after, limit)
+    }
+
+    fn scan_in(
+        txn: &redb::ReadTransaction,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let table = txn.open_table(KV).map_err(db_err)?;
         let start: &[u8] = match start_after {
             Some(after) if after > prefix => after,
@@ -294,6 +303,24 @@ impl MetaStore for RedbMetaStore {
         tokio::task::spawn_blocking(move || Self::commit_blocking(&db, txn)).await?
     }
 
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(db_err)?;
+            let revision = txn
+                .open_table(SYSTEM)
+                .map_err(db_err)?
+                .get(REVISION)
+                .map_err(db_err)?
+                .map_or(0, |v| v.value());
+            Ok(Box::new(RedbSnapshot {
+                txn: Arc::new(txn),
+                revision,
+            }) as Box<dyn Snapshot>)
+        })
+        .await?
+    }
+
     async fn check_health(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
@@ -338,6 +365,36 @@ impl MetaStore for RedbMetaStore {
             .remove(&lease);
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || Self::delete_lease_keys(&db, lease)).await?
+    }
+}
+
+/// A redb read transaction: it sees the database as it was when it began.
+/// While it lives, redb keeps the pages later commits replaced, so the file
+/// may grow during a long backup; they are reused once it ends.
+struct RedbSnapshot {
+    txn: Arc<redb::ReadTransaction>,
+    revision: u64,
+}
+
+#[async_trait]
+impl Snapshot for RedbSnapshot {
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let txn = self.txn.clone();
+        let prefix = prefix.to_vec();
+        let start_after = start_after.map(<[u8]>::to_vec);
+        tokio::task::spawn_blocking(move || {
+            RedbMetaStore::scan_in(&txn, &prefix, start_after.as_deref(), limit)
+        })
+        .await?
     }
 }
 

@@ -3,69 +3,11 @@
 //! TLS, each peer with a credential of its own (a secret or a client
 //! certificate) that lets it read the feed and nothing else.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{ALICE, BOB, POLICY, ROOT, basic, client_with};
 use crate::pki::{self, Pki};
 use crate::support::*;
-
-/// A single-member etcd of the test's own.
-struct Etcd {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_etcd() -> Option<Etcd> {
-    if Command::new("etcd").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("BERTH_REQUIRE_ETCD").is_none(),
-            "etcd is not installed but BERTH_REQUIRE_ETCD is set"
-        );
-        eprintln!("SKIPPED: etcd is not installed");
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (port, peer) = (free_port(), free_port());
-    let child = Command::new("etcd")
-        .arg("--name=auth")
-        .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
-        .arg(format!("--listen-client-urls=http://127.0.0.1:{port}"))
-        .arg(format!("--advertise-client-urls=http://127.0.0.1:{port}"))
-        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-        .arg(format!(
-            "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-        ))
-        .arg(format!("--initial-cluster=auth=http://127.0.0.1:{peer}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let etcd = Etcd {
-        child,
-        port,
-        _dir: dir,
-    };
-    let health = format!("http://127.0.0.1:{port}/health");
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            reqwest::get(&health)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await,
-        "etcd did not start"
-    );
-    Some(etcd)
-}
 
 /// Polls until `url` answers `status` to `client`; how long after
 /// `since` that was.

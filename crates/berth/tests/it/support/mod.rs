@@ -51,6 +51,7 @@ pub const SPEC_ERROR_CODES: &[&str] = &[
 ];
 
 mod data;
+mod etcd;
 mod http;
 mod images;
 mod process;
@@ -58,6 +59,7 @@ mod raw;
 mod secure;
 
 pub use data::*;
+pub use etcd::*;
 pub use http::*;
 pub use images::*;
 pub use process::*;

@@ -1,0 +1,78 @@
+//! A schedule's retention: keep the newest backups, remove the others and
+//! the blobs no kept backup names. It runs under the backup hold, right
+//! after a backup, so no backup of this registry is writing meanwhile (a
+//! target belongs to one registry).
+
+use std::collections::HashSet;
+
+use berth_oci::Digest;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::{BackupError, Target};
+
+/// What a prune removed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PruneReport {
+    pub backups: Vec<String>,
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// Blob deletes in flight at once.
+const PARALLEL: usize = 16;
+
+/// Keeps the newest `keep` backups (at least one).
+pub(super) async fn prune(target: &Target, keep: usize) -> Result<PruneReport, BackupError> {
+    let keep = keep.max(1);
+    let listed = target.list_all().await?;
+    if listed.len() <= keep {
+        return Ok(PruneReport::default());
+    }
+    let (old, kept) = listed.split_at(listed.len() - keep);
+    // What the kept backups name is read in full before anything goes, so
+    // a failure here removes nothing.
+    let mut used: HashSet<Digest> = HashSet::new();
+    for index in kept {
+        for chunk in &index.chunks {
+            used.insert(chunk.digest.clone());
+            for (key, _) in target.chunk(chunk).await? {
+                if let Some(digest) = std::str::from_utf8(&key)
+                    .ok()
+                    .and_then(|k| k.strip_prefix("blob/"))
+                    .and_then(|d| d.parse::<Digest>().ok())
+                {
+                    used.insert(digest);
+                }
+            }
+        }
+    }
+    let mut report = PruneReport::default();
+    for index in old {
+        target.unpublish(&index.id).await?;
+        report.backups.push(index.id.clone());
+    }
+    let unused: Vec<_> = target
+        .blobs
+        .list()
+        .await?
+        .into_iter()
+        .filter(|b| !used.contains(&b.digest))
+        .collect();
+    let mut deletes =
+        futures_util::stream::iter(unused.into_iter().map(|blob| async move {
+            target.blobs.delete(&blob.digest).await.map(|()| blob.size)
+        }))
+        .buffer_unordered(PARALLEL);
+    while let Some(deleted) = deletes.next().await {
+        report.bytes += deleted?;
+        report.blobs += 1;
+    }
+    tracing::info!(
+        backups = report.backups.len(),
+        blobs = report.blobs,
+        bytes = report.bytes,
+        "pruned old backups"
+    );
+    Ok(report)
+}

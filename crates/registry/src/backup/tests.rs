@@ -1,0 +1,341 @@
+//! Backups on the embedded engines: round trip into a fresh registry,
+//! incremental copies, verification finding damage, the hold on blob
+//! removal, refusal of a non-empty registry, and pruning.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use berth_oci::{Digest, Reference, RepositoryName, Tag};
+use berth_store::blob::fs::FsOptions;
+use berth_store::{ByteStream, FsBlobStore, RedbMetaStore, Txn};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::*;
+use crate::{Limits, Registry};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn registry(dir: &Path) -> Registry {
+    let meta = Arc::new(RedbMetaStore::open(&dir.join("meta.redb")).unwrap());
+    let blobs = Arc::new(FsBlobStore::open(dir, FsOptions { verify_reads: true }).unwrap());
+    Registry::new(meta, blobs, Limits::default())
+}
+
+fn body(bytes: &[u8]) -> ByteStream {
+    let bytes = Bytes::copy_from_slice(bytes);
+    Box::pin(futures_util::stream::iter([Ok(bytes)]))
+}
+
+fn repo(name: &str) -> RepositoryName {
+    RepositoryName::parse(name).unwrap()
+}
+
+/// Pushes an image of one layer; its manifest's digest and layer's.
+async fn push(registry: &Registry, name: &str, tag: &str, layer: &[u8]) -> (Digest, Digest) {
+    let config = Digest::sha256_of(b"{}");
+    registry
+        .put_blob(&repo(name), &config, body(b"{}"))
+        .await
+        .unwrap();
+    let layer_digest = Digest::sha256_of(layer);
+    registry
+        .put_blob(&repo(name), &layer_digest, body(layer))
+        .await
+        .unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.to_string(), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest.to_string(), "size": layer.len()}],
+    })
+    .to_string();
+    let reference = Reference::Tag(Tag::parse(tag).unwrap());
+    let digest = registry
+        .put_manifest(
+            &repo(name),
+            &reference,
+            Some(OCI_MANIFEST),
+            Bytes::from(manifest),
+        )
+        .await
+        .unwrap()
+        .digest;
+    (digest, layer_digest)
+}
+
+async fn read_all(registry: &Registry, name: &str, digest: &Digest) -> Vec<u8> {
+    let (read, _) = registry.read_blob(&repo(name), digest, None).await.unwrap();
+    let mut out = Vec::new();
+    let mut stream = read.stream;
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
+fn target(dir: &Path) -> Target {
+    Target::open(dir.to_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_backup_restores_byte_identical_and_the_next_one_copies_only_what_is_new() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    let (app, app_layer) = push(&source, "team/app", "v1", b"layer one").await;
+    push(&source, "team/db", "v1", b"layer two").await;
+    let target = target(dirs[1].path());
+
+    let first = source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    assert!(first.clean());
+    // Two layers, one shared config, two manifests.
+    assert_eq!((first.blobs, first.copied_blobs), (5, 5));
+
+    // Ids have millisecond resolution.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let (web, web_layer) = push(&source, "team/web", "v1", b"layer three").await;
+    let second = source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    assert_eq!((second.blobs, second.copied_blobs), (7, 2));
+    assert_eq!(
+        second.copied_bytes,
+        b"layer three".len() as u64 + source_manifest_size(&source, "team/web", &web).await
+    );
+
+    let listed = target.list().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+        [first.id.clone(), second.id.clone()]
+    );
+    assert_eq!(
+        (listed[1].repositories, listed[1].tags, listed[1].manifests),
+        (3, 3, 3)
+    );
+    let verified = verify(&target, None, None).await.unwrap();
+    assert!(verified.clean(), "{verified:?}");
+    assert_eq!(verified.blobs_checked, 7);
+
+    // The older backup restores the older state.
+    let restored = registry(dirs[2].path());
+    let report = restored
+        .restore(&target, Some(&first.id), None)
+        .await
+        .unwrap();
+    assert_eq!((report.blobs, report.copied_blobs), (5, 5));
+    assert!(!report.resumed);
+    let tag = Tag::parse("v1").unwrap();
+    assert_eq!(
+        restored.find_tag(&repo("team/app"), &tag).await.unwrap(),
+        Some(app.clone())
+    );
+    assert_eq!(
+        restored.find_tag(&repo("team/web"), &tag).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        read_all(&restored, "team/app", &app_layer).await,
+        b"layer one"
+    );
+    let manifest = restored
+        .get_manifest(&repo("team/app"), &Reference::Digest(app.clone()), &[])
+        .await
+        .unwrap();
+    assert_eq!(Digest::sha256_of(&manifest.bytes), app);
+    // A registry with content is not restored into.
+    let again = restored.restore(&target, None, None).await.unwrap_err();
+    assert!(matches!(again, BackupError::NotEmpty(_)), "{again}");
+    drop(web_layer);
+}
+
+async fn source_manifest_size(registry: &Registry, name: &str, digest: &Digest) -> u64 {
+    registry
+        .get_manifest(&repo(name), &Reference::Digest(digest.clone()), &[])
+        .await
+        .unwrap()
+        .bytes
+        .len() as u64
+}
+
+#[tokio::test]
+async fn verify_names_a_damaged_or_missing_blob_of_the_backup() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    let (_, layer) = push(&source, "team/app", "v1", b"layer one").await;
+    let (_, other) = push(&source, "team/db", "v1", b"layer two").await;
+    let target = target(dirs[1].path());
+    source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    let path = |d: &Digest| {
+        dirs[1]
+            .path()
+            .join("blobs/sha256")
+            .join(&d.encoded()[..2])
+            .join(d.encoded())
+    };
+    std::fs::write(path(&layer), b"layer 0ne").unwrap();
+    std::fs::remove_file(path(&other)).unwrap();
+    let report = verify(&target, None, None).await.unwrap();
+    assert_eq!(report.corrupt, [layer]);
+    assert_eq!(report.missing, [other.clone()]);
+    // Each image lacks one layer.
+    assert_eq!(report.dangling.len(), 2, "{:?}", report.dangling);
+    assert!(
+        report
+            .dangling
+            .iter()
+            .any(|d| d.starts_with("team/db@") && d.ends_with(&other.to_string()))
+    );
+}
+
+#[tokio::test]
+async fn a_running_backup_holds_blob_removal_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path());
+    let digest = Digest::sha256_of(b"stray");
+    registry
+        .put_blob(&repo("a"), &digest, body(b"stray"))
+        .await
+        .unwrap();
+    registry.delete_blob(&repo("a"), &digest).await.unwrap();
+    let hold = create::Hold::acquire(registry.meta_store().clone(), "test")
+        .await
+        .unwrap();
+    // A second backup is refused while the first holds.
+    let busy = create::Hold::acquire(registry.meta_store().clone(), "other").await;
+    assert!(matches!(busy, Err(BackupError::Busy(_))));
+    let removed = registry
+        .remove_unreferenced_blobs(std::slice::from_ref(&digest))
+        .await
+        .unwrap();
+    assert_eq!(removed.blobs, 0);
+    assert!(registry.blob_store().stat(&digest).await.unwrap().is_some());
+    hold.release().await;
+    let removed = registry
+        .remove_unreferenced_blobs(std::slice::from_ref(&digest))
+        .await
+        .unwrap();
+    assert_eq!(removed.blobs, 1);
+    assert!(registry.blob_store().stat(&digest).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_killed_restore_resumes_and_a_different_one_waits_for_it() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    let (app, _) = push(&source, "team/app", "v1", b"layer one").await;
+    let target = target(dirs[1].path());
+    let backup = source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    let restored = registry(dirs[2].path());
+    // As a restore killed after its marker and some records.
+    let marker = serde_json::json!({ "backup": backup.id }).to_string();
+    restored
+        .meta_store()
+        .commit(
+            Txn::new()
+                .put("restore/state", marker)
+                .put("repo/team/app", "{}"),
+        )
+        .await
+        .unwrap();
+    let other = restored
+        .restore(&target, Some("20200101T000000000Z"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(other, BackupError::NotFound(_)), "{other}");
+    let report = restored.restore(&target, None, None).await.unwrap();
+    assert!(report.resumed);
+    assert_eq!(report.existing, 1);
+    assert_eq!(
+        restored
+            .find_tag(&repo("team/app"), &Tag::parse("v1").unwrap())
+            .await
+            .unwrap(),
+        Some(app)
+    );
+    assert!(
+        restored
+            .meta_store()
+            .get(b"restore/state")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn pruning_keeps_the_newest_backups_and_the_blobs_they_name() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    let target = target(dirs[1].path());
+    let (gone, gone_layer) = push(&source, "team/app", "v1", b"layer one").await;
+    source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    source
+        .delete_manifest(&repo("team/app"), &Reference::Digest(gone.clone()))
+        .await
+        .unwrap();
+    let (kept, kept_layer) = push(&source, "team/app", "v2", b"layer two").await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let options = CreateOptions {
+        keep: Some(1),
+        ..CreateOptions::default()
+    };
+    let report = source.backup(&target, &options, None).await.unwrap();
+    let pruned = report.pruned.unwrap();
+    assert_eq!(pruned.backups.len(), 1);
+    let listed = target.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let stored = |d: &Digest| {
+        let target = &target;
+        let d = d.clone();
+        async move { target.blobs.stat(&d).await.unwrap().is_some() }
+    };
+    // The trash keeps the deleted manifest (and so its layer) for a week:
+    // both are in the new backup and stay.
+    assert!(stored(&gone_layer).await && stored(&kept_layer).await && stored(&kept).await);
+    // The first backup's metadata chunk is not named by the kept one.
+    assert!(pruned.blobs >= 1, "{pruned:?}");
+    assert!(verify(&target, None, None).await.unwrap().clean());
+}
+
+#[test]
+fn ids_sort_by_time_and_volatile_families_are_left_out() {
+    let a = id_for(1_764_611_362_123);
+    assert_eq!(a, "20251201T174922123Z");
+    assert!(a < id_for(1_764_611_362_124));
+    assert!(berth_store::documents::valid_name(&a));
+    for key in [
+        "tag/a:1",
+        "manifest/a:sha256:x",
+        "blob/sha256:x",
+        "taghist/a:1/x",
+        "trash/m/a@x",
+        "auth/token/x",
+        "cache/image/x",
+    ] {
+        assert!(backed_up(key.as_bytes()), "{key}");
+    }
+    for key in [
+        "upload/x",
+        "node/a",
+        "leader/gc",
+        "changelog/e/1",
+        "repl/ack/us",
+        "backup/hold",
+        "restore/state",
+    ] {
+        assert!(!backed_up(key.as_bytes()), "{key}");
+    }
+}
