@@ -186,7 +186,7 @@ async fn a_backup_under_push_load_restores_byte_identical_on_the_other_engines()
     eprintln!("{} pushes during the first backup: {first}", pushed.len());
     assert!(first["missing"].as_array().unwrap().is_empty(), "{first:#}");
     let first_id = first["id"].as_str().unwrap().to_string();
-    assert_eq!(listed(&source).await, [first_id.clone()]);
+    assert_eq!(listed(&source).await, std::slice::from_ref(&first_id));
 
     // The next backups copy only what is new: after the pushes stopped,
     // nothing.
