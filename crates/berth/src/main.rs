@@ -108,6 +108,11 @@ enum Command {
     Scrub {
         #[command(flatten)]
         connection: client::Connection,
+        /// Replace what it finds with verified bytes from the node's backup
+        /// targets (--backup-to) or its peer regions; exits 0 when every
+        /// blob found was repaired.
+        #[arg(long)]
+        repair: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -455,10 +460,14 @@ fn main() -> ExitCode {
             let api = connection.api(std::time::Duration::from_secs(600))?;
             compact_cmd::run(&api, dry_run, json).await
         }),
-        Command::Scrub { connection, json } => run_admin(|| async move {
+        Command::Scrub {
+            connection,
+            repair,
+            json,
+        } => run_admin(|| async move {
             // Progress arrives every second; a minute of silence is a hang.
             let api = connection.api(std::time::Duration::from_secs(60))?;
-            scrub_cmd::run(&api, json).await
+            scrub_cmd::run(&api, repair, json).await
         }),
         Command::Backup {
             connection,

@@ -336,7 +336,14 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         replicator.clone(),
         config.lifecycle.log_retention,
     ));
-    let scrubber = Arc::new(Scrubber::new(registry.clone()));
+    let scrubber = Arc::new(Scrubber::new(
+        registry.clone(),
+        config.backup.targets.clone(),
+        replicator
+            .as_ref()
+            .map(|r| r.blob_sources())
+            .unwrap_or_default(),
+    ));
     let backups = Arc::new(Backups::new(
         registry.clone(),
         config.backup.targets.clone(),
@@ -433,8 +440,10 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             let scrubber = scrubber.clone();
             async move {
                 // Logged and counted by the scrubber; the next interval
-                // runs again.
-                let _ = scrubber.run(None).await;
+                // runs again. What it finds it repairs, from the backup
+                // targets and the peers: bytes are verified before they
+                // replace anything.
+                let _ = scrubber.run(None, true).await;
             }
         }))
     });

@@ -17,9 +17,10 @@ pub use records::{
     Change, ChangeEvent, ManifestRecord, Stamp, TagHistoryEntry, TagRecord, UploadRecord,
 };
 pub use registry::{
-    Applied, ChangePage, CompactionOptions, CompactionReport, GcOptions, GcProgress, GcReport, Hlc,
-    ImmutableTags, Limits, MAX_UPLOAD_PARTS, ManifestContent, MetadataUsage, NameMatcher,
-    ORPHAN_GRACE_MS, Page, PlannedManifest, PlannedTag, PutManifestOutcome, RecordKind, Registry,
-    Removed, RetentionPlan, RetentionReport, RetentionRule, ScrubProgress, ScrubReport,
-    StateSummary, TrashEntry, Undeleted, UploadStatus, Usage, now_ms, stamp_ms,
+    Applied, BlobSource, ChangePage, CompactionOptions, CompactionReport, GcOptions, GcProgress,
+    GcReport, Hlc, ImmutableTags, Limits, MAX_UPLOAD_PARTS, ManifestContent, MetadataUsage,
+    NameMatcher, ORPHAN_GRACE_MS, Page, PlannedManifest, PlannedTag, PutManifestOutcome,
+    RecordKind, Registry, Removed, Repaired, RetentionPlan, RetentionReport, RetentionRule,
+    ScrubProgress, ScrubReport, StateSummary, TrashEntry, Undeleted, UploadStatus, Usage, now_ms,
+    stamp_ms,
 };

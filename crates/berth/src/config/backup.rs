@@ -106,6 +106,68 @@ pub(super) fn resolve(args: BackupArgs, file: FileBackup) -> Result<BackupSettin
     })
 }
 
+/// A path made absolute and without `.` or `..`, lexically (it may not
+/// exist yet).
+fn lexical(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = std::path::PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Backups must not live inside the registry's own storage (or it inside
+/// them): a prune would delete live blobs, a garbage collection backup
+/// chunks.
+pub(super) fn check_apart(
+    backup: &BackupSettings,
+    data_dir: &std::path::Path,
+    storage: &super::Storage,
+) -> Result<(), ConfigError> {
+    let data_dir = lexical(data_dir);
+    for target in &backup.targets {
+        let overlaps = match target.strip_prefix("s3://") {
+            Some(rest) => match storage {
+                super::Storage::S3 { bucket, prefix } => {
+                    let (tbucket, tprefix) = rest.split_once('/').unwrap_or((rest, ""));
+                    // The whole bucket is the empty prefix, a prefix of all.
+                    let norm = |p: &str| match p.trim_matches('/') {
+                        "" => String::new(),
+                        p => format!("{p}/"),
+                    };
+                    let (a, b) = (norm(tprefix), norm(prefix));
+                    tbucket == bucket && (a.starts_with(&b) || b.starts_with(&a))
+                }
+                super::Storage::Fs => false,
+            },
+            None => {
+                let dir = lexical(std::path::Path::new(
+                    target.strip_prefix("file://").unwrap_or(target),
+                ));
+                dir.starts_with(&data_dir) || data_dir.starts_with(&dir)
+            }
+        };
+        if overlaps {
+            return Err(ConfigError::Invalid(format!(
+                "backup target {target} overlaps the registry's own storage: keep backups apart from the data directory and the blob bucket prefix"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +207,30 @@ mod tests {
                 .every
                 .is_none()
         );
+    }
+
+    #[test]
+    fn backups_stay_apart_from_the_registry_storage() {
+        use super::super::Storage;
+        let settings = |t: &str| BackupSettings {
+            targets: vec![t.to_string()],
+            ..BackupSettings::default()
+        };
+        let data = std::path::Path::new("/var/lib/berth");
+        let s3 = |bucket: &str, prefix: &str| Storage::S3 {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        };
+        for bad in ["/var/lib/berth/backups", "/var/lib", "/var/lib/x/../berth"] {
+            assert!(
+                check_apart(&settings(bad), data, &Storage::Fs).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(check_apart(&settings("/var/backups"), data, &Storage::Fs).is_ok());
+        assert!(check_apart(&settings("s3://b/backups"), data, &s3("b", "")).is_err());
+        assert!(check_apart(&settings("s3://b/eu/backups"), data, &s3("b", "eu/")).is_err());
+        assert!(check_apart(&settings("s3://b/backups"), data, &s3("b", "eu/")).is_ok());
+        assert!(check_apart(&settings("s3://other/x"), data, &s3("b", "")).is_ok());
     }
 }

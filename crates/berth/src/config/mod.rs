@@ -506,6 +506,7 @@ impl ServeConfig {
         if config.max_blob_bytes == 0 {
             return Err(ConfigError::Zero("max_blob_bytes"));
         }
+        backup::check_apart(&config.backup, &config.data_dir, &config.storage)?;
         let name_ok = !config.node_name.is_empty()
             && config.node_name.len() <= 64
             && config

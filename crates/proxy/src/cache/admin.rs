@@ -141,6 +141,12 @@ impl PullThroughCache {
         if total <= self.options.max_bytes {
             return Ok(report);
         }
+        // Eviction unlinks first and removes bytes after: while a backup
+        // holds removal off, the bytes would stay behind unlinked.
+        if self.registry.blob_removal_held().await? {
+            tracing::info!("a backup is running: cache eviction waits for it");
+            return Ok(report);
+        }
         let mut candidates: Vec<_> = images.iter().filter(|i| !i.2.pinned).collect();
         candidates.sort_by_key(|i| i.2.accessed_ms);
         let mut remaining = total;

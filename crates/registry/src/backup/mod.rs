@@ -18,8 +18,10 @@
 //! target. A backup killed at any point leaves blobs (reused by the next
 //! one, which is therefore incremental) and no index.
 
+mod copy;
 mod create;
 mod dump;
+mod hold;
 mod prune;
 mod restore;
 mod target;
@@ -42,6 +44,10 @@ pub const FORMAT: u32 = 1;
 /// is not backed up, replication cursors and the change log, which a
 /// restored registry starts afresh) rather than of the registry's content.
 pub const NOT_BACKED_UP: &[&str] = &[
+    // Private keys: a target readable by more people than etcd is must not
+    // let them mint tokens. A restored registry makes new ones; API tokens
+    // (kept as hashes) survive.
+    "auth/signing-key/",
     "backup/",
     "changelog/",
     "compaction/",
@@ -52,6 +58,42 @@ pub const NOT_BACKED_UP: &[&str] = &[
     "restore/",
     "upload/",
 ];
+
+/// Marks a restore in progress, with the backup's id.
+pub(crate) const RESTORE_STATE: &str = "restore/state";
+
+/// This registry's identity as the owner of a backup target.
+const REGISTRY_ID: &str = "backup/registry-id";
+
+/// This registry's id, made on first use. A restored registry takes the
+/// id of the one it was restored from, so that it goes on backing up into
+/// the same target.
+pub(crate) async fn registry_id(meta: &dyn berth_store::MetaStore) -> Result<String, BackupError> {
+    if let Some(kv) = meta.get(REGISTRY_ID.as_bytes()).await? {
+        return Ok(String::from_utf8_lossy(&kv.value).into_owned());
+    }
+    let fresh = uuid::Uuid::new_v4().to_string();
+    meta.commit(
+        berth_store::Txn::new()
+            .require_absent(REGISTRY_ID)
+            .put(REGISTRY_ID, fresh.clone()),
+    )
+    .await?;
+    // Whoever won the race.
+    Ok(meta
+        .get(REGISTRY_ID.as_bytes())
+        .await?
+        .map_or(fresh, |kv| String::from_utf8_lossy(&kv.value).into_owned()))
+}
+
+/// The digest of a blob record's key (`blob/DIGEST`).
+pub(crate) fn blob_record_digest(key: &[u8]) -> Option<Digest> {
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix("blob/")?
+        .parse()
+        .ok()
+}
 
 /// Whether a record is part of the registry's content.
 pub fn backed_up(key: &[u8]) -> bool {
@@ -124,6 +166,23 @@ pub struct BackupIndex {
     pub missing: Vec<Digest>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub corrupt: Vec<Digest>,
+    /// Blobs removed while the backup ran, unreferenced at its snapshot
+    /// (their records are not restored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<Digest>,
+}
+
+impl BackupIndex {
+    /// Blobs whose records and links a restore leaves out: the backup does
+    /// not hold their bytes.
+    pub fn lacking(&self) -> std::collections::HashSet<Digest> {
+        self.missing
+            .iter()
+            .chain(&self.corrupt)
+            .chain(&self.dropped)
+            .cloned()
+            .collect()
+    }
 }
 
 /// What a backup run did, reported while it runs and at the end.

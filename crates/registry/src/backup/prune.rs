@@ -9,7 +9,8 @@ use berth_oci::Digest;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{BackupError, Target};
+use super::hold::Hold;
+use super::{BackupError, BackupIndex, Target, blob_record_digest};
 
 /// What a prune removed.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -22,10 +23,20 @@ pub struct PruneReport {
 /// Blob deletes in flight at once.
 const PARALLEL: usize = 16;
 
-/// Keeps the newest `keep` backups (at least one).
-pub(super) async fn prune(target: &Target, keep: usize) -> Result<PruneReport, BackupError> {
+/// Keeps the newest `keep` backups (at least one, and always `newest`,
+/// the one just published, even if a listing does not show it yet).
+pub(super) async fn prune(
+    target: &Target,
+    keep: usize,
+    hold: &Hold,
+    newest: &BackupIndex,
+) -> Result<PruneReport, BackupError> {
     let keep = keep.max(1);
-    let listed = target.list_all().await?;
+    let mut listed = target.list_all().await?;
+    if !listed.iter().any(|i| i.id == newest.id) {
+        listed.push(newest.clone());
+        listed.sort_by(|a, b| a.id.cmp(&b.id));
+    }
     if listed.len() <= keep {
         return Ok(PruneReport::default());
     }
@@ -37,16 +48,15 @@ pub(super) async fn prune(target: &Target, keep: usize) -> Result<PruneReport, B
         for chunk in &index.chunks {
             used.insert(chunk.digest.clone());
             for (key, _) in target.chunk(chunk).await? {
-                if let Some(digest) = std::str::from_utf8(&key)
-                    .ok()
-                    .and_then(|k| k.strip_prefix("blob/"))
-                    .and_then(|d| d.parse::<Digest>().ok())
-                {
+                if let Some(digest) = blob_record_digest(&key) {
                     used.insert(digest);
                 }
             }
         }
     }
+    // Another node may hold the registry's backups by now if this hold
+    // lapsed: it must not lose what it relies on.
+    hold.check().await?;
     let mut report = PruneReport::default();
     for index in old {
         target.unpublish(&index.id).await?;
@@ -67,6 +77,9 @@ pub(super) async fn prune(target: &Target, keep: usize) -> Result<PruneReport, B
     while let Some(deleted) = deletes.next().await {
         report.bytes += deleted?;
         report.blobs += 1;
+        if report.blobs.is_multiple_of(256) {
+            hold.check().await?;
+        }
     }
     tracing::info!(
         backups = report.backups.len(),

@@ -1,9 +1,10 @@
 //! Restoring a backup into an empty registry, whatever its engines: the
 //! blobs first (verified as they are written), then the records, chunk by
 //! chunk, each written only where the key is absent. A restore that is
-//! killed is resumed by running it again with the same backup: the marker
-//! `restore/state` names it, and what is already there is skipped.
+//! killed is resumed by running it again: the marker `restore/state` names
+//! the backup, and what is already there is skipped.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use berth_oci::Digest;
@@ -11,14 +12,12 @@ use berth_store::Txn;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::create::copy_blob_to_registry;
-use super::{BackupError, Target};
+use super::copy::{Outcome, copy_blob};
+use super::hold::Hold;
+use super::{BackupError, BackupIndex, RESTORE_STATE, Target, blob_record_digest};
 use crate::keys;
 use crate::records::{BlobRecord, decode};
 use crate::{Registry, now_ms};
-
-/// Marks a restore in progress, with the backup's id.
-const RESTORE_STATE: &str = "restore/state";
 
 /// What a restore did, reported while it runs and at the end.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -28,7 +27,7 @@ pub struct RestoreReport {
     /// `records`, `done`.
     #[serde(default)]
     pub phase: String,
-    /// Records written (and already there, on a resumed restore).
+    /// Records written, and already there (on a resumed restore).
     pub records: u64,
     pub existing: u64,
     pub blobs: u64,
@@ -36,8 +35,9 @@ pub struct RestoreReport {
     /// Of those, what was copied (the rest was already stored).
     pub copied_blobs: u64,
     pub copied_bytes: u64,
-    /// Blobs the backup names but does not give back intact: left out,
-    /// with their records.
+    /// Blobs the backup names but cannot give back intact: left out with
+    /// their records and links (a client pushing the image again uploads
+    /// them).
     pub missing: Vec<Digest>,
     pub resumed: bool,
     pub duration_ms: u64,
@@ -56,60 +56,66 @@ const CONTENT: &[&str] = &[
     keys::TAG_PREFIX,
     keys::MANIFEST_PREFIX,
     keys::LINK_PREFIX,
+    keys::TRASH_MANIFEST_PREFIX,
+    keys::TRASH_TAG_PREFIX,
+    keys::TAG_HISTORY_PREFIX,
 ];
 
 impl Registry {
-    /// Restores backup `id` (the newest when `None`) from `target`.
+    /// Restores backup `id` from `target`: the newest when `None`, or the
+    /// one an interrupted restore was restoring.
     pub async fn restore(
         &self,
         target: &Target,
         id: Option<&str>,
         progress: Option<&RestoreProgress>,
     ) -> Result<RestoreReport, BackupError> {
-        let started = Instant::now();
-        let index = target.pick(id).await?;
+        let meta = self.meta_store().clone();
+        let unfinished = match meta.get(RESTORE_STATE.as_bytes()).await? {
+            Some(kv) => {
+                let state: serde_json::Value =
+                    serde_json::from_slice(&kv.value).unwrap_or_default();
+                Some(state["backup"].as_str().unwrap_or_default().to_string())
+            }
+            None => None,
+        };
+        let index = target.pick(id.or(unfinished.as_deref())).await?;
         // Blob removal waits while bytes land ahead of their records.
-        let hold = super::create::Hold::acquire(
-            self.meta_store().clone(),
-            &format!("restore of {}", index.id),
-        )
-        .await?;
-        let result = self.restore_held(target, &index, started, progress).await;
-        let result = result.and_then(|report| hold.check().map(|()| report));
+        let hold = Hold::acquire(meta, &format!("restore of {}", index.id)).await?;
+        let result = self
+            .restore_held(&hold, target, &index, unfinished, progress)
+            .await;
         hold.release().await;
         result
     }
 
     async fn restore_held(
         &self,
+        hold: &Hold,
         target: &Target,
-        index: &super::BackupIndex,
-        started: Instant,
+        index: &BackupIndex,
+        unfinished: Option<String>,
         progress: Option<&RestoreProgress>,
     ) -> Result<RestoreReport, BackupError> {
+        let started = Instant::now();
         let meta = self.meta_store().clone();
         let mut report = RestoreReport {
             id: index.id.clone(),
             phase: "records".into(),
             ..RestoreReport::default()
         };
-        match meta.get(RESTORE_STATE.as_bytes()).await? {
-            Some(kv) => {
-                let state: serde_json::Value =
-                    serde_json::from_slice(&kv.value).unwrap_or_default();
-                let running = state["backup"].as_str().unwrap_or_default();
-                if running != index.id {
-                    return Err(BackupError::NotEmpty(format!(
-                        "a restore of backup {running} into this registry did not finish; run it again to finish it first"
-                    )));
-                }
-                report.resumed = true;
+        match unfinished {
+            Some(running) if running != index.id => {
+                return Err(BackupError::NotEmpty(format!(
+                    "a restore of backup {running} into this registry did not finish; run it again (without an id) to finish it first"
+                )));
             }
+            Some(_) => report.resumed = true,
             None => {
                 for prefix in CONTENT {
                     if !meta.scan(prefix.as_bytes(), None, 1).await?.is_empty() {
                         return Err(BackupError::NotEmpty(
-                            "the registry is not empty: a backup restores into a registry with no repositories".into(),
+                            "the registry is not empty: a backup restores into a registry with no repositories, tags or trash".into(),
                         ));
                     }
                 }
@@ -136,59 +142,66 @@ impl Registry {
             }
         };
         publish(&report);
-        let max = self.limits().max_blob_bytes;
+        // Blobs the backup lacks, and those it cannot give back: their
+        // records and links are not written, so that nothing here promises
+        // bytes that are not (a client pushing the image again uploads
+        // them). Blob records come before any link in a backup.
+        let mut lacking: HashSet<Digest> = index.lacking();
         let mut newest_stamp = 0u64;
         for chunk in &index.chunks {
             let records = target.chunk(chunk).await?;
-            // The chunk's blobs first, so that no record is written before
-            // the bytes it promises.
             let wanted: Vec<(Digest, u64)> = records
                 .iter()
                 .filter_map(|(key, value)| {
-                    let digest = std::str::from_utf8(key)
-                        .ok()?
-                        .strip_prefix("blob/")?
-                        .parse::<Digest>()
-                        .ok()?;
+                    let digest = blob_record_digest(key)?;
                     let record: BlobRecord = decode(key, value).ok()?;
                     Some((digest, record.size))
                 })
+                .filter(|(digest, _)| !lacking.contains(digest))
                 .collect();
+            let into = self.blob_store().clone();
             let mut copies =
-                futures_util::stream::iter(wanted.into_iter().map(|(digest, size)| async move {
-                    let copied = copy_blob_to_registry(target, self, &digest, max).await;
-                    (digest, size, copied)
+                futures_util::stream::iter(wanted.into_iter().map(|(digest, size)| {
+                    let into = into.clone();
+                    async move {
+                        let outcome =
+                            copy_blob(target.blobs.as_ref(), into.as_ref(), &digest, size).await;
+                        (digest, size, outcome)
+                    }
                 }))
                 .buffer_unordered(PARALLEL);
-            let mut left_out = std::collections::HashSet::new();
-            while let Some((digest, size, copied)) = copies.next().await {
-                match copied? {
-                    Some((stored, copied)) if stored == size => {
+            while let Some((digest, size, outcome)) = copies.next().await {
+                match outcome? {
+                    Outcome::Present => {
                         report.blobs += 1;
                         report.bytes += size;
-                        if copied {
-                            report.copied_blobs += 1;
-                            report.copied_bytes += size;
-                        }
                     }
-                    _ => {
-                        tracing::error!(%digest, "restore: the backup does not give this blob back intact; it is left out");
-                        left_out.insert(keys::blob(&digest).into_bytes());
+                    Outcome::Written => {
+                        report.blobs += 1;
+                        report.bytes += size;
+                        report.copied_blobs += 1;
+                        report.copied_bytes += size;
+                    }
+                    Outcome::Missing | Outcome::Corrupt => {
+                        tracing::error!(%digest, "restore: the backup does not give this blob back intact; it is left out with its links");
+                        lacking.insert(digest.clone());
                         report.missing.push(digest);
                     }
                 }
-                if report.blobs.is_multiple_of(256) {
+                if (report.blobs + 1).is_multiple_of(64) {
                     publish(&report);
                 }
             }
             drop(copies);
             let records: Vec<super::dump::Record> = records
                 .into_iter()
-                .filter(|(key, _)| !left_out.contains(key) && super::backed_up(key))
+                .filter(|(key, _)| super::backed_up(key) && !promises_lacking(key, &lacking))
                 .collect();
-            for (key, value) in &records {
-                newest_stamp = newest_stamp.max(stamp_in(key, value));
+            for (_, value) in &records {
+                newest_stamp = newest_stamp.max(stamp_in(value));
             }
+            // The bytes this chunk's records promise are in: still held?
+            hold.check().await?;
             for batch in records.chunks(BATCH) {
                 let (written, existing) = write_absent(self, batch).await?;
                 report.records += written;
@@ -198,6 +211,11 @@ impl Registry {
         }
         // Later writes here must be newer than every restored one.
         self.observe_hlc(newest_stamp);
+        if let Some(owner) = target.owner().await? {
+            meta.commit(Txn::new().put(super::REGISTRY_ID, owner))
+                .await?;
+        }
+        hold.check().await?;
         meta.commit(Txn::new().delete(RESTORE_STATE)).await?;
         report.missing.sort();
         report.phase = "done".into();
@@ -207,11 +225,24 @@ impl Registry {
     }
 }
 
-/// The HLC of a record's stamp, if it carries one (tags, manifests).
-fn stamp_in(key: &[u8], value: &[u8]) -> u64 {
-    if !(key.starts_with(keys::TAG_PREFIX.as_bytes())
-        || key.starts_with(keys::MANIFEST_PREFIX.as_bytes()))
-    {
+/// Whether a record promises bytes in `lacking`: its blob record, or a
+/// repository's link to it.
+fn promises_lacking(key: &[u8], lacking: &HashSet<Digest>) -> bool {
+    if lacking.is_empty() {
+        return false;
+    }
+    let digest = if key.starts_with(keys::LINK_PREFIX.as_bytes()) {
+        keys::link_digest(key)
+    } else {
+        blob_record_digest(key)
+    };
+    digest.is_some_and(|d| lacking.contains(&d))
+}
+
+/// The HLC of a record's stamp, if it carries one (tags, manifests,
+/// tombstones, history).
+fn stamp_in(value: &[u8]) -> u64 {
+    if value.first() != Some(&b'{') {
         return 0;
     }
     serde_json::from_slice::<serde_json::Value>(value)

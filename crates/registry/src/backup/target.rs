@@ -20,6 +20,8 @@ pub struct Target {
 }
 
 const INDEX_SUFFIX: &str = ".json";
+/// Names the registry whose backups the target holds.
+const OWNER: &str = "OWNER";
 
 impl Target {
     /// Opens (creating) the target that `url` names: an absolute directory
@@ -65,6 +67,34 @@ impl Target {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Makes sure the target holds this registry's backups (claiming it
+    /// when new): a prune counts and removes what it finds, so a target
+    /// shared by two registries would lose one's backups to the other.
+    pub(super) async fn claim(&self, registry: &str) -> Result<(), BackupError> {
+        match self.owner().await? {
+            Some(owner) if owner == registry => Ok(()),
+            Some(owner) => Err(BackupError::Target(format!(
+                "{} holds the backups of another registry ({owner}, in its {OWNER} document): a target holds one registry's backups; use another, or remove {OWNER} if that registry is gone",
+                self.url
+            ))),
+            None => {
+                let doc = serde_json::json!({ "registry": registry, "since_ms": crate::now_ms() });
+                self.docs.put(OWNER, Bytes::from(doc.to_string())).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The registry the target belongs to, if it was claimed.
+    pub(super) async fn owner(&self) -> Result<Option<String>, BackupError> {
+        let Some(bytes) = self.docs.get(OWNER).await? else {
+            return Ok(None);
+        };
+        let doc: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| BackupError::Corrupt(format!("{OWNER} document: {e}")))?;
+        Ok(doc["registry"].as_str().map(str::to_string))
     }
 
     /// Makes the backup listed: the last write of a backup, after every
@@ -162,5 +192,27 @@ impl Target {
     pub(super) async fn unpublish(&self, id: &str) -> Result<(), BackupError> {
         self.docs.delete(&format!("{id}{INDEX_SUFFIX}")).await?;
         Ok(())
+    }
+}
+
+/// A backup target as a source of good bytes for `berth scrub --repair`:
+/// its store re-hashes what it reads, and the registry verifies again as
+/// it writes.
+#[async_trait::async_trait]
+impl crate::BlobSource for Target {
+    fn describe(&self) -> String {
+        format!("backup {}", self.url)
+    }
+
+    async fn fetch(
+        &self,
+        digest: &berth_oci::Digest,
+        _repository: Option<&str>,
+    ) -> Result<Option<berth_store::ByteStream>, String> {
+        match self.blobs.read(digest, None).await {
+            Ok(Some(read)) => Ok(Some(read.stream)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }

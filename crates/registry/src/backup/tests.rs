@@ -204,11 +204,11 @@ async fn a_running_backup_holds_blob_removal_off() {
         .await
         .unwrap();
     registry.delete_blob(&repo("a"), &digest).await.unwrap();
-    let hold = create::Hold::acquire(registry.meta_store().clone(), "test")
+    let hold = hold::Hold::acquire(registry.meta_store().clone(), "test")
         .await
         .unwrap();
     // A second backup is refused while the first holds.
-    let busy = create::Hold::acquire(registry.meta_store().clone(), "other").await;
+    let busy = hold::Hold::acquire(registry.meta_store().clone(), "other").await;
     assert!(matches!(busy, Err(BackupError::Busy(_))));
     let removed = registry
         .remove_unreferenced_blobs(std::slice::from_ref(&digest))
@@ -338,4 +338,181 @@ fn ids_sort_by_time_and_volatile_families_are_left_out() {
     ] {
         assert!(!backed_up(key.as_bytes()), "{key}");
     }
+}
+
+fn blob_file(dir: &Path, digest: &Digest) -> std::path::PathBuf {
+    dir.join("blobs/sha256")
+        .join(&digest.encoded()[..2])
+        .join(digest.encoded())
+}
+
+#[tokio::test]
+async fn a_blob_the_backup_lacks_is_restored_without_its_links_and_nothing_promises_it() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    let (app, lost) = push(&source, "team/app", "v1", b"layer one").await;
+    let (_, kept) = push(&source, "team/db", "v1", b"layer two").await;
+    std::fs::remove_file(blob_file(dirs[0].path(), &lost)).unwrap();
+    let target = target(dirs[1].path());
+    let report = source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(report.missing, [lost.clone()]);
+    assert!(!report.clean());
+    assert_eq!(target.list().await.unwrap()[0].missing, [lost.clone()]);
+
+    let restored = registry(dirs[2].path());
+    let done = restored.restore(&target, None, None).await.unwrap();
+    assert!(done.missing.is_empty(), "{done:?}");
+    // The tag and manifest are back; the lost layer is not promised, so a
+    // client pushing the image again uploads it.
+    let tag = Tag::parse("v1").unwrap();
+    assert_eq!(
+        restored.find_tag(&repo("team/app"), &tag).await.unwrap(),
+        Some(app)
+    );
+    assert!(matches!(
+        restored.stat_blob(&repo("team/app"), &lost).await,
+        Err(crate::RegistryError::BlobUnknown(_))
+    ));
+    assert_eq!(restored.stored_blob_size(&lost).await.unwrap(), None);
+    assert_eq!(read_all(&restored, "team/db", &kept).await, b"layer two");
+    // Verify names the incomplete manifest.
+    let verified = verify(&target, None, None).await.unwrap();
+    assert!(
+        verified.dangling.iter().any(|d| d.starts_with("team/app@")),
+        "{verified:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_target_belongs_to_one_registry_and_a_restored_one_carries_on_with_it() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    push(&source, "team/app", "v1", b"layer one").await;
+    let target = target(dirs[1].path());
+    source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    // Another registry may restore from it but not back up into it.
+    let other = registry(dirs[2].path());
+    push(&other, "other/app", "v1", b"layer two").await;
+    let refused = other
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, BackupError::Target(_)), "{refused}");
+    let restored = registry(dirs[3].path());
+    restored.restore(&target, None, None).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    restored
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(target.list().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn no_backup_of_a_half_restored_registry_and_its_restore_resumes_without_an_id() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    push(&source, "team/app", "v1", b"layer one").await;
+    let target = target(dirs[1].path());
+    let first = source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    push(&source, "team/app", "v2", b"layer two").await;
+    source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    let restored = registry(dirs[2].path());
+    let marker = serde_json::json!({ "backup": first.id }).to_string();
+    restored
+        .meta_store()
+        .commit(Txn::new().put(RESTORE_STATE, marker))
+        .await
+        .unwrap();
+    let other = target_blobs_dir(dirs[2].path());
+    let refused = restored
+        .backup(&target_at(&other), &CreateOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, BackupError::NotEmpty(_)), "{refused}");
+    // Without an id it finishes the interrupted one, not the newest.
+    let report = restored.restore(&target, None, None).await.unwrap();
+    assert!(report.resumed);
+    assert_eq!(report.id, first.id);
+    assert_eq!(
+        restored
+            .find_tag(&repo("team/app"), &Tag::parse("v2").unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+fn target_blobs_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("elsewhere")
+}
+
+fn target_at(dir: &Path) -> Target {
+    std::fs::create_dir_all(dir).unwrap();
+    Target::open(dir.to_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_hold_dropped_without_release_lets_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path());
+    let meta = registry.meta_store().clone();
+    let hold = hold::Hold::acquire(meta.clone(), "dropped").await.unwrap();
+    assert!(registry.blob_removal_held().await.unwrap());
+    drop(hold);
+    let mut free = false;
+    for _ in 0..100 {
+        if !registry.blob_removal_held().await.unwrap() {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(free, "a dropped hold stayed");
+}
+
+#[tokio::test]
+async fn scrub_repairs_a_rotten_and_a_lost_blob_from_a_backup() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    let (_, rotten) = push(&source, "team/app", "v1", b"layer one").await;
+    let (_, lost) = push(&source, "team/db", "v1", b"layer two").await;
+    let target = Arc::new(target(dirs[1].path()));
+    source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    std::fs::write(blob_file(dirs[0].path(), &rotten), b"layer 0ne").unwrap();
+    std::fs::remove_file(blob_file(dirs[0].path(), &lost)).unwrap();
+    let found = source.scrub(None).await.unwrap();
+    assert_eq!(
+        (found.corrupt.clone(), found.missing.clone()),
+        (vec![rotten.clone()], vec![lost.clone()])
+    );
+    let bad: Vec<Digest> = found
+        .corrupt
+        .iter()
+        .chain(&found.missing)
+        .cloned()
+        .collect();
+    let sources: Vec<Arc<dyn crate::BlobSource>> = vec![target.clone()];
+    let repaired = source.repair_blobs(&bad, &sources).await.unwrap();
+    assert_eq!(repaired.len(), 2, "{repaired:?}");
+    assert!(repaired.iter().all(|r| r.from.starts_with("backup ")));
+    assert_eq!(read_all(&source, "team/app", &rotten).await, b"layer one");
+    assert_eq!(read_all(&source, "team/db", &lost).await, b"layer two");
+    assert!(source.scrub(None).await.unwrap().clean());
 }

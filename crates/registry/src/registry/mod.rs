@@ -19,6 +19,7 @@ mod gc;
 mod manifests;
 mod referrers;
 mod removal;
+mod repair;
 mod retention;
 mod scrub;
 mod tags;
@@ -30,6 +31,7 @@ pub use compaction::{CompactionOptions, CompactionReport, MetadataUsage, RecordK
 pub use gc::{GcOptions, GcReport, Progress as GcProgress};
 pub use manifests::{ManifestContent, PutManifestOutcome};
 pub use removal::Removed;
+pub use repair::{BlobSource, Repaired};
 pub use retention::{
     NameMatcher, PlannedManifest, PlannedTag, RetentionPlan, RetentionReport, RetentionRule,
 };

@@ -66,6 +66,16 @@ pub struct Removed {
 }
 
 impl Registry {
+    /// Whether a backup or restore holds blob removal off now: callers
+    /// that unlink before they remove (cache eviction) wait for it to end
+    /// instead of leaving unlinked bytes behind.
+    pub async fn blob_removal_held(&self) -> Result<bool> {
+        Ok(!self
+            .meta
+            .commit(Txn::new().require_absent(keys::BACKUP_HOLD))
+            .await?)
+    }
+
     /// Removes the bytes of blobs that no repository links and no manifest
     /// record names (cache eviction calls it for the blobs it unlinked,
     /// garbage collection for the blobs it found unreferenced).

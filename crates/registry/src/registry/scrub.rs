@@ -31,12 +31,33 @@ pub struct ScrubReport {
     pub corrupt: Vec<Digest>,
     /// Blobs a link or a manifest record names that the store lacks.
     pub missing: Vec<Digest>,
+    /// Of those, the blobs a repair replaced with verified bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<super::Repaired>,
     pub duration_ms: u64,
 }
 
 impl ScrubReport {
     pub fn clean(&self) -> bool {
         self.corrupt.is_empty() && self.missing.is_empty()
+    }
+
+    /// Every blob found corrupt or missing was repaired (or none was).
+    pub fn healed(&self) -> bool {
+        self.corrupt
+            .iter()
+            .chain(&self.missing)
+            .all(|d| self.repaired.iter().any(|r| &r.digest == d))
+    }
+
+    /// What was found and not repaired.
+    pub fn unrepaired(&self) -> Vec<Digest> {
+        self.corrupt
+            .iter()
+            .chain(&self.missing)
+            .filter(|d| !self.repaired.iter().any(|r| &r.digest == *d))
+            .cloned()
+            .collect()
     }
 }
 

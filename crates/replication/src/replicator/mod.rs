@@ -15,6 +15,7 @@ use crate::metrics::ReplicationMetrics;
 mod copy;
 mod feed;
 mod read_through;
+mod repair;
 mod resync;
 mod round;
 

@@ -11,6 +11,7 @@ use crate::support::*;
 mod cluster_region;
 mod compaction;
 mod history;
+mod repair;
 
 const SECRET: &str = "replication-test-secret";
 

@@ -1,0 +1,59 @@
+//! Copying one blob between the registry's store and a target's, verified
+//! on both sides: the source re-hashes what it reads, the destination
+//! refuses bytes that do not hash to the digest.
+
+use berth_oci::Digest;
+use berth_store::{BlobStore, PutError};
+
+use super::BackupError;
+
+/// How one blob reached the destination.
+pub(super) enum Outcome {
+    /// It was already there (verified when it was written).
+    Present,
+    Written,
+    /// The source does not have it.
+    Missing,
+    /// The source's bytes do not match the digest (or the record's size).
+    Corrupt,
+}
+
+/// Copies `digest`, of `size` bytes, from `from` into `to` unless `to`
+/// has it with that size. A copy of another size in `to` (damaged there)
+/// is replaced.
+pub(super) async fn copy_blob(
+    from: &dyn BlobStore,
+    to: &dyn BlobStore,
+    digest: &Digest,
+    size: u64,
+) -> Result<Outcome, BackupError> {
+    match to.stat(digest).await? {
+        Some(stored) if stored == size => return Ok(Outcome::Present),
+        Some(stored) => {
+            tracing::warn!(%digest, stored, size, "the destination holds a damaged copy; replacing it");
+            to.delete(digest).await?;
+        }
+        None => {}
+    }
+    let Some(read) = from.read(digest, None).await? else {
+        return Ok(Outcome::Missing);
+    };
+    if read.size != size {
+        return Ok(Outcome::Corrupt);
+    }
+    // The record's size bounds the copy, whatever the registry's current
+    // limit on pushes.
+    match to.put(digest, read.stream, size).await {
+        Ok(_) => Ok(Outcome::Written),
+        Err(PutError::DigestMismatch { .. } | PutError::TooLarge { .. }) => Ok(Outcome::Corrupt),
+        Err(PutError::Body(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Ok(Outcome::Corrupt)
+        }
+        Err(PutError::Body(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(Outcome::Missing),
+        Err(PutError::Body(e)) => Err(BackupError::Store(berth_store::StoreError::Io(e))),
+        Err(PutError::Store(e)) => Err(e.into()),
+        Err(e) => Err(BackupError::Store(berth_store::StoreError::Unavailable(
+            format!("copying {digest}: {e}"),
+        ))),
+    }
+}
