@@ -92,6 +92,11 @@ impl Api {
         self.http.request(method, self.url(path))
     }
 
+    /// A PUT to a URL the registry gave (an upload's `Location`).
+    pub fn put_url(&self, url: &str) -> reqwest::RequestBuilder {
+        self.http.put(url)
+    }
+
     /// Calls an admin endpoint and returns its JSON answer, or the
     /// registry's error message.
     pub async fn json(

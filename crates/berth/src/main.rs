@@ -16,6 +16,8 @@ mod security;
 mod serve;
 mod tags_cmd;
 mod token_cmd;
+mod transfer;
+mod transfer_cmd;
 mod trash_cmd;
 
 use std::process::ExitCode;
@@ -124,6 +126,54 @@ enum Command {
         connection: client::Connection,
         #[command(subcommand)]
         command: BackupCommand,
+    },
+    /// Write images of a running registry into an OCI image layout (a
+    /// directory, or FILE.tar), every blob verified: for an air-gapped
+    /// transfer (`berth import`, `skopeo copy oci:DIR:REPO:TAG`).
+    Export {
+        #[command(flatten)]
+        connection: client::Connection,
+        /// Images, as REPOSITORY:TAG or REPOSITORY@DIGEST.
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// A directory (created, or added to) or a FILE.tar.
+        #[arg(long)]
+        to: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load images into a running registry, verified: from an OCI image
+    /// layout (a directory or FILE.tar; images named REPOSITORY:TAG, or a
+    /// tag with --to), or with --from from another registry (every tag of
+    /// the repositories its catalog lists that --repository globs match).
+    /// Running it again after an interruption copies only what is missing.
+    Import {
+        #[command(flatten)]
+        connection: client::Connection,
+        /// The layout to import.
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
+        layout: Option<std::path::PathBuf>,
+        /// The repository the layout's images go to.
+        #[arg(long)]
+        to: Option<String>,
+        /// Another registry's URL.
+        #[arg(long, requires = "repository")]
+        from: Option<String>,
+        /// Repositories of the other registry to import (globs, e.g.
+        /// `team/**`); repeat for several.
+        #[arg(long)]
+        repository: Vec<String>,
+        /// User name at the other registry.
+        #[arg(long, env = "BERTH_IMPORT_USERNAME")]
+        from_username: Option<String>,
+        /// Password or token at the other registry.
+        #[arg(long, env = "BERTH_IMPORT_PASSWORD", hide_env_values = true)]
+        from_password: Option<String>,
+        /// CA certificate (PEM) of the other registry.
+        #[arg(long, env = "BERTH_IMPORT_CA_FILE")]
+        from_ca_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// A tag's history, and moving a tag back to a digest it had.
     Tags {
@@ -488,6 +538,45 @@ fn main() -> ExitCode {
                 BackupCommand::Restore { from, id, json } => {
                     backup_cmd::restore(&api, from.as_deref(), id.as_deref(), json).await
                 }
+            }
+        }),
+        Command::Export {
+            connection,
+            images,
+            to,
+            json,
+        } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(60))?;
+            transfer_cmd::export(&api, &images, &to, json).await
+        }),
+        Command::Import {
+            connection,
+            layout,
+            to,
+            from,
+            repository,
+            from_username,
+            from_password,
+            from_ca_file,
+            json,
+        } => run_admin(|| async move {
+            let api = connection.api(std::time::Duration::from_secs(60))?;
+            match (layout, from) {
+                (Some(layout), _) => {
+                    transfer_cmd::import_layout(&api, &layout, to.as_deref(), json).await
+                }
+                (None, Some(url)) => {
+                    let from = transfer_cmd::FromRegistry {
+                        url,
+                        username: from_username,
+                        password: from_password,
+                        ca_file: from_ca_file,
+                    };
+                    transfer_cmd::import_registry(&api, &from, &repository, json).await
+                }
+                (None, None) => Err(admin::AdminError::Failed(
+                    "name a layout or --from URL".into(),
+                )),
             }
         }),
         Command::Tags {

@@ -18,5 +18,6 @@ pub use cache::{
 };
 pub use metrics::CacheMetrics;
 pub use upstream::{
-    ClientTls, Credentials, FailureKind, MANIFEST_ACCEPT, UpstreamConfig, UpstreamError,
+    ClientTls, Credentials, FailureKind, MANIFEST_ACCEPT, UpstreamClient, UpstreamConfig,
+    UpstreamError, next_page,
 };

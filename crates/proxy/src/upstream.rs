@@ -406,8 +406,27 @@ impl UpstreamClient {
         accept: Option<&str>,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = format!("{}/v2/{remote}/{path}", self.base);
-        let scope = Self::scope(remote);
+        self.send_scoped(
+            method,
+            &format!("{remote}/{path}"),
+            &Self::scope(remote),
+            accept,
+            timeout,
+        )
+        .await
+    }
+
+    /// As `send`, for any path under `/v2/` and the token scope it needs.
+    async fn send_scoped(
+        &self,
+        method: Method,
+        path: &str,
+        scope: &str,
+        accept: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = format!("{}/v2/{path}", self.base);
+        let scope = scope.to_string();
         let mut challenged = false;
         loop {
             let mut request = self.http.request(method.clone(), &url);
@@ -555,6 +574,100 @@ impl UpstreamClient {
     }
 }
 
+/// Most names one listing (catalog, tags) may return: a bound on what a
+/// remote registry can make us hold.
+const MAX_LISTED: usize = 1_000_000;
+/// Names asked for per page.
+const LIST_PAGE: usize = 1000;
+
+impl UpstreamClient {
+    /// Every repository the upstream lists in its catalog (`/v2/_catalog`,
+    /// followed page by page).
+    pub async fn catalog(&self) -> Result<Vec<String>, UpstreamError> {
+        self.list("_catalog", "registry:catalog:*", "repositories")
+            .await
+    }
+
+    /// Every tag of a repository (`/v2/NAME/tags/list`, page by page).
+    pub async fn tags(&self, name: &str) -> Result<Vec<String>, UpstreamError> {
+        let remote = self.config.remote_name(name);
+        self.list(
+            &format!("{remote}/tags/list"),
+            &Self::scope(&remote),
+            "tags",
+        )
+        .await
+    }
+
+    async fn list(
+        &self,
+        path: &str,
+        scope: &str,
+        field: &str,
+    ) -> Result<Vec<String>, UpstreamError> {
+        let mut out: Vec<String> = Vec::new();
+        let mut next = format!("{path}?n={LIST_PAGE}");
+        loop {
+            let response = self
+                .send_scoped(Method::GET, &next, scope, None, Some(self.config.timeout))
+                .await?;
+            if !response.status().is_success() {
+                return Err(self.status_error(response.status(), path));
+            }
+            let link = response
+                .headers()
+                .get(header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_page);
+            let body = read_limited(response, 16 << 20)
+                .await
+                .map_err(|e| match e {
+                    ReadError::Transport(e) => self.transport_error(&e),
+                    ReadError::TooLarge => {
+                        self.error(FailureKind::TooLarge, format!("{path}: page too large"))
+                    }
+                })?;
+            let page: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| self.error(FailureKind::Other, format!("{path}: {e}")))?;
+            let names = page[field].as_array().cloned().unwrap_or_default();
+            let before = out.len();
+            out.extend(names.iter().filter_map(|n| n.as_str().map(str::to_string)));
+            if out.len() > MAX_LISTED {
+                return Err(self.error(
+                    FailureKind::TooLarge,
+                    format!("{path}: more than {MAX_LISTED} names"),
+                ));
+            }
+            match link {
+                // A page that adds nothing ends it (a server looping on
+                // its own link).
+                Some(link) if out.len() > before => next = link,
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+/// The path after `/v2/` of a `Link: <...>; rel="next"` header.
+pub fn next_page(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        if !params.split(';').any(|p| {
+            let p = p.trim();
+            p == "rel=\"next\"" || p == "rel=next"
+        }) {
+            return None;
+        }
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        // Absolute or relative to the host.
+        let path = match target.find("/v2/") {
+            Some(at) => &target[at + 4..],
+            None => return None,
+        };
+        (!path.is_empty()).then(|| path.to_string())
+    })
+}
+
 fn claimed_digest(headers: &HeaderMap) -> Option<Digest> {
     headers
         .get("docker-content-digest")
@@ -597,6 +710,21 @@ mod tests {
             headers: Vec::new(),
             timeout: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn the_next_page_comes_from_the_link_header() {
+        assert_eq!(
+            next_page("</v2/_catalog?last=b&n=2>; rel=\"next\"").as_deref(),
+            Some("_catalog?last=b&n=2")
+        );
+        assert_eq!(
+            next_page("<https://r.example/v2/a/tags/list?last=x&n=9>; rel=\"next\"").as_deref(),
+            Some("a/tags/list?last=x&n=9")
+        );
+        assert_eq!(next_page("</v2/x>; rel=\"prev\""), None);
+        assert_eq!(next_page("garbage"), None);
+        assert_eq!(next_page("<>; rel=next"), None);
     }
 
     #[test]

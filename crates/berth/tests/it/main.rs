@@ -27,5 +27,6 @@ mod security;
 mod skopeo;
 mod tags_catalog;
 mod tls;
+mod transfer;
 mod uploads;
 mod upstream;

@@ -183,7 +183,7 @@ async fn verify_names_a_damaged_or_missing_blob_of_the_backup() {
     std::fs::remove_file(path(&other)).unwrap();
     let report = verify(&target, None, None).await.unwrap();
     assert_eq!(report.corrupt, [layer]);
-    assert_eq!(report.missing, [other.clone()]);
+    assert_eq!(report.missing, std::slice::from_ref(&other));
     // Each image lacks one layer.
     assert_eq!(report.dangling.len(), 2, "{:?}", report.dangling);
     assert!(
@@ -358,9 +358,12 @@ async fn a_blob_the_backup_lacks_is_restored_without_its_links_and_nothing_promi
         .backup(&target, &CreateOptions::default(), None)
         .await
         .unwrap();
-    assert_eq!(report.missing, [lost.clone()]);
+    assert_eq!(report.missing, std::slice::from_ref(&lost));
     assert!(!report.clean());
-    assert_eq!(target.list().await.unwrap()[0].missing, [lost.clone()]);
+    assert_eq!(
+        target.list().await.unwrap()[0].missing,
+        std::slice::from_ref(&lost)
+    );
 
     let restored = registry(dirs[2].path());
     let done = restored.restore(&target, None, None).await.unwrap();
