@@ -196,11 +196,13 @@ pub async fn restore(
     api: &Api,
     from: Option<&str>,
     id: Option<&str>,
+    adopt: bool,
     json: bool,
 ) -> Result<bool, AdminError> {
+    let adopt = adopt.then_some("true");
     let path = format!(
         "/berth/v1/backups/restore{}",
-        query(&[("from", from), ("id", id)])
+        query(&[("from", from), ("id", id), ("adopt", adopt)])
     );
     let report: RestoreReport =
         crate::job_stream::follow(api, &path, "restore", |p: &RestoreReport| {
@@ -236,6 +238,9 @@ pub async fn restore(
     );
     for digest in &report.missing {
         println!("not restored (missing or corrupt in the backup) {digest}");
+    }
+    if !report.missing.is_empty() {
+        println!("run berth scrub --repair to fetch them from a peer region or another backup");
     }
     Ok(report.missing.is_empty())
 }

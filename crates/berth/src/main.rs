@@ -279,6 +279,11 @@ enum BackupCommand {
         from: Option<String>,
         /// The backup [default: the newest].
         id: Option<String>,
+        /// Take over the target from the registry the backup was taken
+        /// of, to go on backing up into it: only once that registry is
+        /// retired (two registries in one target prune each other's).
+        #[arg(long)]
+        adopt: bool,
         #[arg(long)]
         json: bool,
     },
@@ -535,9 +540,12 @@ fn main() -> ExitCode {
                 BackupCommand::Verify { from, id, json } => {
                     backup_cmd::verify(&api, from.as_deref(), id.as_deref(), json).await
                 }
-                BackupCommand::Restore { from, id, json } => {
-                    backup_cmd::restore(&api, from.as_deref(), id.as_deref(), json).await
-                }
+                BackupCommand::Restore {
+                    from,
+                    id,
+                    adopt,
+                    json,
+                } => backup_cmd::restore(&api, from.as_deref(), id.as_deref(), adopt, json).await,
             }
         }),
         Command::Export {

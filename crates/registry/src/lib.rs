@@ -20,7 +20,7 @@ pub use registry::{
     Applied, BlobSource, ChangePage, CompactionOptions, CompactionReport, GcOptions, GcProgress,
     GcReport, Hlc, ImmutableTags, Limits, MAX_UPLOAD_PARTS, ManifestContent, MetadataUsage,
     NameMatcher, ORPHAN_GRACE_MS, Page, PlannedManifest, PlannedTag, PutManifestOutcome,
-    RecordKind, Registry, Removed, Repaired, RetentionPlan, RetentionReport, RetentionRule,
-    ScrubProgress, ScrubReport, StateSummary, TrashEntry, Undeleted, UploadStatus, Usage, now_ms,
-    stamp_ms,
+    RecordKind, Registry, Removed, RepairOutcome, Repaired, RetentionPlan, RetentionReport,
+    RetentionRule, ScrubProgress, ScrubReport, StateSummary, TrashEntry, Undeleted, UploadStatus,
+    Usage, now_ms, stamp_ms,
 };

@@ -282,12 +282,21 @@ pub async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
     }
 }
 
-/// The target and backup id of verify and restore.
+/// The target and backup id of verify and restore (`known`: the
+/// parameters the endpoint takes), and the parameters.
 async fn source(
     state: &AppState,
     query: Option<&str>,
-) -> Result<(Target, Option<String>), Response> {
-    let pairs = admin_query::parse(query, &["from", "id"]).map_err(invalid)?;
+    known: &[&str],
+) -> Result<
+    (
+        Target,
+        Option<String>,
+        std::collections::HashMap<String, String>,
+    ),
+    Response,
+> {
+    let pairs = admin_query::parse(query, known).map_err(invalid)?;
     let target = state.backups.target(target_param(&pairs, "from")).await?;
     let id = target_param(&pairs, "id").map(str::to_string);
     if let Some(id) = &id
@@ -295,12 +304,12 @@ async fn source(
     {
         return Err(invalid(format!("invalid backup id {id:?}")));
     }
-    Ok((target, id))
+    Ok((target, id, pairs))
 }
 
 /// `POST /berth/v1/backups/verify?from=URL&id=ID`.
 pub async fn verify(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
-    let (target, id) = match source(&state, query.as_deref()).await {
+    let (target, id, _) = match source(&state, query.as_deref(), &["from", "id"]).await {
         Ok(s) => s,
         Err(response) => return response,
     };
@@ -311,9 +320,21 @@ pub async fn verify(State(state): State<AppState>, RawQuery(query): RawQuery) ->
     crate::progress::stream(task, watching, "verification")
 }
 
-/// `POST /berth/v1/backups/restore?from=URL&id=ID`.
+/// `POST /berth/v1/backups/restore?from=URL&id=ID&adopt=BOOL`.
 pub async fn restore(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
-    let (target, id) = match source(&state, query.as_deref()).await {
+    const KNOWN: &[&str] = &["from", "id", "adopt"];
+    // Every parameter is checked before the target is opened.
+    let adopt = match admin_query::parse(query.as_deref(), KNOWN).and_then(|pairs| {
+        match pairs.get("adopt").map(String::as_str) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(format!("adopt must be true or false, not {other:?}")),
+        }
+    }) {
+        Ok(adopt) => adopt,
+        Err(message) => return invalid(message),
+    };
+    let (target, id, _) = match source(&state, query.as_deref(), KNOWN).await {
         Ok(s) => s,
         Err(response) => return response,
     };
@@ -321,7 +342,7 @@ pub async fn restore(State(state): State<AppState>, RawQuery(query): RawQuery) -
     let registry = state.registry.clone();
     let task = tokio::spawn(async move {
         let result = registry
-            .restore(&target, id.as_deref(), Some(&progress))
+            .restore(&target, id.as_deref(), adopt, Some(&progress))
             .await;
         match &result {
             Ok(report) => {

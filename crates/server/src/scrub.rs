@@ -106,9 +106,12 @@ impl Scrubber {
                 tracing::warn!("scrub: nothing to repair from (no backup target, no peer region)");
             }
             match self.registry.repair_blobs(&bad, &sources).await {
-                Ok(repaired) => {
-                    self.metrics.repaired.inc_by(repaired.len() as u64);
-                    report.repaired = repaired;
+                Ok(outcome) => {
+                    self.metrics.repaired.inc_by(outcome.repaired.len() as u64);
+                    report.repaired = outcome.repaired;
+                    // Collected since the scrub: no longer a finding.
+                    report.corrupt.retain(|d| !outcome.not_needed.contains(d));
+                    report.missing.retain(|d| !outcome.not_needed.contains(d));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "scrub: the repair failed");

@@ -196,7 +196,10 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
         ("/berth/v1/gc?bogus=1", "bogus"),
         ("/berth/v1/compact?dry_run=maybe", "dry_run"),
         ("/berth/v1/compact?grace_secs=1", "grace_secs"),
-        ("/berth/v1/scrub?now=1", "no parameters"),
+        ("/berth/v1/scrub?now=1", "now"),
+        ("/berth/v1/scrub?repair=maybe", "repair"),
+        ("/berth/v1/backups?to=/x&bogus=1", "bogus"),
+        ("/berth/v1/backups/restore?adopt=maybe", "adopt"),
     ] {
         let r = reg.post(path).await;
         assert_eq!(r.status, 400, "{path}: {}", r.describe());

@@ -30,6 +30,12 @@ pub(super) async fn copy_blob(
     match to.stat(digest).await? {
         Some(stored) if stored == size => return Ok(Outcome::Present),
         Some(stored) => {
+            // Content-addressed: a copy that hashes right is right, and it
+            // is the record that is wrong; others may rely on the copy.
+            if intact(to, digest).await? {
+                tracing::error!(%digest, stored, recorded = size, "a blob's record names another size than its verified bytes");
+                return Ok(Outcome::Corrupt);
+            }
             tracing::warn!(%digest, stored, size, "the destination holds a damaged copy; replacing it");
             to.delete(digest).await?;
         }
@@ -56,4 +62,21 @@ pub(super) async fn copy_blob(
             format!("copying {digest}: {e}"),
         ))),
     }
+}
+
+/// Whether `digest` in `store` reads back whole and hashes to itself.
+async fn intact(store: &dyn BlobStore, digest: &Digest) -> Result<bool, BackupError> {
+    use futures_util::StreamExt;
+    let Some(read) = store.read(digest, None).await? else {
+        return Ok(false);
+    };
+    let mut hasher = digest.algorithm().hasher();
+    let mut stream = read.stream;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => hasher.update(&chunk),
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(hasher.finish() == *digest)
 }

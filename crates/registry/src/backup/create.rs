@@ -141,6 +141,7 @@ impl Registry {
         publish(&report);
 
         let mut dropped = Vec::new();
+        let mut done = 0u64;
         let mut missing: Vec<Digest> = dump.missing.iter().cloned().collect();
         for chunk in &dump.chunks {
             let wanted: Vec<(Digest, u64)> = target
@@ -188,7 +189,8 @@ impl Registry {
                         report.corrupt.push(digest);
                     }
                 }
-                if (report.blobs + 1).is_multiple_of(64) {
+                done += 1;
+                if done.is_multiple_of(64) {
                     publish(&report);
                 }
             }
@@ -227,7 +229,15 @@ impl Registry {
         if let Some(keep) = options.keep {
             report.phase = "prune".into();
             publish(&report);
-            report.pruned = Some(super::prune::prune(target, keep, hold, &index).await?);
+            // The backup is listed and whole: a failed prune is the next
+            // one's to finish, not this backup's failure.
+            match super::prune::prune(target, keep, hold, &index).await {
+                Ok(pruned) => report.pruned = Some(pruned),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning old backups failed; the next scheduled backup tries again");
+                    report.prune_error = Some(e.to_string());
+                }
+            }
         }
         report.phase = "done".into();
         report.duration_ms = started.elapsed().as_millis() as u64;

@@ -29,19 +29,19 @@ impl Hold {
     /// `Busy` naming who holds it.
     pub(super) async fn acquire(meta: Arc<dyn MetaStore>, what: &str) -> Result<Self, BackupError> {
         let lease = meta.grant_lease(HOLD_TTL).await?;
-        let value = serde_json::json!({ "for": what, "since_ms": now_ms() }).to_string();
+        // A nonce tells this hold's value from an earlier holder's.
+        let nonce = uuid::Uuid::new_v4().to_string();
+        let value =
+            serde_json::json!({ "for": what, "since_ms": now_ms(), "nonce": nonce }).to_string();
         let taken = meta
             .commit(Txn::new().require_absent(keys::BACKUP_HOLD).put_leased(
                 keys::BACKUP_HOLD,
-                value,
+                value.clone(),
                 lease,
             ))
             .await;
         let version = match taken {
-            Ok(true) => meta
-                .get(keys::BACKUP_HOLD.as_bytes())
-                .await?
-                .map(|kv| kv.version),
+            Ok(true) => own_version(meta.as_ref(), &value).await,
             Ok(false) | Err(_) => None,
         };
         let Some(version) = version else {
@@ -97,6 +97,11 @@ impl Hold {
         }
     }
 
+    /// `txn`, applying only while this hold lasts.
+    pub(super) fn guard(&self, txn: Txn) -> Txn {
+        txn.require_version(keys::BACKUP_HOLD, self.version)
+    }
+
     pub(super) async fn release(mut self) {
         self.released = true;
         self.keeper.abort();
@@ -104,6 +109,19 @@ impl Hold {
             tracing::warn!(error = %e, "could not release the backup hold; it lapses with its lease");
         }
     }
+}
+
+/// The version of the hold key written with `value`. A read may lag the
+/// commit (etcd serves reads from any member while its quorum is slow),
+/// so it is retried until it shows this value.
+async fn own_version(meta: &dyn MetaStore, value: &str) -> Option<u64> {
+    for _ in 0..20 {
+        match meta.get(keys::BACKUP_HOLD.as_bytes()).await {
+            Ok(Some(kv)) if kv.value == value.as_bytes() => return Some(kv.version),
+            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    None
 }
 
 impl Drop for Hold {

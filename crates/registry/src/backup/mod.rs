@@ -204,6 +204,9 @@ pub struct BackupReport {
     /// Backups a schedule's retention removed after this one.
     #[serde(default)]
     pub pruned: Option<PruneReport>,
+    /// Why that prune failed (the backup itself is listed and whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune_error: Option<String>,
 }
 
 impl BackupReport {

@@ -64,10 +64,14 @@ const CONTENT: &[&str] = &[
 impl Registry {
     /// Restores backup `id` from `target`: the newest when `None`, or the
     /// one an interrupted restore was restoring.
+    /// With `adopt`, this registry takes over the target's ownership
+    /// (only once the registry it was restored from is retired: two
+    /// registries backing up into one target prune each other's backups).
     pub async fn restore(
         &self,
         target: &Target,
         id: Option<&str>,
+        adopt: bool,
         progress: Option<&RestoreProgress>,
     ) -> Result<RestoreReport, BackupError> {
         let meta = self.meta_store().clone();
@@ -83,7 +87,7 @@ impl Registry {
         // Blob removal waits while bytes land ahead of their records.
         let hold = Hold::acquire(meta, &format!("restore of {}", index.id)).await?;
         let result = self
-            .restore_held(&hold, target, &index, unfinished, progress)
+            .restore_held(&hold, target, &index, unfinished, adopt, progress)
             .await;
         hold.release().await;
         result
@@ -95,6 +99,7 @@ impl Registry {
         target: &Target,
         index: &BackupIndex,
         unfinished: Option<String>,
+        adopt: bool,
         progress: Option<&RestoreProgress>,
     ) -> Result<RestoreReport, BackupError> {
         let started = Instant::now();
@@ -142,12 +147,22 @@ impl Registry {
             }
         };
         publish(&report);
-        // Blobs the backup lacks, and those it cannot give back: their
-        // records and links are not written, so that nothing here promises
-        // bytes that are not (a client pushing the image again uploads
-        // them). Blob records come before any link in a backup.
+        // Blobs the backup lacks, and those it cannot give back, get no
+        // blob record here (nothing claims bytes that are not stored). The
+        // links and manifests that name them are restored as they were, so
+        // that `berth scrub` names the gap and `--repair` fills it from a
+        // peer region or another backup; the restore reports them and
+        // exits 1.
         let mut lacking: HashSet<Digest> = index.lacking();
+        let mut lacking_listed: Vec<Digest> = index
+            .missing
+            .iter()
+            .chain(&index.corrupt)
+            .cloned()
+            .collect();
+        report.missing.append(&mut lacking_listed);
         let mut newest_stamp = 0u64;
+        let mut done = 0u64;
         for chunk in &index.chunks {
             let records = target.chunk(chunk).await?;
             let wanted: Vec<(Digest, u64)> = records
@@ -183,19 +198,23 @@ impl Registry {
                         report.copied_bytes += size;
                     }
                     Outcome::Missing | Outcome::Corrupt => {
-                        tracing::error!(%digest, "restore: the backup does not give this blob back intact; it is left out with its links");
+                        tracing::error!(%digest, "restore: the backup does not give this blob back intact; run berth scrub --repair");
                         lacking.insert(digest.clone());
                         report.missing.push(digest);
                     }
                 }
-                if (report.blobs + 1).is_multiple_of(64) {
+                done += 1;
+                if done.is_multiple_of(64) {
                     publish(&report);
                 }
             }
             drop(copies);
             let records: Vec<super::dump::Record> = records
                 .into_iter()
-                .filter(|(key, _)| super::backed_up(key) && !promises_lacking(key, &lacking))
+                .filter(|(key, _)| {
+                    super::backed_up(key)
+                        && !blob_record_digest(key).is_some_and(|d| lacking.contains(&d))
+                })
                 .collect();
             for (_, value) in &records {
                 newest_stamp = newest_stamp.max(stamp_in(value));
@@ -203,7 +222,7 @@ impl Registry {
             // The bytes this chunk's records promise are in: still held?
             hold.check().await?;
             for batch in records.chunks(BATCH) {
-                let (written, existing) = write_absent(self, batch).await?;
+                let (written, existing) = write_absent(self, hold, batch).await?;
                 report.records += written;
                 report.existing += existing;
             }
@@ -211,7 +230,7 @@ impl Registry {
         }
         // Later writes here must be newer than every restored one.
         self.observe_hlc(newest_stamp);
-        if let Some(owner) = target.owner().await? {
+        if adopt && let Some(owner) = target.owner().await? {
             meta.commit(Txn::new().put(super::REGISTRY_ID, owner))
                 .await?;
         }
@@ -223,20 +242,6 @@ impl Registry {
         publish(&report);
         Ok(report)
     }
-}
-
-/// Whether a record promises bytes in `lacking`: its blob record, or a
-/// repository's link to it.
-fn promises_lacking(key: &[u8], lacking: &HashSet<Digest>) -> bool {
-    if lacking.is_empty() {
-        return false;
-    }
-    let digest = if key.starts_with(keys::LINK_PREFIX.as_bytes()) {
-        keys::link_digest(key)
-    } else {
-        blob_record_digest(key)
-    };
-    digest.is_some_and(|d| lacking.contains(&d))
 }
 
 /// The HLC of a record's stamp, if it carries one (tags, manifests,
@@ -253,22 +258,29 @@ fn stamp_in(value: &[u8]) -> u64 {
 
 /// Writes each record whose key is absent: the batch in one transaction,
 /// or one by one when some are there already (a resumed restore, or a
-/// write that reached the registry meanwhile, which is left alone).
+/// write that reached the registry meanwhile, which is left alone). Every
+/// transaction also requires the hold unchanged, so that no record lands
+/// after a lapse let blob removal take the bytes it promises.
 async fn write_absent(
     registry: &Registry,
+    hold: &Hold,
     batch: &[super::dump::Record],
 ) -> Result<(u64, u64), BackupError> {
     let meta = registry.meta_store();
-    let txn = batch.iter().fold(Txn::new(), |txn, (key, value)| {
-        txn.require_absent(key.clone())
-            .put(key.clone(), value.clone())
-    });
+    let txn = batch
+        .iter()
+        .fold(hold.guard(Txn::new()), |txn, (key, value)| {
+            txn.require_absent(key.clone())
+                .put(key.clone(), value.clone())
+        });
     if meta.commit(txn).await? {
         return Ok((batch.len() as u64, 0));
     }
+    hold.check().await?;
     let (mut written, mut existing) = (0, 0);
     for (key, value) in batch {
-        let one = Txn::new()
+        let one = hold
+            .guard(Txn::new())
             .require_absent(key.clone())
             .put(key.clone(), value.clone());
         if meta.commit(one).await? {
@@ -277,5 +289,7 @@ async fn write_absent(
             existing += 1;
         }
     }
+    // A failure above may have been the hold's.
+    hold.check().await?;
     Ok((written, existing))
 }

@@ -123,7 +123,7 @@ async fn a_backup_restores_byte_identical_and_the_next_one_copies_only_what_is_n
     // The older backup restores the older state.
     let restored = registry(dirs[2].path());
     let report = restored
-        .restore(&target, Some(&first.id), None)
+        .restore(&target, Some(&first.id), false, None)
         .await
         .unwrap();
     assert_eq!((report.blobs, report.copied_blobs), (5, 5));
@@ -147,7 +147,10 @@ async fn a_backup_restores_byte_identical_and_the_next_one_copies_only_what_is_n
         .unwrap();
     assert_eq!(Digest::sha256_of(&manifest.bytes), app);
     // A registry with content is not restored into.
-    let again = restored.restore(&target, None, None).await.unwrap_err();
+    let again = restored
+        .restore(&target, None, false, None)
+        .await
+        .unwrap_err();
     assert!(matches!(again, BackupError::NotEmpty(_)), "{again}");
     drop(web_layer);
 }
@@ -248,11 +251,11 @@ async fn a_killed_restore_resumes_and_a_different_one_waits_for_it() {
         .await
         .unwrap();
     let other = restored
-        .restore(&target, Some("20200101T000000000Z"), None)
+        .restore(&target, Some("20200101T000000000Z"), false, None)
         .await
         .unwrap_err();
     assert!(matches!(other, BackupError::NotFound(_)), "{other}");
-    let report = restored.restore(&target, None, None).await.unwrap();
+    let report = restored.restore(&target, None, false, None).await.unwrap();
     assert!(report.resumed);
     assert_eq!(report.existing, 1);
     assert_eq!(
@@ -347,7 +350,7 @@ fn blob_file(dir: &Path, digest: &Digest) -> std::path::PathBuf {
 }
 
 #[tokio::test]
-async fn a_blob_the_backup_lacks_is_restored_without_its_links_and_nothing_promises_it() {
+async fn a_blob_the_backup_lacks_is_reported_by_the_restore_and_found_by_scrub() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let source = registry(dirs[0].path());
     let (app, lost) = push(&source, "team/app", "v1", b"layer one").await;
@@ -366,21 +369,20 @@ async fn a_blob_the_backup_lacks_is_restored_without_its_links_and_nothing_promi
     );
 
     let restored = registry(dirs[2].path());
-    let done = restored.restore(&target, None, None).await.unwrap();
-    assert!(done.missing.is_empty(), "{done:?}");
-    // The tag and manifest are back; the lost layer is not promised, so a
-    // client pushing the image again uploads it.
+    let done = restored.restore(&target, None, false, None).await.unwrap();
+    assert_eq!(done.missing, std::slice::from_ref(&lost), "{done:?}");
+    // The registry is as the backup had it: the tag and the link are back,
+    // no record claims the lost bytes, and scrub names the gap for a
+    // repair.
     let tag = Tag::parse("v1").unwrap();
     assert_eq!(
         restored.find_tag(&repo("team/app"), &tag).await.unwrap(),
         Some(app)
     );
-    assert!(matches!(
-        restored.stat_blob(&repo("team/app"), &lost).await,
-        Err(crate::RegistryError::BlobUnknown(_))
-    ));
     assert_eq!(restored.stored_blob_size(&lost).await.unwrap(), None);
     assert_eq!(read_all(&restored, "team/db", &kept).await, b"layer two");
+    let scrubbed = restored.scrub(None).await.unwrap();
+    assert_eq!(scrubbed.missing, std::slice::from_ref(&lost));
     // Verify names the incomplete manifest.
     let verified = verify(&target, None, None).await.unwrap();
     assert!(
@@ -390,7 +392,8 @@ async fn a_blob_the_backup_lacks_is_restored_without_its_links_and_nothing_promi
 }
 
 #[tokio::test]
-async fn a_target_belongs_to_one_registry_and_a_restored_one_carries_on_with_it() {
+async fn a_target_belongs_to_one_registry_and_a_restored_one_carries_on_with_it_when_it_adopts_it()
+{
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let source = registry(dirs[0].path());
     push(&source, "team/app", "v1", b"layer one").await;
@@ -407,8 +410,18 @@ async fn a_target_belongs_to_one_registry_and_a_restored_one_carries_on_with_it(
         .await
         .unwrap_err();
     assert!(matches!(refused, BackupError::Target(_)), "{refused}");
+    // A restored registry goes on with the target only when it adopts it
+    // (a drill that restores must not take over production's target).
+    let drill_dir = tempfile::tempdir().unwrap();
+    let drill = registry(drill_dir.path());
+    drill.restore(&target, None, false, None).await.unwrap();
+    let refused = drill
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, BackupError::Target(_)), "{refused}");
     let restored = registry(dirs[3].path());
-    restored.restore(&target, None, None).await.unwrap();
+    restored.restore(&target, None, true, None).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     restored
         .backup(&target, &CreateOptions::default(), None)
@@ -447,7 +460,7 @@ async fn no_backup_of_a_half_restored_registry_and_its_restore_resumes_without_a
         .unwrap_err();
     assert!(matches!(refused, BackupError::NotEmpty(_)), "{refused}");
     // Without an id it finishes the interrupted one, not the newest.
-    let report = restored.restore(&target, None, None).await.unwrap();
+    let report = restored.restore(&target, None, false, None).await.unwrap();
     assert!(report.resumed);
     assert_eq!(report.id, first.id);
     assert_eq!(
@@ -512,7 +525,7 @@ async fn scrub_repairs_a_rotten_and_a_lost_blob_from_a_backup() {
         .cloned()
         .collect();
     let sources: Vec<Arc<dyn crate::BlobSource>> = vec![target.clone()];
-    let repaired = source.repair_blobs(&bad, &sources).await.unwrap();
+    let repaired = source.repair_blobs(&bad, &sources).await.unwrap().repaired;
     assert_eq!(repaired.len(), 2, "{repaired:?}");
     assert!(repaired.iter().all(|r| r.from.starts_with("backup ")));
     assert_eq!(read_all(&source, "team/app", &rotten).await, b"layer one");

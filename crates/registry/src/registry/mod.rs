@@ -31,7 +31,7 @@ pub use compaction::{CompactionOptions, CompactionReport, MetadataUsage, RecordK
 pub use gc::{GcOptions, GcReport, Progress as GcProgress};
 pub use manifests::{ManifestContent, PutManifestOutcome};
 pub use removal::Removed;
-pub use repair::{BlobSource, Repaired};
+pub use repair::{BlobSource, RepairOutcome, Repaired};
 pub use retention::{
     NameMatcher, PlannedManifest, PlannedTag, RetentionPlan, RetentionReport, RetentionRule,
 };

@@ -36,24 +36,33 @@ pub struct Repaired {
     pub from: String,
 }
 
+/// What a repair did.
+#[derive(Clone, Debug, Default)]
+pub struct RepairOutcome {
+    pub repaired: Vec<Repaired>,
+    /// Found bad by the scrub, and since collected or being collected.
+    pub not_needed: Vec<Digest>,
+}
+
 /// Records read per scan while looking for the repositories that link the
 /// blobs to repair.
 const PAGE: usize = 1000;
 
 impl Registry {
     /// Replaces each of `bad` from the first source that gives bytes
-    /// matching its digest. Blobs nothing records any more (collected since
-    /// the scrub) are left alone. Returns what was repaired.
+    /// matching its digest. Blobs nothing records or links any more
+    /// (collected since the scrub) need no repair: they are returned
+    /// apart. A store failure here ends the run with what it repaired.
     pub async fn repair_blobs(
         &self,
         bad: &[Digest],
         sources: &[std::sync::Arc<dyn BlobSource>],
-    ) -> Result<Vec<Repaired>> {
-        if bad.is_empty() || sources.is_empty() {
-            return Ok(Vec::new());
+    ) -> Result<RepairOutcome> {
+        let mut outcome = RepairOutcome::default();
+        if bad.is_empty() {
+            return Ok(outcome);
         }
         let owners = self.repositories_naming(bad).await?;
-        let mut repaired = Vec::new();
         for digest in bad {
             let record = self.get_record::<BlobRecord>(&keys::blob(digest)).await?;
             let repository = owners.get(digest).map(String::as_str);
@@ -64,8 +73,14 @@ impl Registry {
                 .is_some_and(|r| r.removing_since_ms.is_some())
                 || (record.is_none() && repository.is_none())
             {
+                outcome.not_needed.push(digest.clone());
                 continue;
             }
+            // The record's size bounds the copy, whatever the current limit
+            // on pushes.
+            let max = record
+                .as_ref()
+                .map_or(self.limits.max_blob_bytes, |r| r.size);
             for source in sources {
                 let from = source.describe();
                 let body = match source.fetch(digest, repository).await {
@@ -76,30 +91,29 @@ impl Registry {
                         continue;
                     }
                 };
-                match self
-                    .blobs
-                    .put(digest, body, self.limits.max_blob_bytes)
-                    .await
-                {
-                    Ok(size) if record.as_ref().is_none_or(|r| r.size == size) => {
+                match self.blobs.put(digest, body, max).await {
+                    Ok(size) => {
+                        if record.as_ref().is_some_and(|r| r.size != size) {
+                            tracing::error!(%digest, source = %from, size, "repair: the verified bytes have another size than the record");
+                        }
                         tracing::info!(%digest, source = %from, size, "repair: replaced a bad blob with verified bytes");
-                        repaired.push(Repaired {
+                        outcome.repaired.push(Repaired {
                             digest: digest.clone(),
                             from,
                         });
                         break;
                     }
-                    Ok(size) => {
-                        tracing::error!(%digest, source = %from, size, "repair: the source's blob has another size than the record");
+                    Err(PutError::Store(e)) => {
+                        tracing::warn!(%digest, error = %e, "repair: the registry's store failed; stopping");
+                        return Ok(outcome);
                     }
-                    Err(PutError::DigestMismatch { .. } | PutError::Body(_)) => {
-                        tracing::warn!(%digest, source = %from, "repair: the source's bytes do not match the digest");
+                    Err(e) => {
+                        tracing::warn!(%digest, source = %from, error = %e, "repair: the source's bytes were refused");
                     }
-                    Err(e) => return Err(crate::RegistryError::from_put(e)),
                 }
             }
         }
-        Ok(repaired)
+        Ok(outcome)
     }
 
     /// A repository linking (or recording as a manifest) each digest.
