@@ -5,7 +5,7 @@
 
 use std::io::Write as _;
 
-use berth_registry::backup::{BackupReport, RestoreReport, VerifyReport};
+use berth_registry::backup::{BackupReport, RestoreReport, SelectiveReport, VerifyReport};
 
 use crate::admin::AdminError;
 use crate::client::Api;
@@ -243,4 +243,66 @@ pub async fn restore(
         println!("run berth scrub --repair to fetch them from a peer region or another backup");
     }
     Ok(report.missing.is_empty())
+}
+
+/// Restores chosen repositories into the live registry. `Ok(false)` when
+/// some manifest or tag could not be restored.
+pub async fn restore_repositories(
+    api: &Api,
+    from: Option<&str>,
+    id: Option<&str>,
+    repositories: &[String],
+    force: bool,
+    json: bool,
+) -> Result<bool, AdminError> {
+    let globs = repositories.join(",");
+    let force = force.then_some("true");
+    let path = format!(
+        "/berth/v1/backups/restore{}",
+        query(&[
+            ("from", from),
+            ("id", id),
+            ("repository", Some(&globs)),
+            ("force", force)
+        ])
+    );
+    let report: SelectiveReport =
+        crate::job_stream::follow(api, &path, "restore", |p: &SelectiveReport| {
+            if !json && !p.phase.is_empty() {
+                eprintln!(
+                    "  {:<9} {} repositories: {} manifests, {} tags, {} blobs ({}); {:.0} s",
+                    p.phase,
+                    p.repositories,
+                    p.manifests,
+                    p.tags,
+                    p.blobs,
+                    human_bytes(p.bytes),
+                    p.duration_ms as f64 / 1000.0
+                );
+                let _ = std::io::stderr().flush();
+            }
+        })
+        .await?;
+    if json {
+        print_json(&report);
+        return Ok(report.failed.is_empty());
+    }
+    println!(
+        "restored from backup {}: {} repositories, {} manifests, {} tags moved ({} already there), {} blobs ({}) in {:.1} s",
+        report.id,
+        report.repositories,
+        report.manifests,
+        report.tags,
+        report.unchanged,
+        report.blobs,
+        human_bytes(report.bytes),
+        report.duration_ms as f64 / 1000.0
+    );
+    for tag in &report.kept_newer {
+        println!("kept {tag}: it moved after the backup (--force moves it back)");
+    }
+    for failure in &report.failed {
+        println!("failed {failure}");
+    }
+    Ok(report.failed.is_empty())
 }

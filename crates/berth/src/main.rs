@@ -282,8 +282,16 @@ enum BackupCommand {
         /// Take over the target from the registry the backup was taken
         /// of, to go on backing up into it: only once that registry is
         /// retired (two registries in one target prune each other's).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "repository")]
         adopt: bool,
+        /// Restore only these repositories (globs; repeat for several)
+        /// into this registry as it is, live: each manifest and tag an
+        /// ordinary push. Tags moved since the backup stay where they are.
+        #[arg(long)]
+        repository: Vec<String>,
+        /// With --repository: move tags back even if they moved since.
+        #[arg(long, requires = "repository")]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -543,8 +551,27 @@ fn main() -> ExitCode {
                 BackupCommand::Restore {
                     from,
                     id,
+                    repository,
+                    force,
+                    json,
+                    ..
+                } if !repository.is_empty() => {
+                    backup_cmd::restore_repositories(
+                        &api,
+                        from.as_deref(),
+                        id.as_deref(),
+                        &repository,
+                        force,
+                        json,
+                    )
+                    .await
+                }
+                BackupCommand::Restore {
+                    from,
+                    id,
                     adopt,
                     json,
+                    ..
                 } => backup_cmd::restore(&api, from.as_deref(), id.as_deref(), adopt, json).await,
             }
         }),

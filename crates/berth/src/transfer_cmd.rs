@@ -235,17 +235,25 @@ pub async fn import_registry(
         .catalog()
         .await
         .map_err(|e| AdminError::Failed(format!("the catalog of {}: {e}", from.url)))?;
-    let chosen: Vec<String> = catalog
-        .into_iter()
-        .filter(|r| globs.iter().any(|g| g.matches(r)))
-        .collect();
+    // Names from another registry are checked before they are used in
+    // a path on this one (the globs assume valid names).
+    let mut failures = Vec::new();
+    let mut chosen: Vec<String> = Vec::new();
+    for name in catalog {
+        if berth_oci::RepositoryName::parse(&name).is_err() {
+            failures.push(format!("{name:?}: not a repository name; skipped"));
+        } else if globs.iter().any(|g| g.matches(&name)) {
+            chosen.push(name);
+        }
+    }
+    chosen.sort();
+    chosen.dedup();
     if !json {
         eprintln!("importing {} repositories from {}", chosen.len(), from.url);
     }
     let sink = RegistryApi { api };
     let totals = Arc::new(Totals::default());
     let started = Instant::now();
-    let mut failures = Vec::new();
     let work = async {
         for repo in &chosen {
             let tags = match source.client.tags(repo).await {
@@ -256,6 +264,10 @@ pub async fn import_registry(
                 }
             };
             for tag in tags {
+                if berth_oci::Tag::parse(&tag).is_err() {
+                    failures.push(format!("{repo}:{tag:?}: not a tag; skipped"));
+                    continue;
+                }
                 match copy_image(&source, &sink, repo, repo, &tag, &totals).await {
                     Ok(digest) if !json => eprintln!("imported {repo}:{tag} ({digest})"),
                     Ok(_) => {}

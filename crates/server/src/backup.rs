@@ -19,7 +19,8 @@ use axum::response::{IntoResponse, Response};
 use berth_oci::ErrorCode;
 use berth_registry::Registry;
 use berth_registry::backup::{
-    BackupError, BackupIndex, BackupReport, CreateOptions, RestoreReport, Target, VerifyReport,
+    BackupError, BackupIndex, BackupReport, CreateOptions, RestoreReport, SelectiveReport, Target,
+    VerifyReport,
 };
 use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -320,26 +321,84 @@ pub async fn verify(State(state): State<AppState>, RawQuery(query): RawQuery) ->
     crate::progress::stream(task, watching, "verification")
 }
 
-/// `POST /berth/v1/backups/restore?from=URL&id=ID&adopt=BOOL`.
-pub async fn restore(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
-    const KNOWN: &[&str] = &["from", "id", "adopt"];
+/// `POST /berth/v1/backups/restore?from=URL&id=ID&adopt=BOOL`, or with
+/// `repository=GLOB[,GLOB...]&force=BOOL` the chosen repositories into
+/// this live registry.
+pub async fn restore(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<crate::security::Caller>>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    const KNOWN: &[&str] = &["from", "id", "adopt", "repository", "force"];
+    let flag = |pairs: &std::collections::HashMap<String, String>, name: &str| match pairs
+        .get(name)
+        .map(String::as_str)
+    {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(format!("{name} must be true or false, not {other:?}")),
+    };
     // Every parameter is checked before the target is opened.
-    let adopt = match admin_query::parse(query.as_deref(), KNOWN).and_then(|pairs| {
-        match pairs.get("adopt").map(String::as_str) {
-            None | Some("false") => Ok(false),
-            Some("true") => Ok(true),
-            Some(other) => Err(format!("adopt must be true or false, not {other:?}")),
+    let parsed = admin_query::parse(query.as_deref(), KNOWN).and_then(|pairs| {
+        let adopt = flag(&pairs, "adopt")?;
+        let force = flag(&pairs, "force")?;
+        let globs = match pairs.get("repository") {
+            None => None,
+            Some(list) => Some(
+                list.split(',')
+                    .map(|g| {
+                        berth_auth::Glob::parse(g.trim())
+                            .map_err(|e| format!("repository {g:?}: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if globs.is_none() && force {
+            return Err(
+                "force goes with repository (a whole restore goes into an empty registry)".into(),
+            );
         }
-    }) {
-        Ok(adopt) => adopt,
+        if globs.is_some() && adopt {
+            return Err("adopt goes with a whole restore, not with repository".into());
+        }
+        Ok((adopt, force, globs))
+    });
+    let (adopt, force, globs) = match parsed {
+        Ok(p) => p,
         Err(message) => return invalid(message),
     };
     let (target, id, _) = match source(&state, query.as_deref(), KNOWN).await {
         Ok(s) => s,
         Err(response) => return response,
     };
-    let (progress, watching) = tokio::sync::watch::channel(RestoreReport::default());
     let registry = state.registry.clone();
+    if let Some(globs) = globs {
+        let chosen: berth_registry::NameMatcher =
+            Arc::new(move |name: &str| globs.iter().any(|g| g.matches(name)));
+        let by = crate::tags_admin::author(&state, caller.as_deref());
+        let (progress, watching) = tokio::sync::watch::channel(SelectiveReport::default());
+        let task = tokio::spawn(async move {
+            let result = registry
+                .restore_repositories(
+                    &target,
+                    id.as_deref(),
+                    &chosen,
+                    force,
+                    by.as_deref(),
+                    Some(&progress),
+                )
+                .await;
+            match &result {
+                Ok(report) => {
+                    tracing::info!(id = %report.id, repositories = report.repositories, manifests = report.manifests, tags = report.tags, kept_newer = report.kept_newer.len(), failed = report.failed.len(), "repositories restored from a backup")
+                }
+                Err(e) => tracing::warn!(error = %e, "restore of repositories failed"),
+            }
+            result
+        });
+        return crate::progress::stream(task, watching, "restore");
+    }
+    let (progress, watching) = tokio::sync::watch::channel(RestoreReport::default());
     let task = tokio::spawn(async move {
         let result = registry
             .restore(&target, id.as_deref(), adopt, Some(&progress))

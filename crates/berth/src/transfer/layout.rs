@@ -221,6 +221,28 @@ impl LayoutSink {
     }
 }
 
+/// Whether the file at `path` is `size` bytes hashing to `digest`.
+async fn file_matches(path: &Path, digest: &Digest, size: u64) -> bool {
+    if !tokio::fs::metadata(path)
+        .await
+        .is_ok_and(|m| m.is_file() && m.len() == size)
+    {
+        return false;
+    }
+    let Ok(file) = tokio::fs::File::open(path).await else {
+        return false;
+    };
+    let mut stream = tokio_util::io::ReaderStream::new(file);
+    let mut hasher = digest.algorithm().hasher();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => hasher.update(&chunk),
+            Err(_) => return false,
+        }
+    }
+    hasher.finish() == *digest
+}
+
 async fn pad(file: &mut tokio::fs::File, size: u64) -> Result<(), TransferError> {
     let rest = (512 - size % 512) % 512;
     file.write_all(&vec![0u8; rest as usize])
@@ -238,9 +260,9 @@ impl Sink for LayoutSink {
     ) -> Result<bool, TransferError> {
         let writer = self.writer.lock().await;
         Ok(match &*writer {
-            Writer::Dir(dir) => tokio::fs::metadata(dir.join(blob_name(digest)))
-                .await
-                .is_ok_and(|m| m.len() == size),
+            // A blob left by an earlier export counts only if it hashes
+            // right: a damaged one is written again.
+            Writer::Dir(dir) => file_matches(&dir.join(blob_name(digest)), digest, size).await,
             Writer::Tar { written, .. } => written.contains(digest),
         })
     }
@@ -323,7 +345,14 @@ impl LayoutSource {
         let (path, offset, size) = match &self.reader {
             Reader::Dir(dir) => {
                 let path = dir.join(name);
-                match tokio::fs::metadata(&path).await {
+                match tokio::fs::symlink_metadata(&path).await {
+                    // Only plain files of the layout: no links out of it,
+                    // no devices or pipes that would hang a read.
+                    Ok(m) if !m.is_file() => {
+                        return Err(TransferError::Invalid(format!(
+                            "{name} in the layout is not a plain file"
+                        )));
+                    }
                     Ok(m) => (path, 0, m.len()),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(e.into()),
@@ -416,6 +445,11 @@ impl Source for LayoutSource {
             TransferError::Source(format!("the layout has no image {repo}:{reference}"))
         })?;
         let bytes = self.read_whole(&blob_name(&digest), MAX_MANIFEST).await?;
+        if Digest::of(digest.algorithm(), &bytes) != digest {
+            return Err(TransferError::Digest(format!(
+                "the layout's manifest {digest}"
+            )));
+        }
         let media_type = serde_json::from_slice::<Value>(&bytes)
             .ok()
             .and_then(|v| v["mediaType"].as_str().map(str::to_string))

@@ -25,6 +25,8 @@ use futures_util::StreamExt;
 pub const MAX_MANIFEST: u64 = 4 << 20;
 /// Index nesting followed at most.
 const MAX_DEPTH: usize = 4;
+/// Children one index may name.
+const MAX_CHILDREN: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -58,6 +60,10 @@ pub trait Source: Send + Sync {
 /// Where images go.
 #[async_trait]
 pub trait Sink: Send + Sync {
+    // `put_blob`'s body is `verified`: a short or long body fails on the
+    // way; one of the right length with the wrong bytes fails at its end,
+    // which a file sink sees and an HTTP sink may not (it stops reading at
+    // Content-Length): a registry checks the digest itself.
     async fn has_blob(&self, repo: &str, digest: &Digest, size: u64)
     -> Result<bool, TransferError>;
     /// Stores a blob; `body` fails at its end if the bytes do not match.
@@ -92,6 +98,9 @@ pub struct Totals {
     pub bytes: AtomicU64,
     /// Blobs and manifests the destination had already.
     pub skipped: AtomicU64,
+    /// Manifests this run has copied (or found there): an index naming a
+    /// child many times, or many indexes sharing one, costs it once.
+    pub done: std::sync::Mutex<std::collections::HashSet<Digest>>,
 }
 
 impl Totals {
@@ -171,6 +180,11 @@ fn copy_manifest<'a>(
     totals: &'a Arc<Totals>,
 ) -> futures_util::future::BoxFuture<'a, Result<Digest, TransferError>> {
     Box::pin(async move {
+        if let Ok(asked) = reference.parse::<Digest>()
+            && totals.done.lock().is_ok_and(|done| done.contains(&asked))
+        {
+            return Ok(asked);
+        }
         let (bytes, media_type) = source.manifest(from_repo, reference).await?;
         let digest = Digest::sha256_of(&bytes);
         if let Ok(asked) = reference.parse::<Digest>()
@@ -184,6 +198,7 @@ fn copy_manifest<'a>(
         // again after a kill skips what it finished).
         if sink.manifest_digest(to_repo, reference).await? == Some(digest.clone()) {
             totals.skipped.fetch_add(1, Ordering::Relaxed);
+            remember(totals, &digest);
             return Ok(digest);
         }
         let manifest = Manifest::parse(
@@ -191,13 +206,14 @@ fn copy_manifest<'a>(
             &bytes,
         )
         .map_err(|e| TransferError::Invalid(format!("manifest {from_repo}:{reference}: {e}")))?;
-        // A source that named no type (a layout's manifest without
-        // `mediaType`): the shape decided it.
-        let media_type = if media_type.is_empty() {
-            manifest.kind.media_type().to_string()
-        } else {
-            media_type
-        };
+        // The type the document is (whatever header a source sent with
+        // it, or none for a layout's manifest without `mediaType`).
+        let media_type = manifest.kind.media_type().to_string();
+        if manifest.children().len() > MAX_CHILDREN {
+            return Err(TransferError::Invalid(format!(
+                "{from_repo}:{reference}: an index of more than {MAX_CHILDREN} children"
+            )));
+        }
         for child in manifest.children() {
             if berth_oci::ManifestKind::from_media_type(&child.media_type).is_some() {
                 if depth >= MAX_DEPTH {
@@ -243,8 +259,15 @@ fn copy_manifest<'a>(
         sink.put_manifest(to_repo, reference, &media_type, bytes)
             .await?;
         totals.manifests.fetch_add(1, Ordering::Relaxed);
+        remember(totals, &digest);
         Ok(digest)
     })
+}
+
+fn remember(totals: &Totals, digest: &Digest) {
+    if let Ok(mut done) = totals.done.lock() {
+        done.insert(digest.clone());
+    }
 }
 
 async fn copy_blob(

@@ -61,11 +61,16 @@ impl Source for RegistryApi<'_> {
             .and_then(|v| v.to_str().ok())
             .map(berth_oci::media_type::essence)
             .unwrap_or_default();
-        let bytes = response.bytes().await.map_err(|e| source_error(&what, e))?;
-        if bytes.len() as u64 > MAX_MANIFEST {
-            return Err(source_error(&what, "manifest too large"));
+        let mut body = response.bytes_stream();
+        let mut bytes = bytes::BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| source_error(&what, e))?;
+            if (bytes.len() + chunk.len()) as u64 > MAX_MANIFEST {
+                return Err(source_error(&what, "manifest too large"));
+            }
+            bytes.extend_from_slice(&chunk);
         }
-        Ok((bytes, media_type))
+        Ok((bytes.freeze(), media_type))
     }
 
     async fn blob(
@@ -139,6 +144,13 @@ impl Sink for RegistryApi<'_> {
             .ok_or_else(|| sink_error(&what, "no Location in the answer"))?
             .to_string();
         let url = if location.starts_with("http://") || location.starts_with("https://") {
+            // The operator's credentials go to this registry only.
+            if !location.starts_with(&self.api.url("/")) {
+                return Err(sink_error(
+                    &what,
+                    format!("the upload was sent elsewhere ({location})"),
+                ));
+            }
             location
         } else {
             self.api.url(&location)

@@ -27,6 +27,13 @@ impl Source for Upstream {
             .get_manifest(repo, reference, MAX_MANIFEST)
             .await
             .map_err(|e| TransferError::Source(format!("{repo}:{reference}: {e}")))?;
+        if let Some(claimed) = &fetched.claimed
+            && Digest::of(claimed.algorithm(), &fetched.bytes) != *claimed
+        {
+            return Err(TransferError::Digest(format!(
+                "{repo}:{reference} (the registry claims {claimed})"
+            )));
+        }
         Ok((fetched.bytes, fetched.content_type.unwrap_or_default()))
     }
 

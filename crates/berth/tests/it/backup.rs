@@ -363,3 +363,33 @@ async fn listed_after_restart(source: &mut Registry) -> Vec<String> {
     source.restart().await;
     listed(source).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chosen_repositories_come_back_into_the_live_registry_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().display().to_string();
+    let reg = Registry::start_with(Options::new().flag("--backup-to", &target)).await;
+    let seed = fresh_seed();
+    let app = Image::oci(seed, 2, 20_000);
+    let other = Image::oci(seed + 1, 1, 20_000);
+    app.push(&reg, "team/app", Some("v1")).await;
+    other.push(&reg, "other/x", Some("v1")).await;
+    create(&reg).await;
+    for (repo, image) in [("team/app", &app), ("other/x", &other)] {
+        let r = reg
+            .delete(&format!("/v2/{repo}/manifests/{}", image.digest))
+            .await;
+        assert_eq!(r.status, 202, "{}", r.describe());
+    }
+    let (code, report, stderr) = backup_cli(&reg, &["restore", "--repository", "team/**"]).await;
+    assert_eq!(code, 0, "{report:#} {stderr}");
+    assert_eq!(report["tags"], 1, "{report:#}");
+    assert_eq!(report["repositories"], 1, "{report:#}");
+    let now = tag_map(&reg).await;
+    assert!(
+        now.contains(&("team/app".to_string(), "v1".to_string(), app.digest.clone())),
+        "{now:?}"
+    );
+    assert!(!now.iter().any(|(repo, _, _)| repo == "other/x"), "{now:?}");
+    pull_all(&reg, &now).await;
+}

@@ -200,6 +200,14 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
         ("/berth/v1/scrub?repair=maybe", "repair"),
         ("/berth/v1/backups?to=/x&bogus=1", "bogus"),
         ("/berth/v1/backups/restore?adopt=maybe", "adopt"),
+        (
+            "/berth/v1/backups/restore?force=true",
+            "force goes with repository",
+        ),
+        (
+            "/berth/v1/backups/restore?repository=a/**&adopt=true",
+            "adopt goes with a whole restore",
+        ),
     ] {
         let r = reg.post(path).await;
         assert_eq!(r.status, 400, "{path}: {}", r.describe());

@@ -24,6 +24,7 @@ mod dump;
 mod hold;
 mod prune;
 mod restore;
+mod selective;
 mod target;
 mod verify;
 
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use create::{CreateOptions, Progress as BackupProgress};
 pub use prune::PruneReport;
 pub use restore::{RestoreProgress, RestoreReport};
+pub use selective::{SelectiveProgress, SelectiveReport};
 pub use target::Target;
 pub use verify::{VerifyProgress, VerifyReport, verify};
 

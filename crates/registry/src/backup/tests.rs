@@ -532,3 +532,103 @@ async fn scrub_repairs_a_rotten_and_a_lost_blob_from_a_backup() {
     assert_eq!(read_all(&source, "team/db", &lost).await, b"layer two");
     assert!(source.scrub(None).await.unwrap().clean());
 }
+
+#[tokio::test]
+async fn chosen_repositories_come_back_into_a_live_registry_without_undoing_newer_tags() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let meta = Arc::new(RedbMetaStore::open(&dirs[0].path().join("meta.redb")).unwrap());
+    let blobs =
+        Arc::new(FsBlobStore::open(dirs[0].path(), FsOptions { verify_reads: true }).unwrap());
+    // No trash and links confirmed for a millisecond: deleted content is
+    // collected at once, so the restore must bring the bytes back.
+    let limits = Limits {
+        trash_retention_ms: 0,
+        link_refresh_ms: 1,
+        ..Limits::default()
+    };
+    let live = Registry::new(meta, blobs, limits);
+    let (v1, v1_layer) = push(&live, "team/app", "v1", b"app one").await;
+    let (v2, _) = push(&live, "team/app", "v2", b"app two").await;
+    let (db, db_layer) = push(&live, "team/db", "v1", b"db one").await;
+    let (other, _) = push(&live, "other/x", "v1", b"other one").await;
+    let target = target(dirs[1].path());
+    live.backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+
+    // After the backup: v1 and the db image deleted, v2 moved on, other/x
+    // deleted; then collected.
+    for (name, digest) in [("team/app", &v1), ("team/db", &db), ("other/x", &other)] {
+        live.delete_manifest(&repo(name), &Reference::Digest(digest.clone()))
+            .await
+            .unwrap();
+    }
+    let (newer, _) = push(&live, "team/app", "v2", b"app three").await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let gc = crate::GcOptions {
+        dry_run: false,
+        grace_ms: 0,
+    };
+    live.collect_garbage(gc, None).await.unwrap();
+    assert_eq!(live.stored_blob_size(&v1_layer).await.unwrap(), None);
+
+    let chosen: crate::NameMatcher = Arc::new(|name: &str| name.starts_with("team/"));
+    let report = live
+        .restore_repositories(&target, None, &chosen, false, Some("user:alice"), None)
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.repositories, 2);
+    assert_eq!(report.kept_newer, ["team/app:v2"]);
+    assert!(report.blobs >= 2, "{report:?}");
+    let tag = |t: &str| Tag::parse(t).unwrap();
+    assert_eq!(
+        live.find_tag(&repo("team/app"), &tag("v1")).await.unwrap(),
+        Some(v1.clone())
+    );
+    assert_eq!(
+        live.find_tag(&repo("team/app"), &tag("v2")).await.unwrap(),
+        Some(newer)
+    );
+    assert_eq!(
+        live.find_tag(&repo("team/db"), &tag("v1")).await.unwrap(),
+        Some(db)
+    );
+    assert_eq!(
+        live.find_tag(&repo("other/x"), &tag("v1")).await.unwrap(),
+        None
+    );
+    assert_eq!(read_all(&live, "team/app", &v1_layer).await, b"app one");
+    assert_eq!(read_all(&live, "team/db", &db_layer).await, b"db one");
+    // The restored tag is an ordinary push: in history, by its author.
+    let history = live.tag_history(&repo("team/app"), "v1").await.unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|h| h.by.as_deref() == Some("user:alice")),
+        "{history:?}"
+    );
+    // A garbage collection now takes nothing restored.
+    live.collect_garbage(gc, None).await.unwrap();
+    assert_eq!(read_all(&live, "team/app", &v1_layer).await, b"app one");
+
+    // Forced, the moved tag goes back too; a second run changes nothing.
+    let forced = live
+        .restore_repositories(&target, None, &chosen, true, None, None)
+        .await
+        .unwrap();
+    assert_eq!(forced.tags, 1, "{forced:?}");
+    assert_eq!(
+        live.find_tag(&repo("team/app"), &tag("v2")).await.unwrap(),
+        Some(v2)
+    );
+    let again = live
+        .restore_repositories(&target, None, &chosen, false, None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.tags, again.manifests, again.blobs),
+        (0, 0, 0),
+        "{again:?}"
+    );
+}

@@ -218,7 +218,10 @@ impl Registry {
         self.hlc.observe(hlc);
     }
 
-    async fn get_record<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+    pub(crate) async fn get_record<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>> {
         match self.meta.get(key.as_bytes()).await? {
             Some(kv) => Ok(Some(decode(&kv.key, &kv.value)?)),
             None => Ok(None),
