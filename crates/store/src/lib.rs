@@ -14,8 +14,9 @@ pub mod meta;
 pub mod testsuite;
 
 pub use blob::{
-    BlobRead, BlobStore, ByteStream, PutError, StoredBlob, StoredUpload, UploadPart,
+    BlobRead, BlobStore, ByteStream, PutError, Rehash, StoredBlob, StoredUpload, UploadPart,
     fs::FsBlobStore,
+    rehash,
     s3::{S3BlobStore, S3Options},
 };
 pub use documents::{DirDocuments, Documents, S3Documents};

@@ -66,17 +66,8 @@ pub(super) async fn copy_blob(
 
 /// Whether `digest` in `store` reads back whole and hashes to itself.
 async fn intact(store: &dyn BlobStore, digest: &Digest) -> Result<bool, BackupError> {
-    use futures_util::StreamExt;
-    let Some(read) = store.read(digest, None).await? else {
-        return Ok(false);
-    };
-    let mut hasher = digest.algorithm().hasher();
-    let mut stream = read.stream;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => hasher.update(&chunk),
-            Err(_) => return Ok(false),
-        }
-    }
-    Ok(hasher.finish() == *digest)
+    Ok(matches!(
+        berth_store::rehash(store, digest).await?,
+        berth_store::Rehash::Good(_)
+    ))
 }

@@ -50,33 +50,15 @@ enum Check {
 
 /// Reads one blob of the target whole, hashing it.
 async fn check(target: &Target, digest: &Digest, size: u64) -> Result<Check, BackupError> {
-    let Some(read) = target.blobs.read(digest, None).await? else {
-        return Ok(Check::Missing);
-    };
-    let mut hasher = digest.algorithm().hasher();
-    let mut stream = read.stream;
-    let mut bytes = 0u64;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => {
-                bytes += chunk.len() as u64;
-                hasher.update(&chunk);
+    Ok(
+        match berth_store::rehash(target.blobs.as_ref(), digest).await? {
+            berth_store::Rehash::Good(bytes) if bytes == size => Check::Good(bytes),
+            berth_store::Rehash::Good(bytes) | berth_store::Rehash::Corrupt(bytes) => {
+                Check::Corrupt(bytes)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Ok(Check::Corrupt(bytes));
-            }
-            Err(e) => {
-                return Err(BackupError::Store(berth_store::StoreError::Unavailable(
-                    format!("reading {digest} from the backup: {e}"),
-                )));
-            }
-        }
-    }
-    Ok(if hasher.finish() == *digest && bytes == size {
-        Check::Good(bytes)
-    } else {
-        Check::Corrupt(bytes)
-    })
+            berth_store::Rehash::Gone => Check::Missing,
+        },
+    )
 }
 
 /// Verifies backup `id` (the newest when `None`).

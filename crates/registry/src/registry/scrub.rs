@@ -158,45 +158,14 @@ impl Registry {
         Ok(report)
     }
 
-    /// Reads one blob whole and hashes it with its digest's algorithm. A
-    /// read the store itself refuses as corrupt counts as corrupt; a blob
-    /// gone from the store meanwhile is `Gone`.
+    /// Reads one blob whole and hashes it with its digest's algorithm.
     async fn check_blob(&self, digest: &Digest) -> Result<Check> {
-        let Some(read) = self.blobs.read(digest, None).await? else {
-            return Ok(Check::Gone);
-        };
-        let mut hasher = digest.algorithm().hasher();
-        let mut stream = read.stream;
-        let mut bytes = 0u64;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(chunk) => {
-                    bytes += chunk.len() as u64;
-                    hasher.update(&chunk);
-                }
-                Err(e) => {
-                    if self.blobs.stat(digest).await?.is_none() {
-                        return Ok(Check::Gone);
-                    }
-                    // The store's own check refused the bytes: rot. Any
-                    // other failure (a network error) says nothing about
-                    // the bytes, so the scrub stops and says why.
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        tracing::debug!(%digest, error = %e, "scrub: the store refused a blob's bytes");
-                        return Ok(Check::Corrupt(bytes));
-                    }
-                    return Err(crate::RegistryError::Store(
-                        berth_store::StoreError::Unavailable(format!(
-                            "reading {digest} to scrub it: {e}"
-                        )),
-                    ));
-                }
-            }
-        }
-        if hasher.finish() == *digest && bytes == read.size {
-            Ok(Check::Good(bytes))
-        } else {
-            Ok(Check::Corrupt(bytes))
-        }
+        Ok(
+            match berth_store::rehash(self.blobs.as_ref(), digest).await? {
+                berth_store::Rehash::Good(bytes) => Check::Good(bytes),
+                berth_store::Rehash::Corrupt(bytes) => Check::Corrupt(bytes),
+                berth_store::Rehash::Gone => Check::Gone,
+            },
+        )
     }
 }

@@ -86,6 +86,54 @@ pub(crate) fn part_read_failure(
     }
 }
 
+/// What re-reading a stored blob whole and hashing it found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rehash {
+    /// It hashes to its digest; this many bytes.
+    Good(u64),
+    /// It does not (or the store refused it as not matching), after this
+    /// many bytes.
+    Corrupt(u64),
+    /// Not stored (or removed while it was read).
+    Gone,
+}
+
+/// Reads `digest` whole from `store` and hashes it with its digest's own
+/// algorithm (scrub, backup verification). A read failure other than the
+/// store's own refusal says nothing about the bytes (a network error to
+/// S3): it is returned as an error rather than called corruption.
+pub async fn rehash(store: &dyn BlobStore, digest: &Digest) -> Result<Rehash, StoreError> {
+    use futures_util::StreamExt as _;
+    let Some(read) = store.read(digest, None).await? else {
+        return Ok(Rehash::Gone);
+    };
+    let mut hasher = digest.algorithm().hasher();
+    let mut stream = read.stream;
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                bytes += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            Err(e) => {
+                if store.stat(digest).await?.is_none() {
+                    return Ok(Rehash::Gone);
+                }
+                if e.kind() == io::ErrorKind::InvalidData {
+                    return Ok(Rehash::Corrupt(bytes));
+                }
+                return Err(StoreError::Unavailable(format!("reading {digest}: {e}")));
+            }
+        }
+    }
+    Ok(if hasher.finish() == *digest && bytes == read.size {
+        Rehash::Good(bytes)
+    } else {
+        Rehash::Corrupt(bytes)
+    })
+}
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Size of the stored blob, if present.
