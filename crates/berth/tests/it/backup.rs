@@ -201,6 +201,16 @@ async fn a_backup_under_push_load_restores_byte_identical_on_the_other_engines()
     let (code, verified, stderr) = backup_cli(&source, &["verify"]).await;
     assert_eq!(code, 0, "{verified:#} {stderr}");
     assert_eq!(verified["blobs_checked"], third["blobs"], "{verified:#}");
+    let metrics = source.get("/metrics").await.text();
+    assert!(
+        metrics.contains("berth_backup_runs_total{outcome=\"clean\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("berth_backup_last_size_bytes {}", third["bytes"])),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("berth_backup_last_blobs {}", third["blobs"])));
     assert_eq!(verified["id"], third["id"]);
 
     // Restored on the other engines: the newest backup equals the source
