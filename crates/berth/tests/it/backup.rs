@@ -80,19 +80,10 @@ async fn tag_map(reg: &Registry) -> Vec<(String, String, String)> {
     for repo in catalog["repositories"].as_array().unwrap() {
         let repo = repo.as_str().unwrap();
         for tag in reg.tags(repo).await {
-            let r = reg
-                .req(
-                    reqwest::Method::HEAD,
-                    &format!("/v2/{repo}/manifests/{tag}"),
-                )
-                .header("accept", MANIFEST_ACCEPT)
-                .send()
+            let digest = reg
+                .manifest_digest(repo, &tag)
                 .await
-                .unwrap();
-            let digest = r.headers()["docker-content-digest"]
-                .to_str()
-                .unwrap()
-                .to_string();
+                .unwrap_or_else(|| panic!("{repo}:{tag} is listed but does not resolve"));
             out.push((repo.to_string(), tag, digest));
         }
     }

@@ -63,21 +63,7 @@ fn creds(reg: &Registry) -> Vec<String> {
 
 /// The digest `repo:tag` resolves to.
 async fn digest_of(reg: &Registry, repo: &str, tag: &str) -> Option<String> {
-    let r = reg
-        .req(
-            reqwest::Method::HEAD,
-            &format!("/v2/{repo}/manifests/{tag}"),
-        )
-        .header("accept", MANIFEST_ACCEPT)
-        .send()
-        .await
-        .unwrap();
-    r.status().is_success().then(|| {
-        r.headers()["docker-content-digest"]
-            .to_str()
-            .unwrap()
-            .to_string()
-    })
+    reg.manifest_digest(repo, tag).await
 }
 
 fn layout_index(dir: &Path) -> Value {

@@ -2,10 +2,47 @@
 //! on both sides: the source re-hashes what it reads, the destination
 //! refuses bytes that do not hash to the digest.
 
+use std::sync::Arc;
+
 use berth_oci::Digest;
 use berth_store::{BlobStore, PutError};
+use futures_util::{Stream, StreamExt};
 
-use super::BackupError;
+use super::{BackupError, blob_record_digest};
+use crate::records::{BlobRecord, decode};
+
+/// Blobs copied at once: each is a stream from one store into another,
+/// mostly waiting on I/O.
+const PARALLEL: usize = 8;
+
+/// The blobs a chunk's records name, with their recorded sizes.
+pub(super) fn chunk_blobs(records: &[super::dump::Record]) -> Vec<(Digest, u64)> {
+    records
+        .iter()
+        .filter_map(|(key, value)| {
+            let digest = blob_record_digest(key)?;
+            let record: BlobRecord = decode(key, value).ok()?;
+            Some((digest, record.size))
+        })
+        .collect()
+}
+
+/// Copies `wanted` from `from` into `to`, several at once: each blob's
+/// digest, size and outcome, in the order they finish.
+pub(super) fn copy_many(
+    from: Arc<dyn BlobStore>,
+    to: Arc<dyn BlobStore>,
+    wanted: Vec<(Digest, u64)>,
+) -> impl Stream<Item = (Digest, u64, Result<Outcome, BackupError>)> {
+    futures_util::stream::iter(wanted.into_iter().map(move |(digest, size)| {
+        let (from, to) = (from.clone(), to.clone());
+        async move {
+            let outcome = copy_blob(from.as_ref(), to.as_ref(), &digest, size).await;
+            (digest, size, outcome)
+        }
+    }))
+    .buffer_unordered(PARALLEL)
+}
 
 /// How one blob reached the destination.
 pub(super) enum Outcome {

@@ -12,7 +12,7 @@ use berth_store::{ByteStream, Snapshot};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::copy::{Outcome, copy_blob};
+use super::copy::{Outcome, chunk_blobs, copy_many};
 use super::dump::{ChunkWriter, MAX_CHUNK};
 use super::hold::Hold;
 use super::{
@@ -35,9 +35,6 @@ pub struct CreateOptions {
     pub keep: Option<usize>,
 }
 
-/// Blobs copied at once: each is a stream from the registry's store into
-/// the target's, mostly waiting on I/O.
-const PARALLEL: usize = 8;
 /// Records read per snapshot scan.
 const PAGE: usize = 1000;
 
@@ -144,27 +141,12 @@ impl Registry {
         let mut done = 0u64;
         let mut missing: Vec<Digest> = dump.missing.iter().cloned().collect();
         for chunk in &dump.chunks {
-            let wanted: Vec<(Digest, u64)> = target
-                .chunk(chunk)
-                .await?
-                .iter()
-                .filter_map(|(key, value)| {
-                    let digest = blob_record_digest(key)?;
-                    let record: BlobRecord = decode(key, value).ok()?;
-                    Some((digest, record.size))
-                })
-                .collect();
-            let from = self.blob_store().clone();
-            let to = target.blobs.clone();
-            let mut copies =
-                futures_util::stream::iter(wanted.into_iter().map(|(digest, size)| {
-                    let (from, to) = (from.clone(), to.clone());
-                    async move {
-                        let outcome = copy_blob(from.as_ref(), to.as_ref(), &digest, size).await;
-                        (digest, size, outcome)
-                    }
-                }))
-                .buffer_unordered(PARALLEL);
+            let wanted: Vec<(Digest, u64)> = chunk_blobs(&target.chunk(chunk).await?);
+            let mut copies = Box::pin(copy_many(
+                self.blob_store().clone(),
+                target.blobs.clone(),
+                wanted,
+            ));
             while let Some((digest, size, outcome)) = copies.next().await {
                 match outcome? {
                     Outcome::Present => {

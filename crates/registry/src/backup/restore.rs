@@ -12,11 +12,10 @@ use berth_store::Txn;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::copy::{Outcome, copy_blob};
+use super::copy::{Outcome, chunk_blobs, copy_many};
 use super::hold::Hold;
 use super::{BackupError, BackupIndex, RESTORE_STATE, Target, blob_record_digest};
 use crate::keys;
-use crate::records::{BlobRecord, decode};
 use crate::{Registry, now_ms};
 
 /// What a restore did, reported while it runs and at the end.
@@ -45,8 +44,6 @@ pub struct RestoreReport {
 
 pub type RestoreProgress = tokio::sync::watch::Sender<RestoreReport>;
 
-/// Blobs copied at once.
-const PARALLEL: usize = 8;
 /// Puts per transaction (with a compare each: 64 operations, inside
 /// etcd's default limit of 128).
 const BATCH: usize = 32;
@@ -165,26 +162,15 @@ impl Registry {
         let mut done = 0u64;
         for chunk in &index.chunks {
             let records = target.chunk(chunk).await?;
-            let wanted: Vec<(Digest, u64)> = records
-                .iter()
-                .filter_map(|(key, value)| {
-                    let digest = blob_record_digest(key)?;
-                    let record: BlobRecord = decode(key, value).ok()?;
-                    Some((digest, record.size))
-                })
+            let wanted: Vec<(Digest, u64)> = chunk_blobs(&records)
+                .into_iter()
                 .filter(|(digest, _)| !lacking.contains(digest))
                 .collect();
-            let into = self.blob_store().clone();
-            let mut copies =
-                futures_util::stream::iter(wanted.into_iter().map(|(digest, size)| {
-                    let into = into.clone();
-                    async move {
-                        let outcome =
-                            copy_blob(target.blobs.as_ref(), into.as_ref(), &digest, size).await;
-                        (digest, size, outcome)
-                    }
-                }))
-                .buffer_unordered(PARALLEL);
+            let mut copies = Box::pin(copy_many(
+                target.blobs.clone(),
+                self.blob_store().clone(),
+                wanted,
+            ));
             while let Some((digest, size, outcome)) = copies.next().await {
                 match outcome? {
                     Outcome::Present => {

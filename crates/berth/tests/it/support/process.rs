@@ -491,6 +491,23 @@ impl Registry {
         r.body.to_vec()
     }
 
+    /// The digest `repo:reference` resolves to (a HEAD), if it does.
+    pub async fn manifest_digest(&self, repo: &str, reference: &str) -> Option<String> {
+        let r = self
+            .req(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))
+            .header("accept", MANIFEST_ACCEPT)
+            .send()
+            .await
+            .expect("HEAD manifest");
+        if !r.status().is_success() {
+            return None;
+        }
+        r.headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
     pub async fn tags(&self, repo: &str) -> Vec<String> {
         let r = self.get(&format!("/v2/{repo}/tags/list")).await;
         assert_eq!(r.status, 200, "tags/list {repo}: {}", r.describe());
