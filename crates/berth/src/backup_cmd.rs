@@ -194,15 +194,19 @@ pub async fn verify(
 /// the backup named could not be restored.
 pub async fn restore(
     api: &Api,
-    from: Option<&str>,
-    id: Option<&str>,
+    source: RestoreSource<'_>,
     adopt: bool,
     json: bool,
 ) -> Result<bool, AdminError> {
     let adopt = adopt.then_some("true");
     let path = format!(
         "/berth/v1/backups/restore{}",
-        query(&[("from", from), ("id", id), ("adopt", adopt)])
+        query(&[
+            ("from", source.from),
+            ("id", source.id),
+            ("at", source.at),
+            ("adopt", adopt)
+        ])
     );
     let report: RestoreReport =
         crate::job_stream::follow(api, &path, "restore", |p: &RestoreReport| {
@@ -221,9 +225,13 @@ pub async fn restore(
             }
         })
         .await?;
+    let replay_failed = report
+        .replayed
+        .as_ref()
+        .is_some_and(|r| !r.failed.is_empty());
     if json {
         print_json(&report);
-        return Ok(report.missing.is_empty());
+        return Ok(report.missing.is_empty() && !replay_failed);
     }
     println!(
         "restored backup {}{}: {} records ({} already there), {} blobs ({}) in {:.1} s ({})",
@@ -236,13 +244,33 @@ pub async fn restore(
         report.duration_ms as f64 / 1000.0,
         rate(report.copied_bytes, report.duration_ms)
     );
+    if let Some(replay) = &report.replayed {
+        println!(
+            "replayed {} changes after it: the registry is as it was at {}",
+            replay.events,
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(replay.restored_to_ms)
+            )
+        );
+        for failure in &replay.failed {
+            println!("not replayed: {failure}");
+        }
+    }
     for digest in &report.missing {
         println!("not restored (missing or corrupt in the backup) {digest}");
     }
     if !report.missing.is_empty() {
         println!("run berth scrub --repair to fetch them from a peer region or another backup");
     }
-    Ok(report.missing.is_empty())
+    Ok(report.missing.is_empty() && !replay_failed)
+}
+
+/// Which backup a whole restore takes: `id` (default the newest), or the
+/// last one before the moment `at` with the change log replayed to it.
+pub struct RestoreSource<'a> {
+    pub from: Option<&'a str>,
+    pub id: Option<&'a str>,
+    pub at: Option<&'a str>,
 }
 
 /// Restores chosen repositories into the live registry. `Ok(false)` when

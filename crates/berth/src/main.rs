@@ -292,6 +292,11 @@ enum BackupCommand {
         /// With --repository: move tags back even if they moved since.
         #[arg(long, requires = "repository")]
         force: bool,
+        /// Restore the registry as it was at this moment (RFC 3339, such as
+        /// 2026-12-01T10:00:00Z, or `latest`): the last backup before it,
+        /// then the archived change log up to it.
+        #[arg(long, conflicts_with_all = ["id", "repository"])]
+        at: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -570,9 +575,17 @@ fn main() -> ExitCode {
                     from,
                     id,
                     adopt,
+                    at,
                     json,
                     ..
-                } => backup_cmd::restore(&api, from.as_deref(), id.as_deref(), adopt, json).await,
+                } => {
+                    let source = backup_cmd::RestoreSource {
+                        from: from.as_deref(),
+                        id: id.as_deref(),
+                        at: at.as_deref(),
+                    };
+                    backup_cmd::restore(&api, source, adopt, json).await
+                }
             }
         }),
         Command::Export {

@@ -7,8 +7,8 @@ use berth_proxy::{CacheOptions, Credentials, PullThroughCache, UpstreamConfig};
 use berth_registry::{Limits, Registry};
 use berth_replication::{PeerConfig, ReplicationOptions, Replicator};
 use berth_server::{
-    AppState, Backups, Compactor, GarbageCollector, Metrics, RequestLimits, Retention, Scrubber,
-    ServeOptions, Shared,
+    AppState, BackupJob, Backups, Compactor, GarbageCollector, Metrics, RequestLimits, Retention,
+    Scrubber, ServeOptions, Shared,
 };
 use berth_store::blob::fs::FsOptions;
 use berth_store::meta::etcd::{EtcdOptions, EtcdTls};
@@ -331,11 +331,14 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         registry.clone(),
         retention_rules(&config.lifecycle.retention, &config.cache),
     ));
-    let compactor = Arc::new(Compactor::new(
-        registry.clone(),
-        replicator.clone(),
-        config.lifecycle.log_retention,
-    ));
+    let compactor = Arc::new(
+        Compactor::new(
+            registry.clone(),
+            replicator.clone(),
+            config.lifecycle.log_retention,
+        )
+        .keeping_unarchived(config.backup.every.is_some()),
+    );
     let scrubber = Arc::new(Scrubber::new(
         registry.clone(),
         config.backup.targets.clone(),
@@ -349,9 +352,20 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         config.backup.targets.clone(),
         config.replication.as_ref().map(|r| r.region.clone()),
     ));
+    let backup_job = config.backup.every.map(|every| {
+        Arc::new(BackupJob::new(
+            registry.clone(),
+            backups.clone(),
+            every,
+            config.backup.keep,
+        ))
+    });
     let metrics = Metrics::with_extra(|prometheus| {
         gc.register_metrics(prometheus);
         backups.register_metrics(prometheus);
+        if let Some(job) = &backup_job {
+            job.register_metrics(prometheus);
+        }
         scrubber.register_metrics(prometheus);
         compactor.register_metrics(prometheus);
         retention.register_metrics(prometheus);
@@ -448,13 +462,12 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         }))
     });
 
-    // Scheduled backups with their retention, on one node of the region.
-    let backing_up = config.backup.every.map(|every| {
-        let backups = backups.clone();
-        let keep = config.backup.keep;
-        tokio::spawn(node.clone().run_as_leader("backup", every, move || {
-            let backups = backups.clone();
-            async move { backups.scheduled(keep).await }
+    // Scheduled backups with their retention, and the change log archived
+    // next to them as it is written, on one node of the region.
+    let backing_up = backup_job.clone().map(|job| {
+        tokio::spawn(node.clone().run_while_leader("backup".into(), move || {
+            let job = job.clone();
+            async move { job.turn().await }
         }))
     });
 

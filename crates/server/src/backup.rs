@@ -6,7 +6,8 @@
 //! * `GET /berth/v1/backups?from=URL`: list the backups in a target;
 //! * `POST /berth/v1/backups/verify?from=URL&id=ID`: verify one;
 //! * `POST /berth/v1/backups/restore?from=URL&id=ID`: restore one into this
-//!   (empty) registry.
+//!   (empty) registry; with `at=RFC3339|latest` instead of `id`, to that
+//!   moment (the last backup before it and the archived change log).
 //!
 //! `to` and `from` default to the first configured target and must name
 //! one of them: a caller never chooses where the node writes.
@@ -19,8 +20,8 @@ use axum::response::{IntoResponse, Response};
 use berth_oci::ErrorCode;
 use berth_registry::Registry;
 use berth_registry::backup::{
-    BackupError, BackupIndex, BackupReport, CreateOptions, RestoreReport, SelectiveReport, Target,
-    VerifyReport,
+    At, BackupError, BackupIndex, BackupReport, CreateOptions, RestoreReport, SelectiveReport,
+    Target, VerifyReport,
 };
 use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -75,7 +76,7 @@ impl Backups {
 
     /// The configured target `url` names (the first when `None`), opened.
     #[allow(clippy::result_large_err)]
-    async fn target(&self, url: Option<&str>) -> Result<Target, Response> {
+    pub(crate) async fn target(&self, url: Option<&str>) -> Result<Target, Response> {
         let Some(first) = self.targets.first() else {
             return Err(invalid(
                 "this node has no backup target: start it with --backup-to DIR|s3://BUCKET/PREFIX"
@@ -129,6 +130,7 @@ impl Backups {
         let options = CreateOptions {
             region: self.region.clone(),
             keep,
+            prune_grace_ms: None,
         };
         let result = self.registry.backup(target, &options, progress).await;
         let outcome = match &result {
@@ -329,7 +331,7 @@ pub async fn restore(
     caller: Option<axum::Extension<crate::security::Caller>>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    const KNOWN: &[&str] = &["from", "id", "adopt", "repository", "force"];
+    const KNOWN: &[&str] = &["from", "id", "adopt", "repository", "force", "at"];
     let flag = |pairs: &std::collections::HashMap<String, String>, name: &str| match pairs
         .get(name)
         .map(String::as_str)
@@ -361,9 +363,19 @@ pub async fn restore(
         if globs.is_some() && adopt {
             return Err("adopt goes with a whole restore, not with repository".into());
         }
-        Ok((adopt, force, globs))
+        let at = match pairs.get("at") {
+            None => None,
+            Some(text) => Some(At::parse(text)?),
+        };
+        if at.is_some() && (globs.is_some() || pairs.contains_key("id")) {
+            return Err(
+                "at picks the backup itself (the last one before the moment) and restores the whole registry: not with id or repository"
+                    .into(),
+            );
+        }
+        Ok((adopt, force, globs, at))
     });
-    let (adopt, force, globs) = match parsed {
+    let (adopt, force, globs, at) = match parsed {
         Ok(p) => p,
         Err(message) => return invalid(message),
     };
@@ -401,7 +413,7 @@ pub async fn restore(
     let (progress, watching) = tokio::sync::watch::channel(RestoreReport::default());
     let task = tokio::spawn(async move {
         let result = registry
-            .restore(&target, id.as_deref(), adopt, Some(&progress))
+            .restore(&target, id.as_deref(), adopt, at, Some(&progress))
             .await;
         match &result {
             Ok(report) => {

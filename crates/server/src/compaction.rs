@@ -66,6 +66,7 @@ pub struct Compactor {
     window: Duration,
     running: tokio::sync::Mutex<()>,
     metrics: CompactionMetrics,
+    keep_unarchived: bool,
 }
 
 impl Compactor {
@@ -80,7 +81,15 @@ impl Compactor {
             window,
             running: tokio::sync::Mutex::new(()),
             metrics: CompactionMetrics::default(),
+            keep_unarchived: false,
         }
+    }
+
+    /// With the change log archived next to the backups: entries not
+    /// archived yet stay, whatever their age.
+    pub fn keeping_unarchived(mut self, keep: bool) -> Self {
+        self.keep_unarchived = keep;
+        self
     }
 
     pub async fn run(
@@ -135,8 +144,14 @@ impl Compactor {
             None => (Vec::new(), (before, before)),
         };
         let acknowledged = Replicator::acknowledged_by_all(&peers);
+        let mut log_through = acknowledged;
+        if self.keep_unarchived {
+            let archived = self.registry.archived_position().await?;
+            // Nothing archived yet: nothing goes.
+            log_through = log_through.min(archived.map_or(0, |a| a.seq));
+        }
         let options = CompactionOptions {
-            log_through: acknowledged,
+            log_through,
             log_before_ms: before,
             tombstones_ms,
             own_tombstones_ms,

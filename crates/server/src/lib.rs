@@ -7,6 +7,7 @@
 mod access;
 mod admin_query;
 mod api;
+mod archive;
 pub mod audit;
 mod backup;
 mod body;
@@ -39,6 +40,7 @@ use berth_proxy::PullThroughCache;
 use berth_registry::Registry;
 use berth_replication::Replicator;
 
+pub use archive::BackupJob;
 pub use backup::Backups;
 pub use compaction::{CompactionRun, Compactor};
 pub use gc::GarbageCollector;

@@ -394,3 +394,110 @@ async fn chosen_repositories_come_back_into_the_live_registry_through_the_cli() 
     assert!(!now.iter().any(|(repo, _, _)| repo == "other/x"), "{now:?}");
     pull_all(&reg, &now).await;
 }
+
+/// The moment `ms` as `--at` takes it.
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The source's state now, and the instant it stands for (with a few
+/// milliseconds either side, so that no change shares its millisecond).
+async fn instant(reg: &Registry) -> (u64, Value, Vec<(String, String, String)>) {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let at = now_ms();
+    let state = state_digest(reg).await["digest"].clone();
+    let tags = tag_map(reg).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    (at, state, tags)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_archived_as_it_is_written_restores_any_moment_on_the_other_engines() {
+    let Some(etcd) = start_etcd().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = target_url(dir.path());
+    // A schedule turns continuous archiving on; its first backup is an
+    // hour away, so the one backup here is taken by hand.
+    let source = Registry::start_with(
+        Options::new()
+            .flag("--backup-to", &target)
+            .flag("--backup-every", "1h"),
+    )
+    .await;
+    let seed = fresh_seed();
+    let images: Vec<Image> = (0..4).map(|i| Image::oci(seed + i, 2, 20_000)).collect();
+    images[0].push(&source, "team/app", Some("v1")).await;
+    let base = create(&source).await;
+
+    let mut timeline = vec![instant(&source).await];
+    images[1].push(&source, "team/app", Some("v2")).await;
+    images[2].push(&source, "team/db", Some("v1")).await;
+    timeline.push(instant(&source).await);
+    images[3].push(&source, "team/app", Some("v1")).await;
+    let deleted = source.delete("/v2/team/app/manifests/v2").await;
+    assert_eq!(deleted.status, 202, "{}", deleted.describe());
+    timeline.push(instant(&source).await);
+    let last = timeline.last().unwrap().0;
+
+    // Archived within moments, with no backup taken: the metric says how
+    // far the archive knows the registry.
+    let mut archived_through = 0;
+    for _ in 0..100 {
+        let metrics = source.get("/metrics").await.text();
+        archived_through = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("berth_backup_archived_through_timestamp_seconds "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if archived_through * 1000 > last {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        archived_through * 1000 > last,
+        "the archive did not catch up: through {archived_through} s, last change at {last} ms"
+    );
+    assert_eq!(listed(&source).await.len(), 1, "no backup but the base");
+
+    for (i, (at, state, tags)) in timeline.iter().enumerate() {
+        let restored_dir = tempfile::tempdir().unwrap();
+        let restored = Registry::start_with(
+            other_engines(&etcd, restored_dir.path())
+                .into_iter()
+                .fold(Options::new(), Options::arg)
+                .flag("--backup-to", &target),
+        )
+        .await;
+        let (code, report, stderr) =
+            backup_cli(&restored, &["restore", "--at", &rfc3339(*at)]).await;
+        assert_eq!(code, 0, "instant {i}: {report:#} {stderr}");
+        assert_eq!(report["id"], base["id"], "instant {i}");
+        assert_eq!(&tag_map(&restored).await, tags, "instant {i}");
+        assert_eq!(
+            &state_digest(&restored).await["digest"],
+            state,
+            "instant {i}"
+        );
+        pull_all(&restored, tags).await;
+    }
+    // A moment the archive cannot know yet is refused, and says which it
+    // can.
+    let refused = Registry::start_with(Options::new().flag("--backup-to", &target)).await;
+    let (code, _, stderr) = backup_cli(
+        &refused,
+        &["restore", "--at", &rfc3339(now_ms() + 3_600_000)],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("knows its changes up to"), "{stderr}");
+}

@@ -20,7 +20,7 @@ use super::{
     blob_record_digest, id_for,
 };
 use crate::keys;
-use crate::records::{BlobRecord, decode, encode};
+use crate::records::{BlobRecord, LogHead, decode, encode};
 use crate::{Registry, now_ms};
 
 /// Where a running backup reports how far it got.
@@ -33,6 +33,10 @@ pub struct CreateOptions {
     /// After the backup, keep only this many newest backups in the target
     /// and remove the blobs no kept one names.
     pub keep: Option<usize>,
+    /// How old an unused blob in the target must be before a prune
+    /// removes it (default an hour: it may be an archiver's, whose log
+    /// segment is not written yet).
+    pub prune_grace_ms: Option<u64>,
 }
 
 /// Records read per snapshot scan.
@@ -115,9 +119,24 @@ impl Registry {
             }
         };
         publish(&report);
+        // The log since the previous backup, with its content, so that a
+        // restore can reach any moment between the two.
+        match super::archive::Archiver::new(target.clone())
+            .catch_up(self)
+            .await
+        {
+            Ok(round) => report.archived = Some(round),
+            Err(e) => {
+                tracing::warn!(error = %e, "backup: archiving the change log failed; the backup goes on");
+                report.archive_error = Some(e.to_string());
+            }
+        }
+        self.ensure_log_epoch().await?;
         // Taken after the hold: see the module's comment.
         let snapshot = meta.snapshot().await?;
+        let snapshot_ms = now_ms();
         let revision = snapshot.revision();
+        let log = log_point(snapshot.as_ref()).await?;
         let mut dump = Dump {
             registry: self,
             target,
@@ -193,6 +212,8 @@ impl Registry {
             started_ms,
             finished_ms: now_ms(),
             revision,
+            snapshot_ms,
+            log,
             region: options.region.clone(),
             records: report.records,
             repositories,
@@ -213,7 +234,7 @@ impl Registry {
             publish(&report);
             // The backup is listed and whole: a failed prune is the next
             // one's to finish, not this backup's failure.
-            match super::prune::prune(target, keep, hold, &index).await {
+            match super::prune::prune(target, keep, hold, &index, options.prune_grace_ms).await {
                 Ok(pruned) => report.pruned = Some(pruned),
                 Err(e) => {
                     tracing::warn!(error = %e, "pruning old backups failed; the next scheduled backup tries again");
@@ -361,6 +382,23 @@ impl Dump<'_> {
         });
         Ok(())
     }
+}
+
+/// The change log's head as the snapshot sees it.
+async fn log_point(snapshot: &dyn Snapshot) -> Result<Option<super::LogPoint>, BackupError> {
+    let head = snapshot
+        .scan(keys::CHANGE_HEAD.as_bytes(), None, 1)
+        .await?
+        .into_iter()
+        .find(|kv| kv.key == keys::CHANGE_HEAD.as_bytes());
+    let head: LogHead = match head {
+        Some(kv) => decode(&kv.key, &kv.value)?,
+        None => LogHead::default(),
+    };
+    Ok(Some(super::LogPoint {
+        epoch: head.epoch,
+        seq: head.seq,
+    }))
 }
 
 /// The family a key belongs to if it is one a backup leaves out.

@@ -18,11 +18,13 @@
 //! target. A backup killed at any point leaves blobs (reused by the next
 //! one, which is therefore incremental) and no index.
 
+mod archive;
 mod copy;
 mod create;
 mod dump;
 mod hold;
 mod prune;
+mod replay;
 mod restore;
 mod selective;
 mod target;
@@ -31,8 +33,10 @@ mod verify;
 use berth_oci::Digest;
 use serde::{Deserialize, Serialize};
 
+pub use archive::{ArchiveRound, ArchiveStatus, Archiver, LogPoint, SEGMENT_EVENTS};
 pub use create::{CreateOptions, Progress as BackupProgress};
 pub use prune::PruneReport;
+pub use replay::{At, ReplayReport};
 pub use restore::{RestoreProgress, RestoreReport};
 pub use selective::{SelectiveProgress, SelectiveReport};
 pub use target::Target;
@@ -149,6 +153,16 @@ pub struct BackupIndex {
     pub finished_ms: u64,
     /// The MetaStore revision of its snapshot.
     pub revision: u64,
+    /// When the snapshot was taken (Unix ms): it holds every change
+    /// logged before, and a point-in-time restore to a later moment starts
+    /// from it.
+    #[serde(default)]
+    pub snapshot_ms: u64,
+    /// The change log's position at the snapshot: the archived changes
+    /// after it are what a point-in-time restore replays (absent in
+    /// backups of versions before the archive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogPoint>,
     /// The region it was taken in, if replication is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
@@ -209,6 +223,14 @@ pub struct BackupReport {
     /// Why that prune failed (the backup itself is listed and whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prune_error: Option<String>,
+    /// The change log archived before the snapshot (the log since the
+    /// previous backup, with the content it names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived: Option<ArchiveRound>,
+    /// Why archiving the change log failed (the backup itself is whole; a
+    /// point-in-time restore cannot reach moments before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_error: Option<String>,
 }
 
 impl BackupReport {

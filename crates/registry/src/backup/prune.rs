@@ -16,9 +16,16 @@ use super::{BackupError, BackupIndex, Target, blob_record_digest};
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PruneReport {
     pub backups: Vec<String>,
+    /// Archived change-log segments no kept backup replays.
+    #[serde(default)]
+    pub segments: u64,
     pub blobs: u64,
     pub bytes: u64,
 }
+
+/// How old a blob in the target must be before a prune removes it (by
+/// default).
+const YOUNG_MS: u64 = 60 * 60 * 1000;
 
 /// Blob deletes in flight at once.
 const PARALLEL: usize = 16;
@@ -30,6 +37,7 @@ pub(super) async fn prune(
     keep: usize,
     hold: &Hold,
     newest: &BackupIndex,
+    young_ms: Option<u64>,
 ) -> Result<PruneReport, BackupError> {
     let keep = keep.max(1);
     let mut listed = target.list_all().await?;
@@ -54,6 +62,21 @@ pub(super) async fn prune(
             }
         }
     }
+    // The archived change log after the oldest kept backup is what a
+    // point-in-time restore replays from it: kept, with what it names.
+    let mut doomed_segments = Vec::new();
+    for (name, epoch, _, last) in super::archive::list_segments(target).await? {
+        let needed = kept.iter().any(|b| {
+            b.log
+                .as_ref()
+                .is_some_and(|log| log.epoch == epoch && log.seq < last)
+        });
+        if needed {
+            used.extend(super::archive::read_segment(target, &name).await?.blobs);
+        } else {
+            doomed_segments.push(name);
+        }
+    }
     // Another node may hold the registry's backups by now if this hold
     // lapsed: it must not lose what it relies on.
     hold.check().await?;
@@ -62,12 +85,20 @@ pub(super) async fn prune(
         target.unpublish(&index.id).await?;
         report.backups.push(index.id.clone());
     }
+    for name in doomed_segments {
+        target.log.delete(&name).await?;
+        report.segments += 1;
+    }
+    // Blobs written lately may belong to a log segment being written by an
+    // archiver on another node (over a leadership handover): left for the
+    // next prune.
+    let young = crate::now_ms().saturating_sub(young_ms.unwrap_or(YOUNG_MS));
     let unused: Vec<_> = target
         .blobs
         .list()
         .await?
         .into_iter()
-        .filter(|b| !used.contains(&b.digest))
+        .filter(|b| !used.contains(&b.digest) && b.modified_ms < young)
         .collect();
     let mut deletes =
         futures_util::stream::iter(unused.into_iter().map(|blob| async move {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::copy::{Outcome, chunk_blobs, copy_many};
 use super::hold::Hold;
+use super::replay::{At, Plan, ReplayReport};
 use super::{BackupError, BackupIndex, RESTORE_STATE, Target, blob_record_digest};
 use crate::keys;
 use crate::{Registry, now_ms};
@@ -23,7 +24,7 @@ use crate::{Registry, now_ms};
 pub struct RestoreReport {
     #[serde(default)]
     pub id: String,
-    /// `records`, `done`.
+    /// `records`, `replay`, `done`.
     #[serde(default)]
     pub phase: String,
     /// Records written, and already there (on a resumed restore).
@@ -39,6 +40,9 @@ pub struct RestoreReport {
     /// them).
     pub missing: Vec<Digest>,
     pub resumed: bool,
+    /// The change log replayed after the backup (a point-in-time restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<ReplayReport>,
     pub duration_ms: u64,
 }
 
@@ -64,11 +68,16 @@ impl Registry {
     /// With `adopt`, this registry takes over the target's ownership
     /// (only once the registry it was restored from is retired: two
     /// registries backing up into one target prune each other's backups).
+    ///
+    /// With `at`, it is a point-in-time restore: the last backup taken
+    /// before that moment, then the archived change log up to it (see
+    /// `replay`); `id` must then be `None`.
     pub async fn restore(
         &self,
         target: &Target,
         id: Option<&str>,
         adopt: bool,
+        at: Option<At>,
         progress: Option<&RestoreProgress>,
     ) -> Result<RestoreReport, BackupError> {
         let meta = self.meta_store().clone();
@@ -76,25 +85,61 @@ impl Registry {
             Some(kv) => {
                 let state: serde_json::Value =
                     serde_json::from_slice(&kv.value).unwrap_or_default();
-                Some(state["backup"].as_str().unwrap_or_default().to_string())
+                let at = state["at_ms"].as_u64().map(At::Time);
+                Some((state["backup"].as_str().unwrap_or_default().to_string(), at))
             }
             None => None,
         };
-        let index = target.pick(id.or(unfinished.as_deref())).await?;
+        if let Some((running, running_at)) = &unfinished
+            && at.is_some()
+            && running_at.is_some()
+            && at != *running_at
+            && at != Some(At::Latest)
+        {
+            return Err(BackupError::NotEmpty(format!(
+                "a restore of backup {running} to another moment did not finish; run it again (without --at) to finish it first"
+            )));
+        }
+        let at = match &unfinished {
+            Some((_, Some(running_at))) => Some(*running_at),
+            _ => at,
+        };
+        let (index, plan) = match at {
+            Some(at) => {
+                let mut plan = super::replay::plan(target, at).await?;
+                // A resumed `latest` goes to the same moment.
+                plan.until_ms = Some(plan.until_ms.unwrap_or(plan.known_ms));
+                (plan.base.clone(), Some(plan))
+            }
+            None => {
+                let wanted = id.or(unfinished.as_ref().map(|(b, _)| b.as_str()));
+                (target.pick(wanted).await?, None)
+            }
+        };
         // Blob removal waits while bytes land ahead of their records.
         let hold = Hold::acquire(meta, &format!("restore of {}", index.id)).await?;
         let result = self
-            .restore_held(&hold, target, &index, unfinished, adopt, progress)
+            .restore_held(
+                &hold,
+                target,
+                &index,
+                plan.as_ref(),
+                unfinished.map(|(b, _)| b),
+                adopt,
+                progress,
+            )
             .await;
         hold.release().await;
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn restore_held(
         &self,
         hold: &Hold,
         target: &Target,
         index: &BackupIndex,
+        plan: Option<&Plan>,
         unfinished: Option<String>,
         adopt: bool,
         progress: Option<&RestoreProgress>,
@@ -121,7 +166,10 @@ impl Registry {
                         ));
                     }
                 }
-                let state = serde_json::json!({ "backup": index.id, "since_ms": now_ms() });
+                let mut state = serde_json::json!({ "backup": index.id, "since_ms": now_ms() });
+                if let Some(until) = plan.and_then(|p| p.until_ms) {
+                    state["at_ms"] = until.into();
+                }
                 if !meta
                     .commit(
                         Txn::new()
@@ -219,6 +267,20 @@ impl Registry {
         if adopt && let Some(owner) = target.owner().await? {
             meta.commit(Txn::new().put(super::REGISTRY_ID, owner))
                 .await?;
+        }
+        if let Some(plan) = plan {
+            report.phase = "replay".into();
+            publish(&report);
+            let mut shown = report.clone();
+            let replayed = self
+                .replay(target, plan, |replay| {
+                    if replay.events.is_multiple_of(64) {
+                        shown.replayed = Some(replay.clone());
+                        publish(&shown);
+                    }
+                })
+                .await?;
+            report.replayed = Some(replayed);
         }
         hold.check().await?;
         meta.commit(Txn::new().delete(RESTORE_STATE)).await?;

@@ -2,7 +2,8 @@
 //! (`s3://BUCKET/PREFIX`, with the node's AWS variables). Blobs (layers,
 //! manifests and the metadata chunks) are content-addressed under `blobs/`
 //! and shared by every backup in the target; each backup is one index
-//! document under `backups/`, written last.
+//! document under `backups/`, written last; the archived change log is
+//! under `log/`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,10 +14,13 @@ use bytes::Bytes;
 
 use super::{BackupError, BackupIndex};
 
+#[derive(Clone)]
 pub struct Target {
     url: String,
     pub(super) blobs: Arc<dyn BlobStore>,
     docs: Arc<dyn Documents>,
+    /// The archived change log (`log/`), see `archive`.
+    pub(super) log: Arc<dyn Documents>,
 }
 
 const INDEX_SUFFIX: &str = ".json";
@@ -42,10 +46,12 @@ impl Target {
             options.request_timeout = std::time::Duration::from_secs(60);
             let store = S3BlobStore::from_env(options)?;
             let docs = store.documents("backups");
+            let log = store.documents("log");
             return Ok(Self {
                 url: url.to_string(),
                 blobs: Arc::new(store),
                 docs: Arc::new(docs),
+                log: Arc::new(log),
             });
         }
         let dir = Path::new(url.strip_prefix("file://").unwrap_or(url));
@@ -58,10 +64,12 @@ impl Target {
             .map_err(|e| invalid(&format!("cannot create the directory: {e}")))?;
         let blobs = FsBlobStore::open(dir, FsOptions { verify_reads: true })?;
         let docs = DirDocuments::open(&dir.join("backups"))?;
+        let log = DirDocuments::open(&dir.join("log"))?;
         Ok(Self {
             url: url.to_string(),
             blobs: Arc::new(blobs),
             docs: Arc::new(docs),
+            log: Arc::new(log),
         })
     }
 

@@ -101,9 +101,15 @@ async fn a_backup_restores_byte_identical_and_the_next_one_copies_only_what_is_n
         .backup(&target, &CreateOptions::default(), None)
         .await
         .unwrap();
-    assert_eq!((second.blobs, second.copied_blobs), (7, 2));
+    // Copied by the archive of the change log since the first backup
+    // (taken first), or by the backup itself.
+    let archived = second.archived.clone().unwrap();
     assert_eq!(
-        second.copied_bytes,
+        (second.blobs, second.copied_blobs + archived.copied_blobs),
+        (7, 2)
+    );
+    assert_eq!(
+        second.copied_bytes + archived.copied_bytes,
         b"layer three".len() as u64 + source_manifest_size(&source, "team/web", &web).await
     );
 
@@ -123,7 +129,7 @@ async fn a_backup_restores_byte_identical_and_the_next_one_copies_only_what_is_n
     // The older backup restores the older state.
     let restored = registry(dirs[2].path());
     let report = restored
-        .restore(&target, Some(&first.id), false, None)
+        .restore(&target, Some(&first.id), false, None, None)
         .await
         .unwrap();
     assert_eq!((report.blobs, report.copied_blobs), (5, 5));
@@ -148,7 +154,7 @@ async fn a_backup_restores_byte_identical_and_the_next_one_copies_only_what_is_n
     assert_eq!(Digest::sha256_of(&manifest.bytes), app);
     // A registry with content is not restored into.
     let again = restored
-        .restore(&target, None, false, None)
+        .restore(&target, None, false, None, None)
         .await
         .unwrap_err();
     assert!(matches!(again, BackupError::NotEmpty(_)), "{again}");
@@ -251,11 +257,14 @@ async fn a_killed_restore_resumes_and_a_different_one_waits_for_it() {
         .await
         .unwrap();
     let other = restored
-        .restore(&target, Some("20200101T000000000Z"), false, None)
+        .restore(&target, Some("20200101T000000000Z"), false, None, None)
         .await
         .unwrap_err();
     assert!(matches!(other, BackupError::NotFound(_)), "{other}");
-    let report = restored.restore(&target, None, false, None).await.unwrap();
+    let report = restored
+        .restore(&target, None, false, None, None)
+        .await
+        .unwrap();
     assert!(report.resumed);
     assert_eq!(report.existing, 1);
     assert_eq!(
@@ -293,6 +302,7 @@ async fn pruning_keeps_the_newest_backups_and_the_blobs_they_name() {
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let options = CreateOptions {
         keep: Some(1),
+        prune_grace_ms: Some(0),
         ..CreateOptions::default()
     };
     let report = source.backup(&target, &options, None).await.unwrap();
@@ -369,7 +379,10 @@ async fn a_blob_the_backup_lacks_is_reported_by_the_restore_and_found_by_scrub()
     );
 
     let restored = registry(dirs[2].path());
-    let done = restored.restore(&target, None, false, None).await.unwrap();
+    let done = restored
+        .restore(&target, None, false, None, None)
+        .await
+        .unwrap();
     assert_eq!(done.missing, std::slice::from_ref(&lost), "{done:?}");
     // The registry is as the backup had it: the tag and the link are back,
     // no record claims the lost bytes, and scrub names the gap for a
@@ -414,14 +427,20 @@ async fn a_target_belongs_to_one_registry_and_a_restored_one_carries_on_with_it_
     // (a drill that restores must not take over production's target).
     let drill_dir = tempfile::tempdir().unwrap();
     let drill = registry(drill_dir.path());
-    drill.restore(&target, None, false, None).await.unwrap();
+    drill
+        .restore(&target, None, false, None, None)
+        .await
+        .unwrap();
     let refused = drill
         .backup(&target, &CreateOptions::default(), None)
         .await
         .unwrap_err();
     assert!(matches!(refused, BackupError::Target(_)), "{refused}");
     let restored = registry(dirs[3].path());
-    restored.restore(&target, None, true, None).await.unwrap();
+    restored
+        .restore(&target, None, true, None, None)
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     restored
         .backup(&target, &CreateOptions::default(), None)
@@ -460,7 +479,10 @@ async fn no_backup_of_a_half_restored_registry_and_its_restore_resumes_without_a
         .unwrap_err();
     assert!(matches!(refused, BackupError::NotEmpty(_)), "{refused}");
     // Without an id it finishes the interrupted one, not the newest.
-    let report = restored.restore(&target, None, false, None).await.unwrap();
+    let report = restored
+        .restore(&target, None, false, None, None)
+        .await
+        .unwrap();
     assert!(report.resumed);
     assert_eq!(report.id, first.id);
     assert_eq!(
@@ -632,3 +654,5 @@ async fn chosen_repositories_come_back_into_a_live_registry_without_undoing_newe
         "{again:?}"
     );
 }
+
+mod pitr;

@@ -174,13 +174,11 @@ impl Registry {
         self.region.as_deref()
     }
 
-    /// Adds the change log append to a write's transaction, when this
-    /// registry replicates. Must be called on every attempt: it guards on
-    /// the log head as read now.
+    /// Adds the change log append to a write's transaction. Every
+    /// registry logs, replicating or not: the log is what replication
+    /// sends and what point-in-time restore replays. Must be called on
+    /// every attempt: it guards on the log head as read now.
     pub(super) async fn log_change(&self, txn: Txn, stamp: &Stamp, change: Change) -> Result<Txn> {
-        if self.region.is_none() {
-            return Ok(txn);
-        }
         let head_kv = self.meta.get(keys::CHANGE_HEAD.as_bytes()).await?;
         let head: LogHead = match &head_kv {
             Some(kv) => decode(&kv.key, &kv.value)?,
@@ -204,11 +202,31 @@ impl Registry {
             .put(keys::change(seq), encode(&event)))
     }
 
+    /// Gives the change log its identity before its first change, so that
+    /// a backup of a registry that never changed names the log a
+    /// point-in-time restore replays after it.
+    pub(crate) async fn ensure_log_epoch(&self) -> Result<()> {
+        if self.meta.get(keys::CHANGE_HEAD.as_bytes()).await?.is_some() {
+            return Ok(());
+        }
+        let head = LogHead {
+            seq: 0,
+            epoch: uuid::Uuid::new_v4().to_string(),
+        };
+        // Lost to a first write or another node: theirs stands.
+        self.meta
+            .commit(
+                Txn::new()
+                    .require_absent(keys::CHANGE_HEAD)
+                    .put(keys::CHANGE_HEAD, encode(&head)),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Wakes feed readers after a logged write committed.
     pub(super) fn changes_committed(&self) {
-        if self.region.is_some() {
-            self.changes.notify_waiters();
-        }
+        self.changes.notify_waiters();
     }
 
     /// Changes after `after`, at most `limit`, with the newest sequence,

@@ -87,7 +87,7 @@ impl Registry {
         deleter: Deleter<'_>,
     ) -> Result<()> {
         let by_client = deleter.is_client();
-        let logged = by_client && self.region.is_some();
+        let logged = by_client;
         for _ in 0..TXN_ATTEMPTS {
             let key = keys::manifest(name, digest);
             let seen = self

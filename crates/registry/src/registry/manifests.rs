@@ -233,11 +233,9 @@ impl Registry {
                 .await?;
             // A delete's tombstone stays: the manifest is present because
             // this put is newer than it.
-            let replicated = self.region.is_some();
-            txn = txn.require_unchanged(tombstone, tombstone_seen.as_ref());
-            if replicated {
-                txn = txn.require_unchanged(keys::manifest(name, &digest), manifest_seen.as_ref());
-            }
+            txn = txn
+                .require_unchanged(tombstone, tombstone_seen.as_ref())
+                .require_unchanged(keys::manifest(name, &digest), manifest_seen.as_ref());
             if let Some(tag) = tag {
                 txn = txn
                     .require_unchanged(keys::tag(name, tag.as_str()), tag_seen.as_ref())
@@ -249,7 +247,7 @@ impl Registry {
             // An index's push is a put of its children too (in every region
             // alike), so a concurrent delete of a child cannot orphan it.
             for child in manifest.children() {
-                if !replicated || ManifestKind::from_media_type(&child.media_type).is_none() {
+                if ManifestKind::from_media_type(&child.media_type).is_none() {
                     continue;
                 }
                 let key = keys::manifest(name, &child.digest);

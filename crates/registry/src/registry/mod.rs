@@ -131,7 +131,8 @@ pub struct Registry {
     /// immutable, so an entry can never be stale; deleting a manifest removes
     /// its metadata, which is checked before the cache on every request.
     manifests: Option<ManifestCache>,
-    /// The region whose change log local writes go to (replication on).
+    /// The region local writes are stamped and logged as (replication on;
+    /// without it they are logged under no region's name).
     region: Option<String>,
     hlc: Hlc,
     /// Signalled when a logged write commits (change feed long-polls).
@@ -144,7 +145,7 @@ pub struct Registry {
 /// rules; the registry knows nothing of their syntax).
 pub type ImmutableTags = Arc<dyn Fn(&RepositoryName, &str) -> bool + Send + Sync>;
 impl Registry {
-    /// Turns replication on: local writes are logged as `region`'s.
+    /// Turns replication on: local writes are stamped as `region`'s.
     pub fn with_region(mut self, region: String) -> Self {
         self.region = Some(region);
         self

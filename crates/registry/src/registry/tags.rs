@@ -81,8 +81,8 @@ impl Registry {
         // A client's delete obeys the immutable rules and goes to the
         // trash; the cache's own does neither.
         let by_client = deleter.is_client();
-        // Tombstones and the log matter only to replication.
-        let logged = by_client && self.region.is_some();
+        // The cache's own deletes are not changes of the registry's.
+        let logged = by_client;
         let key = keys::tag(name, tag.as_str());
         let change = Change::Untag {
             repository: name.to_string(),
