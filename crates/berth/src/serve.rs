@@ -337,7 +337,12 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             replicator.clone(),
             config.lifecycle.log_retention,
         )
-        .keeping_unarchived(config.backup.every.is_some()),
+        .keeping_unarchived(
+            config
+                .backup
+                .every
+                .and_then(|_| config.backup.targets.first().cloned()),
+        ),
     );
     let scrubber = Arc::new(Scrubber::new(
         registry.clone(),

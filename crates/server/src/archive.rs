@@ -33,7 +33,7 @@ struct ArchiveMetrics {
     segments: Counter,
     failures: Counter,
     copied_bytes: Counter,
-    through: Gauge,
+    through: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 pub struct BackupJob {
@@ -115,6 +115,10 @@ impl BackupJob {
             .is_ok_and(|next| tokio::time::Instant::now() >= *next);
         if due {
             self.backups.scheduled(self.keep).await;
+            // Its retention may have removed blobs the archiver remembers.
+            if let Some(archiver) = self.archiver.lock().await.as_ref() {
+                archiver.forget();
+            }
             if let Ok(mut next) = self.next_backup.lock() {
                 *next = tokio::time::Instant::now() + self.every;
             }
@@ -127,7 +131,9 @@ impl BackupJob {
         m.events.inc_by(round.events);
         m.segments.inc_by(round.segments);
         m.copied_bytes.inc_by(round.copied_bytes);
-        m.through.set((round.through_ms / 1000) as i64);
+        if round.through_ms > 0 {
+            m.through.set(round.through_ms as f64 / 1000.0);
+        }
         if round.segments > 0 {
             tracing::debug!(
                 events = round.events,

@@ -66,7 +66,7 @@ pub struct Compactor {
     window: Duration,
     running: tokio::sync::Mutex<()>,
     metrics: CompactionMetrics,
-    keep_unarchived: bool,
+    archive_target: Option<String>,
 }
 
 impl Compactor {
@@ -81,14 +81,14 @@ impl Compactor {
             window,
             running: tokio::sync::Mutex::new(()),
             metrics: CompactionMetrics::default(),
-            keep_unarchived: false,
+            archive_target: None,
         }
     }
 
-    /// With the change log archived next to the backups: entries not
-    /// archived yet stay, whatever their age.
-    pub fn keeping_unarchived(mut self, keep: bool) -> Self {
-        self.keep_unarchived = keep;
+    /// With the change log archived into the backup target `url`: entries
+    /// not archived there yet stay, whatever their age.
+    pub fn keeping_unarchived(mut self, url: Option<String>) -> Self {
+        self.archive_target = url;
         self
     }
 
@@ -145,10 +145,22 @@ impl Compactor {
         };
         let acknowledged = Replicator::acknowledged_by_all(&peers);
         let mut log_through = acknowledged;
-        if self.keep_unarchived {
-            let archived = self.registry.archived_position().await?;
-            // Nothing archived yet: nothing goes.
-            log_through = log_through.min(archived.map_or(0, |a| a.seq));
+        if let Some(url) = &self.archive_target
+            && let Some(archived) = self.registry.archived_position(url).await?
+        {
+            // An archiver starts from the log's head, so with no position
+            // there is nothing it still needs. One stuck for longer than
+            // the window no longer holds the log back: the log must not
+            // grow without bound, and the gap is named.
+            if archived.through_ms >= before {
+                log_through = log_through.min(archived.seq);
+            } else {
+                tracing::error!(
+                    archived_through = archived.seq,
+                    target = %url,
+                    "the change log has not been archived for longer than the log retention window; compacting anyway: a point-in-time restore cannot cross the gap"
+                );
+            }
         }
         let options = CompactionOptions {
             log_through,

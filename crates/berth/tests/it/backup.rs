@@ -450,22 +450,22 @@ async fn the_change_log_archived_as_it_is_written_restores_any_moment_on_the_oth
 
     // Archived within moments, with no backup taken: the metric says how
     // far the archive knows the registry.
-    let mut archived_through = 0;
+    let mut archived_through = 0u64;
     for _ in 0..100 {
         let metrics = source.get("/metrics").await.text();
         archived_through = metrics
             .lines()
             .find_map(|l| l.strip_prefix("berth_backup_archived_through_timestamp_seconds "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if archived_through * 1000 > last {
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |s| (s * 1000.0) as u64);
+        if archived_through > last {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        archived_through * 1000 > last,
-        "the archive did not catch up: through {archived_through} s, last change at {last} ms"
+        archived_through > last,
+        "the archive did not catch up: through {archived_through} ms, last change at {last} ms"
     );
     assert_eq!(listed(&source).await.len(), 1, "no backup but the base");
 

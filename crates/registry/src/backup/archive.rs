@@ -11,9 +11,9 @@
 //! Segments are documents under `log/`, named by the log's epoch and the
 //! sequence numbers they hold, so that two archivers racing over a
 //! leadership handover write overlapping segments rather than wrong ones.
-//! The position archived is kept in the MetaStore (`backup/archived`), so
-//! that the next archiver (any node) goes on from there and compaction
-//! keeps what is not archived yet.
+//! The position archived is kept in the MetaStore, one per target
+//! (`backup/archived/HASH`), so that the next archiver (any node) goes on
+//! from there and compaction keeps what is not archived yet.
 
 use std::collections::{HashMap, HashSet};
 
@@ -34,8 +34,14 @@ pub const SEGMENT_FORMAT: u32 = 1;
 /// Events per segment at most (and per log read).
 pub const SEGMENT_EVENTS: usize = 1000;
 
-/// Where the archived position is kept.
-const ARCHIVED: &str = "backup/archived";
+/// Where the archived positions are kept, one per target.
+const ARCHIVED_PREFIX: &str = "backup/archived/";
+
+/// The key of the position archived into the target `url`.
+fn position_key(url: &str) -> String {
+    let digest = Digest::sha256_of(url.trim_end_matches('/').as_bytes());
+    format!("{ARCHIVED_PREFIX}{}", &digest.encoded()[..32])
+}
 
 /// The status document: how far the archive knows the registry when no
 /// change came for a while (a segment is written only for changes).
@@ -125,10 +131,13 @@ pub struct ArchiveRound {
 /// blobs the target holds between rounds.
 pub struct Archiver {
     target: Target,
-    /// Digests known to be in the target (bounded: cleared when full).
+    /// Digests known to be in the target (bounded: cleared when full, and
+    /// by `forget` after a prune may have removed some).
     known: std::sync::Mutex<HashSet<Digest>>,
     /// When the status document was written last.
     status_ms: std::sync::atomic::AtomicU64,
+    /// How far what is durable in the target knows the registry.
+    durable_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Digests remembered as archived before the set starts again.
@@ -142,6 +151,16 @@ impl Archiver {
             target,
             known: std::sync::Mutex::new(HashSet::new()),
             status_ms: std::sync::atomic::AtomicU64::new(0),
+            durable_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Forgets which blobs the target holds: a prune may have removed
+    /// some, and a segment must never name a blob on the strength of a
+    /// stale memory.
+    pub fn forget(&self) {
+        if let Ok(mut known) = self.known.lock() {
+            known.clear();
         }
     }
 
@@ -185,7 +204,11 @@ impl Archiver {
     /// Archives the next segment's worth of changes, if any.
     pub async fn round(&self, registry: &Registry) -> Result<ArchiveRound, BackupError> {
         let meta = registry.meta_store();
-        let seen = meta.get(ARCHIVED.as_bytes()).await?;
+        // A log with no identity yet would get one at its first write, and
+        // a position recorded before it would not match it.
+        registry.ensure_log_epoch().await?;
+        let key = position_key(self.target.url());
+        let seen = meta.get(key.as_bytes()).await?;
         let position: Option<ArchiveStatus> = match &seen {
             Some(kv) => serde_json::from_slice(&kv.value).ok(),
             None => None,
@@ -203,7 +226,7 @@ impl Archiver {
             _ => head.head,
         };
         let mut round = ArchiveRound {
-            through_ms,
+            through_ms: self.durable_ms.load(std::sync::atomic::Ordering::Relaxed),
             ..ArchiveRound::default()
         };
         let page = registry.changes_after(after, SEGMENT_EVENTS).await?;
@@ -225,10 +248,22 @@ impl Archiver {
                 through_ms,
                 target: String::new(),
             };
-            self.idle(registry, seen.as_ref(), status, fresh).await?;
+            if self
+                .idle(registry, &key, seen.as_ref(), status, fresh)
+                .await?
+            {
+                round.through_ms = through_ms;
+            }
             return Ok(round);
         };
-        let (first, last) = (first.seq, last.seq);
+        let (first, last_ms, last) = (first.seq, last.ms, last.seq);
+        // A page cut short knows the registry only up to its last change:
+        // later ones may be older by the clock and are not in it.
+        let through_ms = if last >= page.head {
+            through_ms
+        } else {
+            last_ms
+        };
         let (manifests, blobs, lacking, copied) = self.content(registry, &events).await?;
         round.events = events.len() as u64;
         round.copied_blobs = copied.0;
@@ -256,38 +291,47 @@ impl Archiver {
             )
             .await?;
         round.segments = 1;
+        round.through_ms = through_ms;
+        self.durable_ms
+            .fetch_max(through_ms, std::sync::atomic::Ordering::Relaxed);
         let position = ArchiveStatus {
             epoch: page.epoch,
             seq: last,
             through_ms,
             target: self.target.url().to_string(),
         };
-        self.advance(registry, seen.as_ref(), &position).await?;
+        self.advance(registry, &key, seen.as_ref(), &position)
+            .await?;
         Ok(round)
     }
 
-    /// Nothing new: moves the position (and, now and then, the status
-    /// document) to say the archive knows the registry up to now.
+    /// Nothing new: now and then (and always on a fresh start) writes the
+    /// status document and moves the position, to say the archive knows
+    /// the registry up to now. Whether it wrote them.
     async fn idle(
         &self,
         registry: &Registry,
+        key: &str,
         seen: Option<&berth_store::KeyValue>,
         mut status: ArchiveStatus,
         fresh: bool,
-    ) -> Result<(), BackupError> {
+    ) -> Result<bool, BackupError> {
         let last = self.status_ms.load(std::sync::atomic::Ordering::Relaxed);
         // A fresh start must record where it started, or the next round
         // would start again from its own now.
         if !fresh && status.through_ms.saturating_sub(last) < STATUS_EVERY_MS {
-            return Ok(());
+            return Ok(false);
         }
         let doc = serde_json::to_vec(&status)
             .map_err(|e| BackupError::Corrupt(format!("encoding the archive status: {e}")))?;
         self.target.log.put(STATUS, Bytes::from(doc)).await?;
         self.status_ms
             .store(status.through_ms, std::sync::atomic::Ordering::Relaxed);
+        self.durable_ms
+            .fetch_max(status.through_ms, std::sync::atomic::Ordering::Relaxed);
         status.target = self.target.url().to_string();
-        self.advance(registry, seen, &status).await
+        self.advance(registry, key, seen, &status).await?;
+        Ok(true)
     }
 
     /// Records the position archived, unless another archiver moved it
@@ -296,6 +340,7 @@ impl Archiver {
     async fn advance(
         &self,
         registry: &Registry,
+        key: &str,
         seen: Option<&berth_store::KeyValue>,
         position: &ArchiveStatus,
     ) -> Result<(), BackupError> {
@@ -305,8 +350,8 @@ impl Archiver {
             .meta_store()
             .commit(
                 Txn::new()
-                    .require_unchanged(ARCHIVED, seen)
-                    .put(ARCHIVED, value),
+                    .require_unchanged(key.to_string(), seen)
+                    .put(key.to_string(), value),
             )
             .await?;
         Ok(())
@@ -350,8 +395,19 @@ impl Archiver {
                 .get_record::<ManifestRecord>(&keys::manifest(&name, &digest))
                 .await?
                 .map(|r| r.media_type);
-            let Some(bytes) = store.read_small(&digest, limit).await.ok().flatten() else {
-                tracing::warn!(%digest, repository = %name, "archiving the change log: a manifest it names is gone from storage; a point-in-time restore lacks it");
+            // Gone, or rotten: lacking for good. Anything else (storage
+            // unreachable) fails the round, which is retried.
+            let read = match store.read_small(&digest, limit).await {
+                Ok(read) => read,
+                Err(berth_store::StoreError::Io(e))
+                    if e.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(bytes) = read else {
+                tracing::warn!(%digest, repository = %name, "archiving the change log: a manifest it names is gone from storage or damaged; a point-in-time restore lacks it");
                 lacking.push(digest);
                 continue;
             };
@@ -412,13 +468,18 @@ impl Archiver {
 }
 
 impl Registry {
-    /// How far the change log is archived (the position any archiver of
-    /// this registry reached), if it is.
-    pub async fn archived_position(&self) -> Result<Option<ArchiveStatus>, crate::RegistryError> {
-        Ok(match self.meta_store().get(ARCHIVED.as_bytes()).await? {
-            Some(kv) => serde_json::from_slice(&kv.value).ok(),
-            None => None,
-        })
+    /// How far the change log is archived into the target `url` (the
+    /// position any archiver of this registry reached there), if it is.
+    pub async fn archived_position(
+        &self,
+        url: &str,
+    ) -> Result<Option<ArchiveStatus>, crate::RegistryError> {
+        Ok(
+            match self.meta_store().get(position_key(url).as_bytes()).await? {
+                Some(kv) => serde_json::from_slice(&kv.value).ok(),
+                None => None,
+            },
+        )
     }
 }
 

@@ -67,6 +67,9 @@ pub(super) struct Plan {
     pub after: u64,
     /// Replay stops before the first event logged after this (Unix ms).
     pub until_ms: Option<u64>,
+    /// Replay stops after this sequence (a `latest` restore: the archive's
+    /// end when it started, so that a resumed one goes to the same point).
+    pub until_seq: Option<u64>,
     /// How far the archive knows the registry (Unix ms).
     pub known_ms: u64,
 }
@@ -97,6 +100,12 @@ pub(super) async fn plan(target: &Target, at: At) -> Result<Plan, BackupError> {
             _ => "backup with a change-log position (taken by this version) in the target".into(),
         }));
     };
+    if let Some(region) = &base.region {
+        return Err(BackupError::NotFound(format!(
+            "point-in-time restore for backups of a replicating region (backup {} of region {region}): its change log holds only the region's own writes, not those applied from its peers, so a replay would give a state that never was; restore a backup by id and let replication resynchronize from the peers",
+            base.id
+        )));
+    }
     let LogPoint { epoch, seq } = base.log.clone().unwrap_or_default();
     let mut next = seq + 1;
     let mut known_ms = base.snapshot_ms;
@@ -124,9 +133,9 @@ pub(super) async fn plan(target: &Target, at: At) -> Result<Plan, BackupError> {
     {
         known_ms = known_ms.max(status.through_ms);
     }
-    let until_ms = match at {
-        At::Latest => None,
-        At::Time(ms) if ms <= known_ms => Some(ms),
+    let (until_ms, until_seq) = match at {
+        At::Latest => (None, Some(next - 1)),
+        At::Time(ms) if ms <= known_ms => (Some(ms), None),
         At::Time(ms) => {
             return Err(BackupError::NotFound(format!(
                 "record of this registry at {}: the archive knows its changes up to {}; restore to that moment or earlier (--at {}), or to --at latest",
@@ -141,6 +150,7 @@ pub(super) async fn plan(target: &Target, at: At) -> Result<Plan, BackupError> {
         segments,
         after: seq,
         until_ms,
+        until_seq,
         known_ms,
     })
 }
@@ -181,7 +191,9 @@ impl Registry {
                 if event.seq < next {
                     continue;
                 }
-                if plan.until_ms.is_some_and(|until| event.ms > until) {
+                if plan.until_ms.is_some_and(|until| event.ms > until)
+                    || plan.until_seq.is_some_and(|until| event.seq > until)
+                {
                     break 'segments;
                 }
                 if let Err(e) = self.replay_one(target, &segment, &media, event).await {

@@ -85,34 +85,48 @@ impl Registry {
             Some(kv) => {
                 let state: serde_json::Value =
                     serde_json::from_slice(&kv.value).unwrap_or_default();
-                let at = state["at_ms"].as_u64().map(At::Time);
-                Some((state["backup"].as_str().unwrap_or_default().to_string(), at))
+                Some(Unfinished {
+                    backup: state["backup"].as_str().unwrap_or_default().to_string(),
+                    at_ms: state["at_ms"].as_u64(),
+                    at_seq: state["at_seq"].as_u64(),
+                    replaying: state["replaying"].as_bool().unwrap_or(false),
+                })
             }
             None => None,
         };
-        if let Some((running, running_at)) = &unfinished
-            && at.is_some()
-            && running_at.is_some()
-            && at != *running_at
-            && at != Some(At::Latest)
+        if let Some(running) = &unfinished
+            && let Some(at) = at
+            && at != At::Latest
+            && running.at_ms.map(At::Time) != Some(at)
         {
             return Err(BackupError::NotEmpty(format!(
-                "a restore of backup {running} to another moment did not finish; run it again (without --at) to finish it first"
+                "a restore of backup {} to another moment did not finish; run it again (without --at) to finish it first",
+                running.backup
             )));
         }
+        // A resumed restore goes where the interrupted one was going.
         let at = match &unfinished {
-            Some((_, Some(running_at))) => Some(*running_at),
+            Some(Unfinished {
+                at_ms: Some(ms), ..
+            }) => Some(At::Time(*ms)),
+            Some(Unfinished {
+                at_seq: Some(_), ..
+            }) => Some(At::Latest),
             _ => at,
         };
         let (index, plan) = match at {
             Some(at) => {
                 let mut plan = super::replay::plan(target, at).await?;
-                // A resumed `latest` goes to the same moment.
-                plan.until_ms = Some(plan.until_ms.unwrap_or(plan.known_ms));
+                if let Some(Unfinished {
+                    at_seq: Some(seq), ..
+                }) = &unfinished
+                {
+                    plan.until_seq = Some(*seq);
+                }
                 (plan.base.clone(), Some(plan))
             }
             None => {
-                let wanted = id.or(unfinished.as_ref().map(|(b, _)| b.as_str()));
+                let wanted = id.or(unfinished.as_ref().map(|u| u.backup.as_str()));
                 (target.pick(wanted).await?, None)
             }
         };
@@ -124,7 +138,7 @@ impl Registry {
                 target,
                 &index,
                 plan.as_ref(),
-                unfinished.map(|(b, _)| b),
+                unfinished,
                 adopt,
                 progress,
             )
@@ -140,7 +154,7 @@ impl Registry {
         target: &Target,
         index: &BackupIndex,
         plan: Option<&Plan>,
-        unfinished: Option<String>,
+        unfinished: Option<Unfinished>,
         adopt: bool,
         progress: Option<&RestoreProgress>,
     ) -> Result<RestoreReport, BackupError> {
@@ -151,13 +165,18 @@ impl Registry {
             phase: "records".into(),
             ..RestoreReport::default()
         };
+        let mut replaying = false;
         match unfinished {
-            Some(running) if running != index.id => {
+            Some(running) if running.backup != index.id => {
                 return Err(BackupError::NotEmpty(format!(
-                    "a restore of backup {running} into this registry did not finish; run it again (without an id) to finish it first"
+                    "a restore of backup {} into this registry did not finish; run it again (without an id) to finish it first",
+                    running.backup
                 )));
             }
-            Some(_) => report.resumed = true,
+            Some(running) => {
+                report.resumed = true;
+                replaying = running.replaying;
+            }
             None => {
                 for prefix in CONTENT {
                     if !meta.scan(prefix.as_bytes(), None, 1).await?.is_empty() {
@@ -169,6 +188,9 @@ impl Registry {
                 let mut state = serde_json::json!({ "backup": index.id, "since_ms": now_ms() });
                 if let Some(until) = plan.and_then(|p| p.until_ms) {
                     state["at_ms"] = until.into();
+                }
+                if let Some(until) = plan.and_then(|p| p.until_seq) {
+                    state["at_seq"] = until.into();
                 }
                 if !meta
                     .commit(
@@ -208,7 +230,15 @@ impl Registry {
         report.missing.append(&mut lacking_listed);
         let mut newest_stamp = 0u64;
         let mut done = 0u64;
-        for chunk in &index.chunks {
+        // Once the replay has begun the records are in, and some were
+        // removed by it since (deletes after the backup): written again,
+        // they would come back, as the replayed deletes are done already.
+        let chunks = if replaying {
+            &[][..]
+        } else {
+            &index.chunks[..]
+        };
+        for chunk in chunks {
             let records = target.chunk(chunk).await?;
             let wanted: Vec<(Digest, u64)> = chunk_blobs(&records)
                 .into_iter()
@@ -271,6 +301,9 @@ impl Registry {
         if let Some(plan) = plan {
             report.phase = "replay".into();
             publish(&report);
+            if !replaying {
+                mark_replaying(&meta, hold).await?;
+            }
             let mut shown = report.clone();
             let replayed = self
                 .replay(target, plan, |replay| {
@@ -290,6 +323,40 @@ impl Registry {
         publish(&report);
         Ok(report)
     }
+}
+
+/// A restore that did not finish, as its marker records it.
+struct Unfinished {
+    backup: String,
+    at_ms: Option<u64>,
+    at_seq: Option<u64>,
+    /// Its records were all in and the replay had begun.
+    replaying: bool,
+}
+
+/// Records in the marker that the replay begins (the records are all in).
+async fn mark_replaying(
+    meta: &std::sync::Arc<dyn berth_store::MetaStore>,
+    hold: &Hold,
+) -> Result<(), BackupError> {
+    let Some(kv) = meta.get(RESTORE_STATE.as_bytes()).await? else {
+        return Err(BackupError::NotEmpty(
+            "the restore marker vanished while the restore ran".into(),
+        ));
+    };
+    let mut state: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+    state["replaying"] = true.into();
+    let txn = hold
+        .guard(Txn::new())
+        .require_version(RESTORE_STATE, kv.version)
+        .put(RESTORE_STATE, state.to_string());
+    if !meta.commit(txn).await? {
+        hold.check().await?;
+        return Err(BackupError::NotEmpty(
+            "the restore marker changed while the restore ran (another restore?)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The HLC of a record's stamp, if it carries one (tags, manifests,

@@ -287,10 +287,13 @@ impl Registry {
     ) -> Result<ManifestRecord> {
         let reference = Reference::Digest(digest.clone());
         let (digest, manifest) = self.parse_manifest(&reference, content_type, &bytes)?;
-        // Deleted here (a tombstone): a copy from elsewhere must not bring it
-        // back. Already here (maybe stamped by replication): left as it is.
+        // Deleted here (a tombstone) in a replicating region: a copy from
+        // elsewhere must not bring it back. Without replication a
+        // tombstone only orders the change log, and a client that deleted
+        // a cached image to have it fetched again gets it again.
         let tomb_key = keys::manifest_tombstone(name, &digest);
-        if self.meta.get(tomb_key.as_bytes()).await?.is_some() {
+        let replicating = self.region.is_some();
+        if replicating && self.meta.get(tomb_key.as_bytes()).await?.is_some() {
             return Err(RegistryError::ManifestUnknown);
         }
         let key = keys::manifest(name, &digest);
@@ -307,7 +310,9 @@ impl Registry {
         for claim in claims {
             txn = claim.apply(txn);
         }
-        let txn = txn.require_absent(tomb_key);
+        if replicating {
+            txn = txn.require_absent(tomb_key);
+        }
         if !self.meta.commit(txn).await? {
             return Err(changes::conflict("cached manifest"));
         }

@@ -89,7 +89,6 @@ async fn a_restore_at_any_recorded_instant_gives_the_state_of_that_instant() {
         let (restored, _dir, report) = restored_at(&target, At::Time(*at)).await;
         let base = if i >= 5 { &second.id } else { &first.id };
         assert_eq!(&report.id, base, "instant {i}");
-        assert_eq!(report.replayed.as_ref().unwrap().restored_to_ms, *at);
         assert_eq!(
             &restored.state_summary(false).await.unwrap().digest,
             state,
@@ -97,6 +96,29 @@ async fn a_restore_at_any_recorded_instant_gives_the_state_of_that_instant() {
             restored.state_summary(true).await.unwrap().lines
         );
     }
+
+    // A restore killed during its replay (here: a finished one marked as
+    // such) is resumed by running it again, and the base records its
+    // replay removed (a tag deleted, a manifest deleted) stay removed.
+    let (at, state) = timeline.last().unwrap();
+    let (resumed, _dir, done) = restored_at(&target, At::Time(*at)).await;
+    let marker = serde_json::json!({ "backup": done.id, "at_ms": at, "replaying": true });
+    resumed
+        .meta_store()
+        .commit(Txn::new().put(RESTORE_STATE, marker.to_string()))
+        .await
+        .unwrap();
+    let again = resumed
+        .restore(&target, None, false, None, None)
+        .await
+        .unwrap();
+    assert!(again.resumed);
+    assert_eq!(
+        (again.records, again.existing),
+        (0, 0),
+        "no record written again"
+    );
+    assert_eq!(&resumed.state_summary(false).await.unwrap().digest, state);
 
     // The newest state, byte-identical, with the tag history of the
     // source; and a later write in the restored registry wins over every
@@ -181,7 +203,17 @@ async fn a_moment_the_archive_does_not_know_is_refused_before_anything_is_writte
 #[tokio::test]
 async fn pruning_keeps_the_log_a_kept_backup_replays_and_what_it_names() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let source = registry(dirs[0].path());
+    // No trash and links confirmed for a millisecond: deleted content is
+    // collected at once.
+    let source = Registry::new(
+        Arc::new(RedbMetaStore::open(&dirs[0].path().join("meta.redb")).unwrap()),
+        Arc::new(FsBlobStore::open(dirs[0].path(), FsOptions { verify_reads: true }).unwrap()),
+        Limits {
+            trash_retention_ms: 0,
+            link_refresh_ms: 1,
+            ..Limits::default()
+        },
+    );
     let target = target(dirs[1].path());
     let archiver = Archiver::new(target.clone());
     push(&source, "team/app", "v1", b"app one").await;
@@ -208,6 +240,15 @@ async fn pruning_keeps_the_log_a_kept_backup_replays_and_what_it_names() {
         .await
         .unwrap();
     archiver.catch_up(&source).await.unwrap();
+    // Collected in the registry, so no backup after this holds the layer:
+    // only the archived log names it.
+    tick().await;
+    let gc = crate::GcOptions {
+        dry_run: false,
+        grace_ms: 0,
+    };
+    source.collect_garbage(gc, None).await.unwrap();
+    assert_eq!(source.stored_blob_size(&gone_layer).await.unwrap(), None);
     tick().await;
     let options = CreateOptions {
         keep: Some(2),
@@ -254,4 +295,34 @@ async fn manifest_of(registry: &Registry, digest: &Digest) -> (String, Bytes) {
         .await
         .unwrap();
     (content.media_type, content.bytes)
+}
+
+#[tokio::test]
+async fn a_replicating_regions_backup_is_not_replayed_to_a_moment() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path()).with_region("eu".into());
+    let target = target(dirs[1].path());
+    push(&source, "team/app", "v1", b"app one").await;
+    let options = CreateOptions {
+        region: Some("eu".into()),
+        ..CreateOptions::default()
+    };
+    source.backup(&target, &options, None).await.unwrap();
+    let fresh = registry(dirs[2].path());
+    // Its log lacks what the peers wrote: refused, and nothing written.
+    let refused = fresh
+        .restore(&target, None, false, Some(At::Latest), None)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("replicating region"),
+        "{refused}"
+    );
+    assert_eq!(fresh.state_summary(false).await.unwrap().tags, 0);
+    // A restore of the backup itself is what it offers.
+    fresh
+        .restore(&target, None, false, None, None)
+        .await
+        .unwrap();
+    assert_eq!(fresh.state_summary(false).await.unwrap().tags, 1);
 }
