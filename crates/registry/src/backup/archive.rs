@@ -138,6 +138,10 @@ pub struct Archiver {
     status_ms: std::sync::atomic::AtomicU64,
     /// How far what is durable in the target knows the registry.
     durable_ms: std::sync::atomic::AtomicU64,
+    /// The position this archiver wrote last: another position found in
+    /// the store means another archiver ran (a backup's, another leader),
+    /// and a prune may have run with it.
+    wrote: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 /// Digests remembered as archived before the set starts again.
@@ -152,6 +156,7 @@ impl Archiver {
             known: std::sync::Mutex::new(HashSet::new()),
             status_ms: std::sync::atomic::AtomicU64::new(0),
             durable_ms: std::sync::atomic::AtomicU64::new(0),
+            wrote: std::sync::Mutex::new(None),
         }
     }
 
@@ -218,6 +223,10 @@ impl Archiver {
         let head = registry.changes_after(u64::MAX, 1).await?;
         let fresh =
             !matches!(&position, Some(p) if p.epoch == head.epoch && p.target == self.target.url());
+        let ours = self.wrote.lock().ok().and_then(|w| w.clone());
+        if ours != position.as_ref().map(|p| (p.epoch.clone(), p.seq)) {
+            self.forget();
+        }
         let after = match &position {
             Some(p) if !fresh => p.seq,
             // A new target, or a new log (a restored registry): from now.
@@ -346,7 +355,7 @@ impl Archiver {
     ) -> Result<(), BackupError> {
         let value = serde_json::to_vec(position)
             .map_err(|e| BackupError::Corrupt(format!("encoding the archive position: {e}")))?;
-        registry
+        let moved = registry
             .meta_store()
             .commit(
                 Txn::new()
@@ -354,6 +363,9 @@ impl Archiver {
                     .put(key.to_string(), value),
             )
             .await?;
+        if moved && let Ok(mut wrote) = self.wrote.lock() {
+            *wrote = Some((position.epoch.clone(), position.seq));
+        }
         Ok(())
     }
 
@@ -476,7 +488,18 @@ impl Registry {
     ) -> Result<Option<ArchiveStatus>, crate::RegistryError> {
         Ok(
             match self.meta_store().get(position_key(url).as_bytes()).await? {
-                Some(kv) => serde_json::from_slice(&kv.value).ok(),
+                Some(kv) => match serde_json::from_slice(&kv.value) {
+                    Ok(position) => Some(position),
+                    // Unreadable: as if nothing were archived, so that
+                    // nothing unarchived goes.
+                    Err(e) => {
+                        tracing::error!(error = %e, "the archived change-log position cannot be read");
+                        Some(ArchiveStatus {
+                            through_ms: crate::now_ms(),
+                            ..ArchiveStatus::default()
+                        })
+                    }
+                },
                 None => None,
             },
         )

@@ -76,12 +76,19 @@ pub(super) struct Plan {
 
 /// Picks the base backup and the segments for `at`, or says why the
 /// archive cannot restore to it, before anything is written.
-pub(super) async fn plan(target: &Target, at: At) -> Result<Plan, BackupError> {
+/// `resuming` names the base an interrupted restore chose: a backup taken
+/// since must not change it.
+pub(super) async fn plan(
+    target: &Target,
+    at: At,
+    resuming: Option<&str>,
+) -> Result<Plan, BackupError> {
     let backups = target.list().await?;
     let with_log = |b: &&BackupIndex| b.log.is_some();
-    let base = match at {
-        At::Latest => backups.iter().rev().find(with_log),
-        At::Time(ms) => backups
+    let base = match (resuming, at) {
+        (Some(id), _) => backups.iter().find(|b| b.id == id && b.log.is_some()),
+        (None, At::Latest) => backups.iter().rev().find(with_log),
+        (None, At::Time(ms)) => backups
             .iter()
             .rev()
             .filter(with_log)
@@ -180,6 +187,7 @@ impl Registry {
             ..ReplayReport::default()
         };
         let mut next = plan.after + 1;
+        let mut stopped = false;
         'segments: for name in &plan.segments {
             let segment = read_segment(target, name).await?;
             let media: HashMap<&Digest, Option<&str>> = segment
@@ -194,6 +202,7 @@ impl Registry {
                 if plan.until_ms.is_some_and(|until| event.ms > until)
                     || plan.until_seq.is_some_and(|until| event.seq > until)
                 {
+                    stopped = true;
                     break 'segments;
                 }
                 if let Err(e) = self.replay_one(target, &segment, &media, event).await {
@@ -217,7 +226,7 @@ impl Registry {
         }
         if let Some(until) = plan.until_ms {
             report.restored_to_ms = until;
-        } else {
+        } else if !stopped {
             report.restored_to_ms = report.restored_to_ms.max(plan.known_ms);
         }
         Ok(report)

@@ -96,13 +96,18 @@ impl Registry {
         };
         if let Some(running) = &unfinished
             && let Some(at) = at
-            && at != At::Latest
-            && running.at_ms.map(At::Time) != Some(at)
         {
-            return Err(BackupError::NotEmpty(format!(
-                "a restore of backup {} to another moment did not finish; run it again (without --at) to finish it first",
-                running.backup
-            )));
+            let same = match (running.at_ms, running.at_seq) {
+                (Some(ms), _) => at == At::Time(ms),
+                (None, Some(_)) => at == At::Latest,
+                (None, None) => false,
+            };
+            if !same {
+                return Err(BackupError::NotEmpty(format!(
+                    "a restore of backup {} (to another moment, or of the backup itself) did not finish; run it again without --at to finish it first",
+                    running.backup
+                )));
+            }
         }
         // A resumed restore goes where the interrupted one was going.
         let at = match &unfinished {
@@ -116,7 +121,8 @@ impl Registry {
         };
         let (index, plan) = match at {
             Some(at) => {
-                let mut plan = super::replay::plan(target, at).await?;
+                let resuming = unfinished.as_ref().map(|u| u.backup.as_str());
+                let mut plan = super::replay::plan(target, at, resuming).await?;
                 if let Some(Unfinished {
                     at_seq: Some(seq), ..
                 }) = &unfinished
@@ -233,12 +239,8 @@ impl Registry {
         // Once the replay has begun the records are in, and some were
         // removed by it since (deletes after the backup): written again,
         // they would come back, as the replayed deletes are done already.
-        let chunks = if replaying {
-            &[][..]
-        } else {
-            &index.chunks[..]
-        };
-        for chunk in chunks {
+        // The blobs are still checked, so that what is missing is named.
+        for chunk in &index.chunks {
             let records = target.chunk(chunk).await?;
             let wanted: Vec<(Digest, u64)> = chunk_blobs(&records)
                 .into_iter()
@@ -283,6 +285,10 @@ impl Registry {
             for (_, value) in &records {
                 newest_stamp = newest_stamp.max(stamp_in(value));
             }
+            if replaying {
+                publish(&report);
+                continue;
+            }
             // The bytes this chunk's records promise are in: still held?
             hold.check().await?;
             for batch in records.chunks(BATCH) {
@@ -302,7 +308,7 @@ impl Registry {
             report.phase = "replay".into();
             publish(&report);
             if !replaying {
-                mark_replaying(&meta, hold).await?;
+                mark_replaying(&meta, hold, plan).await?;
             }
             let mut shown = report.clone();
             let replayed = self
@@ -338,6 +344,7 @@ struct Unfinished {
 async fn mark_replaying(
     meta: &std::sync::Arc<dyn berth_store::MetaStore>,
     hold: &Hold,
+    plan: &Plan,
 ) -> Result<(), BackupError> {
     let Some(kv) = meta.get(RESTORE_STATE.as_bytes()).await? else {
         return Err(BackupError::NotEmpty(
@@ -346,6 +353,13 @@ async fn mark_replaying(
     };
     let mut state: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
     state["replaying"] = true.into();
+    // Where it goes, so that a resumed run (without --at) goes there too.
+    if let Some(until) = plan.until_ms {
+        state["at_ms"] = until.into();
+    }
+    if let Some(until) = plan.until_seq {
+        state["at_seq"] = until.into();
+    }
     let txn = hold
         .guard(Txn::new())
         .require_version(RESTORE_STATE, kv.version)

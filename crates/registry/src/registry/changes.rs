@@ -78,6 +78,9 @@ fn check_skew(stamp: &Stamp, max_skew_ms: u64) -> Result<()> {
     Ok(())
 }
 
+/// How long a logged write waits for its turn before it fails (503).
+const LOG_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A record that carries the stamp of the write that made it.
 pub(super) trait Stamped: serde::de::DeserializeOwned {
     fn stamp(&self) -> Option<&Stamp>;
@@ -174,11 +177,35 @@ impl Registry {
         self.region.as_deref()
     }
 
-    /// Adds the change log append to a write's transaction. Every
-    /// registry logs, replicating or not: the log is what replication
-    /// sends and what point-in-time restore replays. Must be called on
-    /// every attempt: it guards on the log head as read now.
-    pub(super) async fn log_change(&self, txn: Txn, stamp: &Stamp, change: Change) -> Result<Txn> {
+    /// Commits a write with its change log append. Every registry logs,
+    /// replicating or not: the log is what replication sends and what
+    /// point-in-time restore replays. The append guards on the log head
+    /// as read here, so this node's logged writes commit one at a time:
+    /// two at once would fail each other's compare and retry (under a
+    /// burst of concurrent pushes, until they gave up). Whether it
+    /// committed; call it again on every attempt.
+    pub(super) async fn commit_logged(
+        &self,
+        txn: Txn,
+        stamp: &Stamp,
+        change: Change,
+    ) -> Result<bool> {
+        // Bounded: behind a stalled metadata store, a queue of pushes each
+        // waiting its turn to time out would outlast their clients.
+        let _one = tokio::time::timeout(LOG_LOCK_WAIT, self.log_lock.lock())
+            .await
+            .map_err(|_| {
+                RegistryError::Store(berth_store::StoreError::Unavailable(
+                    "the change log is busy (the metadata store is slow); retry".into(),
+                ))
+            })?;
+        let txn = self.log_change(txn, stamp, change).await?;
+        Ok(self.meta.commit(txn).await?)
+    }
+
+    /// Adds the change log append to a write's transaction, guarded on
+    /// the log head as read now.
+    async fn log_change(&self, txn: Txn, stamp: &Stamp, change: Change) -> Result<Txn> {
         let head_kv = self.meta.get(keys::CHANGE_HEAD.as_bytes()).await?;
         let head: LogHead = match &head_kv {
             Some(kv) => decode(&kv.key, &kv.value)?,

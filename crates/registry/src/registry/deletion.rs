@@ -144,7 +144,7 @@ impl Registry {
                 );
             }
             let stamp = logged.then(|| self.local_stamp());
-            if let Some(stamp) = &stamp {
+            let change = if let Some(stamp) = &stamp {
                 txn = txn
                     .require_unchanged(tomb_key.clone(), tomb.as_ref())
                     .put(tomb_key, encode(stamp));
@@ -153,9 +153,15 @@ impl Registry {
                     digest: digest.clone(),
                     tags,
                 };
-                txn = self.log_change(txn, stamp, change).await?;
-            }
-            if self.meta.commit(txn).await? {
+                Some(change)
+            } else {
+                None
+            };
+            let committed = match (&stamp, change) {
+                (Some(stamp), Some(change)) => self.commit_logged(txn, stamp, change).await?,
+                _ => self.meta.commit(txn).await?,
+            };
+            if committed {
                 if logged {
                     self.changes_committed();
                     if let Some(stamp) = &stamp {

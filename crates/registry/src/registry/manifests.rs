@@ -233,9 +233,15 @@ impl Registry {
                 .await?;
             // A delete's tombstone stays: the manifest is present because
             // this put is newer than it.
-            txn = txn
-                .require_unchanged(tombstone, tombstone_seen.as_ref())
-                .require_unchanged(keys::manifest(name, &digest), manifest_seen.as_ref());
+            // With replication, also the manifest as seen: a copy of it
+            // from another region landing meanwhile (a newer stamp) makes
+            // this attempt retry, newer still. Without, concurrent pushes
+            // of one manifest under several tags must not fail each other.
+            let replicated = self.region.is_some();
+            txn = txn.require_unchanged(tombstone, tombstone_seen.as_ref());
+            if replicated {
+                txn = txn.require_unchanged(keys::manifest(name, &digest), manifest_seen.as_ref());
+            }
             if let Some(tag) = tag {
                 txn = txn
                     .require_unchanged(keys::tag(name, tag.as_str()), tag_seen.as_ref())
@@ -247,7 +253,7 @@ impl Registry {
             // An index's push is a put of its children too (in every region
             // alike), so a concurrent delete of a child cannot orphan it.
             for child in manifest.children() {
-                if ManifestKind::from_media_type(&child.media_type).is_none() {
+                if !replicated || ManifestKind::from_media_type(&child.media_type).is_none() {
                     continue;
                 }
                 let key = keys::manifest(name, &child.digest);
@@ -262,8 +268,7 @@ impl Registry {
             for guard in guards {
                 txn = guard.apply(txn);
             }
-            let txn = self.log_change(txn, &stamp, change.clone()).await?;
-            if self.meta.commit(txn).await? {
+            if self.commit_logged(txn, &stamp, change.clone()).await? {
                 self.changes_committed();
                 return Ok(PutManifestOutcome { digest, subject });
             }

@@ -135,6 +135,8 @@ pub struct Registry {
     /// without it they are logged under no region's name).
     region: Option<String>,
     hlc: Hlc,
+    /// Held from reading the change log's head to committing after it.
+    log_lock: tokio::sync::Mutex<()>,
     /// Signalled when a logged write commits (change feed long-polls).
     changes: tokio::sync::Notify,
     /// Which tags clients may not move or delete once pushed.
@@ -190,6 +192,7 @@ impl Registry {
             limits,
             manifests,
             region: None,
+            log_lock: tokio::sync::Mutex::new(()),
             hlc: Hlc::default(),
             changes: tokio::sync::Notify::new(),
             immutable: None,

@@ -136,8 +136,7 @@ impl Registry {
             let txn = txn
                 .require_unchanged(tomb_key.clone(), tomb.as_ref())
                 .put(tomb_key, encode(&stamp));
-            let txn = self.log_change(txn, &stamp, change.clone()).await?;
-            if self.meta.commit(txn).await? {
+            if self.commit_logged(txn, &stamp, change.clone()).await? {
                 self.changes_committed();
                 return Ok(());
             }

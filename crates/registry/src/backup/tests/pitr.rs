@@ -89,6 +89,7 @@ async fn a_restore_at_any_recorded_instant_gives_the_state_of_that_instant() {
         let (restored, _dir, report) = restored_at(&target, At::Time(*at)).await;
         let base = if i >= 5 { &second.id } else { &first.id };
         assert_eq!(&report.id, base, "instant {i}");
+        assert_eq!(report.replayed.as_ref().unwrap().restored_to_ms, *at);
         assert_eq!(
             &restored.state_summary(false).await.unwrap().digest,
             state,
@@ -325,4 +326,29 @@ async fn a_replicating_regions_backup_is_not_replayed_to_a_moment() {
         .await
         .unwrap();
     assert_eq!(fresh.state_summary(false).await.unwrap().tags, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_all_land_once_each_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Arc::new(registry(dir.path()));
+    push(&source, "team/app", "base", b"shared layer").await;
+    let head = source.changes_after(u64::MAX, 1).await.unwrap().head;
+    // 32 pushers at once on one registry: the log's head is one guarded
+    // key, and none of them may fail for it.
+    let pushes = (0..32).map(|i| {
+        let source = source.clone();
+        tokio::spawn(async move {
+            for j in 0..8 {
+                push(&source, "team/app", &format!("t{i}-{j}"), b"shared layer").await;
+            }
+        })
+    });
+    for push in futures_util::future::join_all(pushes).await {
+        push.unwrap();
+    }
+    let page = source.changes_after(head, 10_000).await.unwrap();
+    assert_eq!(page.events.len(), 32 * 8);
+    let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (head + 1..=head + 256).collect::<Vec<_>>());
 }
