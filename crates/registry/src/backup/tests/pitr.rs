@@ -352,3 +352,68 @@ async fn concurrent_pushes_all_land_once_each_in_the_log() {
     let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (head + 1..=head + 256).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_replay_that_failed_midway_resumes_where_it_was_going_without_undoing_its_deletes() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let source = registry(dirs[0].path());
+    let target = target(dirs[1].path());
+    let archiver = Archiver::new(target.clone());
+    push(&source, "team/app", "v1", b"app one").await;
+    source
+        .backup(&target, &CreateOptions::default(), None)
+        .await
+        .unwrap();
+    // Three segments: a delete of a tag the backup holds, a push, a push.
+    source
+        .delete_manifest(
+            &repo("team/app"),
+            &Reference::Tag(Tag::parse("v1").unwrap()),
+        )
+        .await
+        .unwrap();
+    archiver.catch_up(&source).await.unwrap();
+    push(&source, "team/db", "v1", b"db one").await;
+    archiver.catch_up(&source).await.unwrap();
+    push(&source, "team/web", "v1", b"web one").await;
+    archiver.catch_up(&source).await.unwrap();
+    let mut segments: Vec<_> = std::fs::read_dir(dirs[1].path().join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().contains('-'))
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 3, "{segments:?}");
+
+    // The middle segment unreadable: the replay applies the first (the
+    // delete) and stops there, its marker left behind.
+    let middle = std::fs::read(&segments[1]).unwrap();
+    std::fs::write(&segments[1], b"{ not a segment").unwrap();
+    let fresh = registry(dirs[2].path());
+    let failed = fresh
+        .restore(&target, None, false, Some(At::Latest), None)
+        .await
+        .unwrap_err();
+    assert!(failed.to_string().contains("segment"), "{failed}");
+    assert_eq!(
+        fresh
+            .find_tag(&repo("team/app"), &Tag::parse("v1").unwrap())
+            .await
+            .unwrap(),
+        None,
+        "the delete was replayed"
+    );
+
+    // Mended, and run again without --at: it goes to the same end, writes
+    // no record of the backup again (the deleted tag stays deleted), and
+    // equals the source.
+    std::fs::write(&segments[1], middle).unwrap();
+    let resumed = fresh.restore(&target, None, false, None, None).await.unwrap();
+    assert!(resumed.resumed);
+    assert_eq!((resumed.records, resumed.existing), (0, 0));
+    assert_eq!(resumed.replayed.unwrap().events, 3);
+    assert_eq!(
+        fresh.state_summary(false).await.unwrap().digest,
+        source.state_summary(false).await.unwrap().digest
+    );
+}
