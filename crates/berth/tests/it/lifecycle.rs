@@ -208,6 +208,11 @@ async fn gc_removes_and_reports_only_what_nothing_references() {
             "/berth/v1/backups/restore?repository=a/**&adopt=true",
             "adopt goes with a whole restore",
         ),
+        ("/berth/v1/backups/restore?at=yesterday", "RFC 3339"),
+        (
+            "/berth/v1/backups/restore?at=latest&id=20261201T000000000Z",
+            "not with id or repository",
+        ),
     ] {
         let r = reg.post(path).await;
         assert_eq!(r.status, 400, "{path}: {}", r.describe());

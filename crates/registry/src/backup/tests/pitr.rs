@@ -408,7 +408,10 @@ async fn a_replay_that_failed_midway_resumes_where_it_was_going_without_undoing_
     // no record of the backup again (the deleted tag stays deleted), and
     // equals the source.
     std::fs::write(&segments[1], middle).unwrap();
-    let resumed = fresh.restore(&target, None, false, None, None).await.unwrap();
+    let resumed = fresh
+        .restore(&target, None, false, None, None)
+        .await
+        .unwrap();
     assert!(resumed.resumed);
     assert_eq!((resumed.records, resumed.existing), (0, 0));
     assert_eq!(resumed.replayed.unwrap().events, 3);
