@@ -10,6 +10,7 @@ use berth_store::{EtcdMetaStore, MetaStore};
 
 use crate::cluster;
 use crate::config::{Metadata, ServeConfig, Storage};
+use crate::region_view;
 use crate::serve::{ServeError, etcd_options, open_blobs};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,18 +40,6 @@ async fn connect(config: &ServeConfig) -> Result<(EtcdMetaStore, EtcdOptions), A
     Ok((store, options))
 }
 
-/// Asks a node's `/readyz`; the answer's first line, or why it failed.
-async fn readiness(client: &reqwest::Client, address: &str) -> (bool, String) {
-    match client.get(format!("{address}/readyz")).send().await {
-        Ok(resp) => {
-            let ok = resp.status().is_success();
-            let text = resp.text().await.unwrap_or_default();
-            (ok, text.lines().next().unwrap_or_default().to_string())
-        }
-        Err(e) => (false, format!("unreachable: {e}")),
-    }
-}
-
 /// Prints nodes (with readiness and the jobs they lead), etcd members and
 /// their leader, and storage health. Returns whether everything is healthy.
 pub async fn cluster_status(config: &ServeConfig) -> Result<bool, AdminError> {
@@ -66,7 +55,7 @@ pub async fn cluster_status(config: &ServeConfig) -> Result<bool, AdminError> {
     let mut healthy = true;
     let mut out = String::new();
 
-    let nodes = cluster::nodes(&meta).await?;
+    let nodes = region_view::node_statuses(&meta, &client, "").await?;
     let leaders = cluster::leaders(&meta).await?;
     let _ = writeln!(out, "nodes ({}):", nodes.len());
     let _ = writeln!(
@@ -75,14 +64,12 @@ pub async fn cluster_status(config: &ServeConfig) -> Result<bool, AdminError> {
         "NAME", "ZONE", "VERSION", "ADDRESS", "READY"
     );
     for node in &nodes {
-        let (ready, detail) = readiness(&client, &node.address).await;
-        healthy &= ready;
-        let leads: Vec<&str> = leaders
-            .iter()
-            .filter(|(_, l)| l.node == node.name && l.lease == node.lease)
-            .map(|(job, _)| job.as_str())
-            .collect();
-        let detail = if ready { leads.join(",") } else { detail };
+        healthy &= node.ready;
+        let detail = if node.ready {
+            node.leads.join(",")
+        } else {
+            node.detail.clone()
+        };
         let _ = writeln!(
             out,
             "  {:<20} {:<8} {:<10} {:<28} {:<6} {}",
@@ -94,7 +81,7 @@ pub async fn cluster_status(config: &ServeConfig) -> Result<bool, AdminError> {
             },
             node.version,
             node.address,
-            if ready { "yes" } else { "no" },
+            if node.ready { "yes" } else { "no" },
             detail
         );
     }

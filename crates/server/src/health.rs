@@ -15,26 +15,28 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// The node can serve traffic: started, not draining, and its stores answer.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if !state.ready.load(Ordering::Acquire) {
-        return (
+    match readiness(&state).await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or draining\n".to_string(),
-        );
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+/// Why this node cannot serve traffic now, if it cannot (`/readyz`, the
+/// `berth_node_ready` gauge and the console all ask this).
+pub async fn readiness(state: &AppState) -> Result<(), String> {
+    if !state.ready.load(Ordering::Acquire) {
+        return Err("starting or draining".into());
     }
     if let Some(replication) = &state.replication
         && replication.serving_disabled().await.unwrap_or(false)
     {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: serving is disabled in this region (berth replication serving on)\n"
-                .to_string(),
-        );
+        return Err("serving is disabled in this region (berth replication serving on)".into());
     }
-    match state.registry.check_health().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n"))
-        }
-    }
+    state.registry.check_health().await.map_err(|e| {
+        tracing::warn!(error = %e, "readiness check failed");
+        e.to_string()
+    })
 }

@@ -1,5 +1,7 @@
 //! Prometheus metrics, rendered in the text exposition format on `/metrics`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{StatusCode, header};
@@ -25,6 +27,63 @@ pub struct RouteLabels {
     pub method: &'static str,
 }
 
+/// Plain counters of what the console shows as rates: cheaper to read
+/// than the labelled families.
+#[derive(Default)]
+pub struct Traffic {
+    pulls: AtomicU64,
+    pushes: AtomicU64,
+    client_errors: AtomicU64,
+    server_errors: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// A reading of [`Traffic`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounts {
+    /// Manifest and blob reads answered with content or a redirect.
+    pub pulls: u64,
+    /// Manifests stored.
+    pub pushes: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    pub requests: u64,
+}
+
+impl Traffic {
+    pub fn record(&self, route: &str, method: &str, status: u16) {
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        count(&self.requests);
+        match status {
+            500.. => count(&self.server_errors),
+            // A challenge is part of every first request, not an error.
+            401 => {}
+            400.. => count(&self.client_errors),
+            _ => {}
+        }
+        if status < 400 {
+            match (route, method) {
+                ("manifest" | "blob", "GET") => count(&self.pulls),
+                ("manifest", "PUT") => count(&self.pushes),
+                _ => {}
+            }
+        }
+    }
+
+    pub fn counts(&self) -> TrafficCounts {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TrafficCounts {
+            pulls: read(&self.pulls),
+            pushes: read(&self.pushes),
+            client_errors: read(&self.client_errors),
+            server_errors: read(&self.server_errors),
+            requests: read(&self.requests),
+        }
+    }
+}
+
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -35,6 +94,7 @@ pub struct Metrics {
     pub bytes_out: Counter,
     pub uploads_open: Gauge,
     pub storage_errors: Counter,
+    pub traffic: Traffic,
 }
 
 fn latency_histogram() -> Histogram {
@@ -96,6 +156,7 @@ impl Metrics {
             bytes_out,
             uploads_open,
             storage_errors,
+            traffic: Traffic::default(),
         }
     }
 }

@@ -75,6 +75,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             status,
         })
         .inc();
+    metrics.traffic.record(route, method, status);
     metrics
         .latency
         .get_or_create(&RouteLabels { route, method })
