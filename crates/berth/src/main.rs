@@ -9,6 +9,8 @@ mod compact_cmd;
 mod config;
 mod gc_cmd;
 mod job_stream;
+mod progress;
+mod region_view;
 mod replication_cmd;
 mod retention_cmd;
 mod scrub_cmd;

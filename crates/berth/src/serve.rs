@@ -365,7 +365,10 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
             config.backup.keep,
         ))
     });
+    let region = Arc::new(berth_server::region::RegionWatch::new());
+    let region_view = open_region_view(&config, &meta).await?;
     let metrics = Metrics::with_extra(|prometheus| {
+        region.register_metrics(prometheus);
         gc.register_metrics(prometheus);
         backups.register_metrics(prometheus);
         if let Some(job) = &backup_job {
@@ -396,13 +399,15 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         compactor: compactor.clone(),
         scrubber: scrubber.clone(),
         backups: backups.clone(),
+        region: region.clone(),
+        region_source: Some(region_view.clone()),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,
             config.max_concurrent_uploads,
         )),
     });
-    let app = berth_server::router(state);
+    let app = berth_server::router(state.clone());
 
     let node = Node::join(
         meta.clone(),
@@ -419,6 +424,8 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     .await
     .map_err(ServeError::Cluster)?;
     let maintainer = tokio::spawn(node.clone().maintain());
+    // The console's overview and the availability gauges.
+    let looking = tokio::spawn(region.clone().run(state.clone(), region_view));
     let reaper = tokio::spawn({
         let registry = registry.clone();
         node.clone()
@@ -627,6 +634,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         job.abort();
     }
     maintainer.abort();
+    looking.abort();
     node.leave().await;
     if drained {
         tracing::info!("drained; exiting");
@@ -634,6 +642,47 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     } else {
         Err(ServeError::DrainTimeout)
     }
+}
+
+/// What the console and the availability gauges ask about the region.
+async fn open_region_view(
+    config: &ServeConfig,
+    meta: &Arc<dyn MetaStore>,
+) -> Result<Arc<dyn berth_server::region::ClusterSource>, ServeError> {
+    let etcd = match &config.metadata {
+        Metadata::Redb => None,
+        Metadata::Etcd { endpoints, prefix } => {
+            let options = etcd_options(config, endpoints, prefix)?;
+            let store = EtcdMetaStore::connect(options.clone())
+                .await
+                .map_err(|source| ServeError::Store {
+                    path: format!("etcd {}", endpoints.join(",")),
+                    source,
+                })?;
+            Some((store, options))
+        }
+    };
+    let tls = crate::security::peer_tls(config)?;
+    let client = crate::region_view::RegionView::probe_client(&tls).map_err(|e| {
+        ServeError::Security(crate::security::SecurityError::Invalid(format!(
+            "the readiness probes' client: {e}"
+        )))
+    })?;
+    let metadata = match &config.metadata {
+        Metadata::Redb => "metadata in redb".to_string(),
+        Metadata::Etcd { .. } => "metadata in etcd".to_string(),
+    };
+    let storage = match &config.storage {
+        Storage::Fs => "blobs in local files",
+        Storage::S3 { .. } => "blobs in S3",
+    };
+    Ok(Arc::new(crate::region_view::RegionView::new(
+        meta.clone(),
+        etcd,
+        client,
+        config.node_name.clone(),
+        format!("{storage}, {metadata}"),
+    )))
 }
 
 async fn shutdown_signal() {

@@ -14,7 +14,7 @@ mod upstream;
 
 pub use cache::{
     BlobAnswer, CacheEntry, CacheError, CacheOptions, EvictionReport, PullThroughCache, Target,
-    parse_image, valid_namespace,
+    UpstreamState, parse_image, valid_namespace,
 };
 pub use metrics::CacheMetrics;
 pub use upstream::{

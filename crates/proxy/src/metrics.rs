@@ -63,6 +63,17 @@ impl CacheMetrics {
         );
     }
 
+    /// How many requests of `kind` for `upstream` ended as `result`.
+    pub fn served_count(&self, upstream: &str, kind: &'static str, result: &'static str) -> u64 {
+        self.served
+            .get_or_create(&ServeLabels {
+                upstream: upstream.to_string(),
+                kind,
+                result,
+            })
+            .get()
+    }
+
     pub fn served(&self, upstream: &str, kind: &'static str, result: &'static str) {
         self.served
             .get_or_create(&ServeLabels {

@@ -23,6 +23,9 @@ pub fn requirement(
     match path {
         "/healthz" | "/readyz" | TOKEN_PATH | JWKS_PATH => return Requirement::Nothing,
         "/metrics" => return Requirement::Metrics(metrics),
+        // The console authenticates and authorizes each page and action
+        // itself, with the same policy (sessions, forms: see `ui`).
+        p if crate::ui::is_console_path(p) => return Requirement::Nothing,
         _ => {}
     }
     if let Some(admin) = path.strip_prefix("/berth/v1/") {
@@ -137,6 +140,9 @@ mod tests {
         assert_eq!(req(M::GET, "/v2/A/manifests/x"), Requirement::Nothing);
         assert_eq!(req(M::GET, "/v2/nothing-here"), Requirement::Nothing);
         assert_eq!(req(M::GET, "/healthz"), Requirement::Nothing);
+        // The console decides itself (ui::session).
+        assert_eq!(req(M::GET, "/ui/"), Requirement::Nothing);
+        assert_eq!(req(M::POST, "/ui/cache/pin"), Requirement::Nothing);
         assert_eq!(req(M::GET, "/auth/token"), Requirement::Nothing);
         assert_eq!(
             req(M::GET, "/metrics"),

@@ -20,6 +20,7 @@ mod health;
 mod metrics;
 mod middleware;
 mod progress;
+pub mod region;
 mod reload;
 mod replication_admin;
 mod retention;
@@ -32,6 +33,7 @@ pub mod tls;
 mod token;
 mod token_admin;
 mod trash_admin;
+mod ui;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -92,6 +94,11 @@ pub struct Shared {
     pub scrubber: Arc<Scrubber>,
     /// Backups: the configured targets and the runs' metrics.
     pub backups: Arc<Backups>,
+    /// The latest look at the region (nodes, etcd, readiness), for the
+    /// console and the availability gauges.
+    pub region: Arc<region::RegionWatch>,
+    /// Where that look comes from (the binary's cluster registration).
+    pub region_source: Option<Arc<dyn region::ClusterSource>>,
 }
 
 /// Protection against slow or too many clients.
@@ -182,6 +189,7 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route(access::TOKEN_PATH, any(token::token))
         .route(access::JWKS_PATH, get(token::jwks))
+        .merge(ui::routes())
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

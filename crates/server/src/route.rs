@@ -88,6 +88,7 @@ pub fn label_for_path(path: &str) -> &'static str {
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
+        p if p == "/" || p == "/ui" || p.starts_with("/ui/") => "ui",
         p => Route::parse(p).label(),
     }
 }

@@ -218,7 +218,7 @@ impl Security {
 
 /// A `Host` as it may appear in a URL: no quotes, spaces or paths, so it
 /// cannot break out of the challenge's quoted realm.
-fn valid_host(h: &str) -> bool {
+pub(crate) fn valid_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 255
         && h.bytes()

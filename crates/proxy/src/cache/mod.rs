@@ -115,6 +115,22 @@ struct Upstream {
     client: UpstreamClient,
     /// Until when (ms) the upstream counts as down after a failure.
     down_until_ms: AtomicU64,
+    /// When the current outage began (the first failure after it was up).
+    failing_since_ms: AtomicU64,
+    /// The last failure: when, and what it was.
+    last_error: Mutex<Option<(u64, String)>>,
+}
+
+/// How an upstream stands, for the console.
+#[derive(Clone, Debug)]
+pub struct UpstreamState {
+    pub namespace: String,
+    pub url: String,
+    /// Failed as unavailable within the outage backoff.
+    pub down: bool,
+    /// When the current outage began (0 when up).
+    pub failing_since_ms: u64,
+    pub last_error: Option<(u64, String)>,
 }
 
 pub struct PullThroughCache {
@@ -165,6 +181,8 @@ impl PullThroughCache {
                     Upstream {
                         client,
                         down_until_ms: AtomicU64::new(0),
+                        failing_since_ms: AtomicU64::new(0),
+                        last_error: Mutex::new(None),
                     },
                 )
                 .is_some()
@@ -278,10 +296,44 @@ impl PullThroughCache {
     fn note_failure(&self, upstream: &Upstream, e: &UpstreamError) {
         self.metrics
             .upstream_error(&upstream.client.config().namespace, e.kind.label());
+        let now = now_ms();
+        *upstream
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((now, e.to_string()));
         if e.is_unavailable() {
-            let until = now_ms() + self.options.outage_backoff.as_millis() as u64;
-            upstream.down_until_ms.store(until, Ordering::Relaxed);
+            let until = now + self.options.outage_backoff.as_millis() as u64;
+            let was_up = upstream.down_until_ms.swap(until, Ordering::Relaxed) <= now;
+            if was_up {
+                upstream.failing_since_ms.store(now, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Every upstream's state, in namespace order.
+    pub fn upstream_states(&self) -> Vec<UpstreamState> {
+        let now = now_ms();
+        self.upstreams
+            .iter()
+            .map(|(namespace, u)| {
+                let down = u.down_until_ms.load(Ordering::Relaxed) > now;
+                UpstreamState {
+                    namespace: namespace.clone(),
+                    url: u.client.config().url.clone(),
+                    down,
+                    failing_since_ms: if down {
+                        u.failing_since_ms.load(Ordering::Relaxed)
+                    } else {
+                        0
+                    },
+                    last_error: u
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
+                }
+            })
+            .collect()
     }
 
     /// Whether an upstream failed as unavailable within the outage backoff.

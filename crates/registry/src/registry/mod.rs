@@ -11,6 +11,7 @@ use berth_store::{BlobStore, KeyValue, MetaStore, Txn};
 use bytes::Bytes;
 
 mod blobs;
+mod browse;
 mod catalog;
 mod changes;
 mod compaction;
@@ -26,6 +27,7 @@ mod tags;
 mod trash;
 mod uploads;
 
+pub use browse::{MAX_SORTED_TAGS, RepositorySummary, TagEntry, TagListing};
 pub use changes::{Applied, ChangePage, Hlc, StateSummary, stamp_ms};
 pub use compaction::{CompactionOptions, CompactionReport, MetadataUsage, RecordKind, Usage};
 pub use gc::{GcOptions, GcReport, Progress as GcProgress};
@@ -201,6 +203,11 @@ impl Registry {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The metadata store, for the server's own records (console sessions).
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
     }
 
     pub async fn check_health(&self) -> Result<()> {
