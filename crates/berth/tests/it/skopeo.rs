@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-fn skopeo_available() -> bool {
+pub(crate) fn skopeo_available() -> bool {
     let found = std::process::Command::new("skopeo")
         .arg("--version")
         .output()
@@ -28,7 +28,7 @@ fn skopeo_available() -> bool {
     false
 }
 
-async fn skopeo(args: &[&str]) -> String {
+pub(crate) async fn skopeo(args: &[&str]) -> String {
     let mut cmd = tokio::process::Command::new("skopeo");
     cmd.arg("--insecure-policy").args(args).kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
@@ -122,13 +122,13 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
     out
 }
 
-struct Layout {
+pub(crate) struct Layout {
     dir: PathBuf,
     refs: Vec<Value>,
 }
 
 impl Layout {
-    fn new(dir: &Path) -> Layout {
+    pub(crate) fn new(dir: &Path) -> Layout {
         fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         Layout {
@@ -144,7 +144,7 @@ impl Layout {
     }
 
     /// Builds an image of `layer_sizes` random-file tar+gzip layers; returns the manifest bytes.
-    fn add_image(&self, seed: u64, layer_sizes: &[usize], arch: &str) -> Vec<u8> {
+    pub(crate) fn add_image(&self, seed: u64, layer_sizes: &[usize], arch: &str) -> Vec<u8> {
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
         for (i, &size) in layer_sizes.iter().enumerate() {
@@ -174,7 +174,7 @@ impl Layout {
         manifest
     }
 
-    fn tag(&mut self, tag: &str, media_type: &str, bytes: &[u8]) {
+    pub(crate) fn tag(&mut self, tag: &str, media_type: &str, bytes: &[u8]) {
         let mut d = descriptor(media_type, bytes);
         d["annotations"] = json!({ "org.opencontainers.image.ref.name": tag });
         self.refs.push(d);

@@ -50,6 +50,7 @@ pub const SPEC_ERROR_CODES: &[&str] = &[
     "TOOMANYREQUESTS",
 ];
 
+mod browser;
 mod data;
 mod etcd;
 mod http;
@@ -58,6 +59,7 @@ mod process;
 mod raw;
 mod secure;
 
+pub use browser::*;
 pub use data::*;
 pub use etcd::*;
 pub use http::*;
