@@ -41,24 +41,28 @@ fn print_json<T: serde::Serialize>(value: &T) {
 /// Takes a backup. `Ok(false)` when blobs had to be left out.
 pub async fn create(api: &Api, to: Option<&str>, json: bool) -> Result<bool, AdminError> {
     let path = format!("/berth/v1/backups{}", query(&[("to", to)]));
-    let report: BackupReport =
+    let report: BackupReport = {
+        let progress = crate::progress::Progress::start("backup", None, json);
         crate::job_stream::follow(api, &path, "backup", |p: &BackupReport| {
             if !json && !p.phase.is_empty() {
-                eprintln!(
-                    "  {:<8} {} blobs ({}), {} copied ({}, {}); {} records; {:.0} s",
-                    p.phase,
-                    p.blobs,
-                    human_bytes(p.bytes),
-                    p.copied_blobs,
-                    human_bytes(p.copied_bytes),
-                    rate(p.copied_bytes, p.duration_ms),
-                    p.records,
-                    p.duration_ms as f64 / 1000.0
-                );
+                progress.update(p.copied_bytes, || {
+                    format!(
+                        "  {:<8} {} blobs ({}), {} copied ({}, {}); {} records; {:.0} s",
+                        p.phase,
+                        p.blobs,
+                        human_bytes(p.bytes),
+                        p.copied_blobs,
+                        human_bytes(p.copied_bytes),
+                        rate(p.copied_bytes, p.duration_ms),
+                        p.records,
+                        p.duration_ms as f64 / 1000.0
+                    )
+                });
                 let _ = std::io::stderr().flush();
             }
         })
-        .await?;
+        .await?
+    };
     if json {
         print_json(&report);
         return Ok(report.clean());
@@ -145,10 +149,12 @@ pub async fn verify(
         "/berth/v1/backups/verify{}",
         query(&[("from", from), ("id", id)])
     );
-    let report: VerifyReport =
+    let report: VerifyReport = {
+        let progress = crate::progress::Progress::start("verification", None, json);
         crate::job_stream::follow(api, &path, "verification", |p: &VerifyReport| {
             if !json && !p.phase.is_empty() {
-                eprintln!(
+                progress.update(p.bytes_checked, || {
+                    format!(
                     "  {:<8} {} records; {} blobs ({}) re-hashed, {} corrupt, {} missing; {:.0} s",
                     p.phase,
                     p.records,
@@ -157,11 +163,13 @@ pub async fn verify(
                     p.corrupt.len(),
                     p.missing.len(),
                     p.duration_ms as f64 / 1000.0
-                );
+                    )
+                });
                 let _ = std::io::stderr().flush();
             }
         })
-        .await?;
+        .await?
+    };
     if json {
         print_json(&report);
         return Ok(report.clean());
@@ -208,23 +216,27 @@ pub async fn restore(
             ("adopt", adopt)
         ])
     );
-    let report: RestoreReport =
+    let report: RestoreReport = {
+        let progress = crate::progress::Progress::start("restore", None, json);
         crate::job_stream::follow(api, &path, "restore", |p: &RestoreReport| {
             if !json && !p.phase.is_empty() {
-                eprintln!(
-                    "  {:<8} {} records; {} blobs ({}), {} copied ({}); {:.0} s",
-                    p.phase,
-                    p.records,
-                    p.blobs,
-                    human_bytes(p.bytes),
-                    p.copied_blobs,
-                    rate(p.copied_bytes, p.duration_ms),
-                    p.duration_ms as f64 / 1000.0
-                );
+                progress.update(p.copied_bytes, || {
+                    format!(
+                        "  {:<8} {} records; {} blobs ({}), {} copied ({}); {:.0} s",
+                        p.phase,
+                        p.records,
+                        p.blobs,
+                        human_bytes(p.bytes),
+                        p.copied_blobs,
+                        rate(p.copied_bytes, p.duration_ms),
+                        p.duration_ms as f64 / 1000.0
+                    )
+                });
                 let _ = std::io::stderr().flush();
             }
         })
-        .await?;
+        .await?
+    };
     let replay_failed = report
         .replayed
         .as_ref()
@@ -294,23 +306,27 @@ pub async fn restore_repositories(
             ("force", force)
         ])
     );
-    let report: SelectiveReport =
+    let report: SelectiveReport = {
+        let progress = crate::progress::Progress::start("restore", None, json);
         crate::job_stream::follow(api, &path, "restore", |p: &SelectiveReport| {
             if !json && !p.phase.is_empty() {
-                eprintln!(
-                    "  {:<9} {} repositories: {} manifests, {} tags, {} blobs ({}); {:.0} s",
-                    p.phase,
-                    p.repositories,
-                    p.manifests,
-                    p.tags,
-                    p.blobs,
-                    human_bytes(p.bytes),
-                    p.duration_ms as f64 / 1000.0
-                );
+                progress.update(p.bytes, || {
+                    format!(
+                        "  {:<9} {} repositories: {} manifests, {} tags, {} blobs ({}); {:.0} s",
+                        p.phase,
+                        p.repositories,
+                        p.manifests,
+                        p.tags,
+                        p.blobs,
+                        human_bytes(p.bytes),
+                        p.duration_ms as f64 / 1000.0
+                    )
+                });
                 let _ = std::io::stderr().flush();
             }
         })
-        .await?;
+        .await?
+    };
     if json {
         print_json(&report);
         return Ok(report.failed.is_empty());

@@ -50,6 +50,7 @@ struct Warmer<'a> {
     api: &'a Api,
     blobs: u64,
     bytes: u64,
+    progress: crate::progress::Progress,
 }
 
 impl Warmer<'_> {
@@ -126,6 +127,7 @@ impl Warmer<'_> {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| failed(&format!("blob {digest}"), e))?;
             size += chunk.len() as u64;
+            self.progress.advance(chunk.len() as u64);
             hasher.update(&chunk);
         }
         if &hasher.finish() != digest {
@@ -146,6 +148,8 @@ impl Warmer<'_> {
             .required_blobs()
             .map(|d| d.digest.clone())
             .collect();
+        self.progress
+            .add_total(manifest.required_blobs().map(|d| d.size).sum());
         let mut fetched = futures_util::stream::iter(blobs.iter().map(|d| self.blob(name, d)))
             .buffer_unordered(WARM_PARALLEL);
         let mut bytes = 0;
@@ -155,7 +159,8 @@ impl Warmer<'_> {
         drop(fetched);
         self.blobs += blobs.len() as u64;
         self.bytes += bytes;
-        println!("  {digest}: {} blobs, {bytes} bytes", blobs.len());
+        self.progress
+            .say(&format!("  {digest}: {} blobs, {bytes} bytes", blobs.len()));
         Ok(())
     }
 
@@ -175,11 +180,11 @@ impl Warmer<'_> {
                 .filter(|c| platform_matches(platforms, c.platform.as_ref()))
                 .cloned()
                 .collect();
-            println!(
+            self.progress.say(&format!(
                 "{image}: index {digest}, {} of {} manifests",
                 children.len(),
                 manifest.children().len()
-            );
+            ));
             if children.is_empty() {
                 return Err(AdminError::Failed(format!(
                     "{image}: no manifest for platform {}",
@@ -195,7 +200,7 @@ impl Warmer<'_> {
                 self.image(&name, &child_digest, &child_manifest).await?;
             }
         } else {
-            println!("{image}: image {digest}");
+            self.progress.say(&format!("{image}: image {digest}"));
             self.image(&name, &digest, &manifest).await?;
         }
         Ok(())
@@ -229,6 +234,7 @@ pub async fn warm(
         api,
         blobs: 0,
         bytes: 0,
+        progress: crate::progress::Progress::start("warming", Some(0), false),
     };
     let mut ok = true;
     for image in images {
@@ -244,6 +250,7 @@ pub async fn warm(
             }
         }
     }
+    warmer.progress.finish();
     println!("warmed {} blobs, {} bytes", warmer.blobs, warmer.bytes);
     Ok(ok)
 }

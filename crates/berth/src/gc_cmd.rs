@@ -58,14 +58,16 @@ pub async fn run(
             grace_secs.map_or(String::new(), |g| format!(" older than {g} s"))
         );
     }
-    let report: GcReport =
+    let report: GcReport = {
+        let progress = crate::progress::Progress::start("garbage collection", None, json);
         crate::job_stream::follow(api, &path, "garbage collection", |p: &GcReport| {
             if interactive && !p.phase.is_empty() {
-                eprintln!("{}", progress_line(p));
+                progress.update(p.bytes_removed, || progress_line(p));
                 let _ = std::io::stderr().flush();
             }
         })
-        .await?;
+        .await?
+    };
     if json {
         println!(
             "{}",

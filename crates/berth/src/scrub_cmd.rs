@@ -21,20 +21,24 @@ pub async fn run(api: &Api, repair: bool, json: bool) -> Result<bool, AdminError
     } else {
         "/berth/v1/scrub"
     };
+    let progress = crate::progress::Progress::start("scrub", None, json);
     let report: ScrubReport = crate::job_stream::follow(api, path, "scrub", |p: &ScrubReport| {
         if !json && !p.phase.is_empty() {
-            eprintln!(
-                "  {:<8} {} blobs ({}) checked, {} corrupt; {:.0} s",
-                p.phase,
-                p.blobs_checked,
-                human_bytes(p.bytes_checked),
-                p.corrupt.len(),
-                p.duration_ms as f64 / 1000.0
-            );
+            progress.update(p.bytes_checked, || {
+                format!(
+                    "  {:<8} {} blobs ({}) checked, {} corrupt; {:.0} s",
+                    p.phase,
+                    p.blobs_checked,
+                    human_bytes(p.bytes_checked),
+                    p.corrupt.len(),
+                    p.duration_ms as f64 / 1000.0
+                )
+            });
             let _ = std::io::stderr().flush();
         }
     })
     .await?;
+    progress.finish();
     if json {
         println!(
             "{}",

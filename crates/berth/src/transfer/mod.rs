@@ -316,8 +316,8 @@ pub fn parse_image(image: &str) -> Result<(String, String), TransferError> {
     Ok((repo.to_string(), reference.to_string()))
 }
 
-/// Prints totals every two seconds while `work` runs (on stderr, for a
-/// human; JSON output stays clean on stdout).
+/// Shows totals while `work` runs, on stderr (JSON output stays clean on
+/// stdout): a live bar on a terminal, a line every two seconds elsewhere.
 pub async fn with_progress<T>(
     totals: Arc<Totals>,
     quiet: bool,
@@ -326,28 +326,38 @@ pub async fn with_progress<T>(
     if quiet {
         return work.await;
     }
+    let progress = crate::progress::Progress::start("transfer", None, quiet);
     let started = std::time::Instant::now();
     let ticker = async {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+        let every = if progress.on_terminal() {
+            std::time::Duration::from_millis(200)
+        } else {
+            std::time::Duration::from_secs(2)
+        };
+        let mut every = tokio::time::interval(every);
         every.tick().await;
         loop {
             every.tick().await;
             let bytes = Totals::get(&totals.bytes);
             let secs = started.elapsed().as_secs_f64().max(0.001);
-            eprintln!(
-                "  {} images, {} blobs ({}, {}/s), {} already there",
-                Totals::get(&totals.images),
-                Totals::get(&totals.blobs),
-                crate::gc_cmd::human_bytes(bytes),
-                crate::gc_cmd::human_bytes((bytes as f64 / secs) as u64),
-                Totals::get(&totals.skipped)
-            );
+            progress.update(bytes, || {
+                format!(
+                    "  {} images, {} blobs ({}, {}/s), {} already there",
+                    Totals::get(&totals.images),
+                    Totals::get(&totals.blobs),
+                    crate::gc_cmd::human_bytes(bytes),
+                    crate::gc_cmd::human_bytes((bytes as f64 / secs) as u64),
+                    Totals::get(&totals.skipped)
+                )
+            });
         }
     };
-    tokio::select! {
+    let out = tokio::select! {
         out = work => out,
         () = ticker => unreachable!("the ticker never ends"),
-    }
+    };
+    progress.finish();
+    out
 }
 
 #[cfg(test)]
