@@ -65,6 +65,16 @@ fn refused(message: String, status: StatusCode, code: ErrorCode) -> Response {
 }
 
 impl Backups {
+    /// When a backup last succeeded on this node (Unix s; 0: never).
+    pub fn last_success_secs(&self) -> i64 {
+        self.metrics.last_success.get()
+    }
+
+    /// The configured targets' URLs, the first is the default.
+    pub fn targets(&self) -> &[String] {
+        &self.targets
+    }
+
     pub fn new(registry: Arc<Registry>, targets: Vec<String>, region: Option<String>) -> Self {
         Self {
             registry,

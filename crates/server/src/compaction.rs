@@ -70,6 +70,11 @@ pub struct Compactor {
 }
 
 impl Compactor {
+    /// When a compaction last succeeded on this node (Unix s; 0: never).
+    pub fn last_success_secs(&self) -> i64 {
+        self.metrics.last_success.get()
+    }
+
     pub fn new(
         registry: Arc<Registry>,
         replication: Option<Arc<Replicator>>,

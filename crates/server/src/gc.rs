@@ -43,6 +43,11 @@ pub struct GarbageCollector {
 }
 
 impl GarbageCollector {
+    /// When a collection last succeeded on this node (Unix s; 0: never).
+    pub fn last_success_secs(&self) -> i64 {
+        self.metrics.last_success.get()
+    }
+
     pub fn new(registry: Arc<Registry>, grace: Duration) -> Self {
         Self {
             registry,

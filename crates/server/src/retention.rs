@@ -33,6 +33,15 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// When retention last succeeded on this node (Unix s; 0: never).
+    pub fn last_success_secs(&self) -> i64 {
+        self.metrics.last_success.get()
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
     pub fn new(registry: Arc<Registry>, rules: Vec<RetentionRule>) -> Self {
         Self {
             registry,

@@ -45,6 +45,16 @@ pub struct Scrubber {
 }
 
 impl Scrubber {
+    /// When a scrub last succeeded on this node (Unix s; 0: never).
+    pub fn last_success_secs(&self) -> i64 {
+        self.metrics.last_success.get()
+    }
+
+    /// Corrupt and missing blobs the last scrub here left unrepaired.
+    pub fn unrepaired(&self) -> (i64, i64) {
+        (self.metrics.corrupt.get(), self.metrics.missing.get())
+    }
+
     pub fn new(
         registry: Arc<Registry>,
         targets: Vec<String>,

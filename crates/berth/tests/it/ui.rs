@@ -108,7 +108,13 @@ async fn the_console_in_a_real_browser() {
     {
         return;
     }
-    let console = start_console(Options::new()).await;
+    let backups = tempfile::tempdir().unwrap();
+    let console = start_console(
+        Options::new()
+            .flag("--backup-to", backups.path().display())
+            .flag("--backup-every", "1h"),
+    )
+    .await;
     let eu = &console.eu;
     let base = eu.url();
 
@@ -264,6 +270,29 @@ async fn the_console_in_a_real_browser() {
     // Newest first: 2.0 was pushed last.
     assert!(tags.find("2.0") < tags.find("1.0"), "{tags}");
     browser.screenshot("repository").await;
+
+    // The trash: a deleted tag shows there, and Undelete brings it back.
+    let r = eu.delete("/v2/team/multi/manifests/3").await;
+    assert_eq!(r.status, 202, "{}", r.describe());
+    browser
+        .goto(&format!("{base}/ui/repositories/team/multi"))
+        .await;
+    assert!(browser.try_find("tr[data-tag='3']").await.is_none());
+    assert!(browser.text("#trash").await.contains("tag 3"));
+    browser.screenshot("trash").await;
+    browser
+        .click_and_wait("tr[data-reference='3'] button.undelete")
+        .await;
+    assert!(browser.try_find("tr[data-tag='3']").await.is_some());
+    assert_eq!(
+        eu.manifest_digest("team/multi", "3").await,
+        Some(sha256_digest(&index)),
+        "the tag is back where it pointed"
+    );
+
+    browser
+        .goto(&format!("{base}/ui/repositories/team/app"))
+        .await;
     browser.click_and_wait("tr[data-tag='1.0'] a").await;
     assert!(
         browser
@@ -366,6 +395,27 @@ async fn the_console_in_a_real_browser() {
     );
     browser.screenshot("cache").await;
 
+    // Lifecycle: who leads each job, and the backups in the target.
+    let r = send(eu.req(Method::POST, "/berth/v1/backups")).await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    browser.goto(&format!("{base}/ui/lifecycle")).await;
+    let row = browser.text("tr[data-job=backup]").await;
+    assert!(
+        row.contains("eu-1"),
+        "{row}\n{}",
+        browser.text("#jobs").await
+    );
+    assert!(
+        !browser.text("tr[data-job=backup]").await.contains("never"),
+        "this node took the backup"
+    );
+    assert_eq!(
+        browser.text("#backups tbody").await.lines().count(),
+        1,
+        "one backup listed"
+    );
+    browser.screenshot("lifecycle").await;
+
     // A forged form: right session, no or wrong CSRF token, or another
     // site's origin, is refused and changes nothing.
     let session_id = session["value"].as_str().unwrap().to_string();
@@ -461,6 +511,13 @@ async fn the_console_in_a_real_browser() {
     assert!(
         !browser.source().await.contains("/-/history/"),
         "no history links for bob"
+    );
+    browser
+        .goto(&format!("{base}/ui/repositories/team/multi"))
+        .await;
+    assert!(
+        browser.try_find("#trash").await.is_none(),
+        "no trash for bob"
     );
     browser
         .goto(&format!("{base}/ui/repositories/ops/secret"))

@@ -14,6 +14,8 @@ use super::format::{bytes, short_digest, time};
 use super::{Nav, Viewer, error_page, unavailable};
 use crate::AppState;
 
+/// Tags pointing at the manifest shown, at most (newest first).
+const SHOWN_TAGS: usize = 50;
 /// The raw manifest shown on the page, at most.
 const MAX_SHOWN_BYTES: usize = 64 * 1024;
 
@@ -102,6 +104,7 @@ pub async fn page(
             .collect(),
         Err(e) => return unavailable(viewer, "the tags", e),
     };
+    let more_tags = tags.len().saturating_sub(SHOWN_TAGS);
     let (referrers, more_referrers) = match registry.referrers(name, digest, None, None).await {
         Ok(found) => found,
         Err(e) => return unavailable(viewer, "the referrers", e),
@@ -118,7 +121,8 @@ pub async fn page(
             dt { "Stored" } dd { (time(record.created_ms)) }
             dt { "Tags" } dd #manifest-tags {
                 @if tags.is_empty() { span.muted { "none" } }
-                @for t in &tags { a href=(format!("/ui/repositories/{name}/-/history/{t}")) { (t) } " " }
+                @for t in tags.iter().take(SHOWN_TAGS) { a href=(format!("/ui/repositories/{name}/-/history/{t}")) { (t) } " " }
+                @if more_tags > 0 { span.muted { "and " (more_tags) " more (newest first)" } }
             }
             @if let Some(subject) = &record.subject {
                 dt { "Refers to" } dd.mono { a href=(format!("/ui/repositories/{name}/manifests/{subject}")) { (subject) } }

@@ -9,6 +9,7 @@
 
 mod cache;
 mod format;
+mod lifecycle;
 mod manifest;
 mod overview;
 mod replication;
@@ -56,7 +57,11 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/cache", get(cache::page))
         .route("/ui/cache/pin", post(cache::pin))
         .route("/ui/repositories", get(repositories::list))
-        .route("/ui/repositories/{*rest}", get(repositories::dispatch))
+        .route(
+            "/ui/repositories/{*rest}",
+            get(repositories::dispatch).post(repositories::act),
+        )
+        .route("/ui/lifecycle", get(lifecycle::page))
         .route("/ui/{*rest}", get(not_found).post(not_found))
 }
 
@@ -94,6 +99,7 @@ pub enum Nav {
     Replication,
     Cache,
     Repositories,
+    Lifecycle,
 }
 
 /// A whole page: the navigation, who is signed in, and `body`. `live`
@@ -122,6 +128,7 @@ pub fn page(viewer: &Viewer, title: &str, nav: Nav, live: bool, body: Markup) ->
                         (link(Nav::Repositories, "/ui/repositories", "Repositories"))
                         (link(Nav::Replication, "/ui/replication", "Replication"))
                         (link(Nav::Cache, "/ui/cache", "Cache"))
+                        (link(Nav::Lifecycle, "/ui/lifecycle", "Lifecycle"))
                     }
                     div.who {
                         @if viewer.has_session() {

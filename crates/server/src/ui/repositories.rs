@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use berth_oci::{Digest, RepositoryName};
 use futures_util::StreamExt;
 use http::StatusCode;
@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::format::{ago, bytes, encode, short_digest, time};
 use super::manifest::{self, Summary};
-use super::{Nav, PAGE_ROWS, Viewer, error_page, unavailable};
+use super::{Form, Nav, PAGE_ROWS, Viewer, error_page, unavailable};
 use crate::AppState;
 
 /// Repository names a search scans for visible ones, at most, per page.
@@ -257,6 +257,16 @@ async fn tags(state: &AppState, viewer: &Viewer, name: &RepositoryName, page: us
         .collect()
         .await;
     let history = viewer.may_administer(name.as_str());
+    // The trash is its administrator's to read, as on the API.
+    let trash = if history {
+        match state.registry.trash(Some(name)).await {
+            Ok(t) => t,
+            Err(e) => return unavailable(viewer, "the trash", e),
+        }
+    } else {
+        Vec::new()
+    };
+    let may_undelete = viewer.may(name.as_str(), berth_auth::Action::Push);
     let body = html! {
         h1 { (name) }
         p.muted { (listing.tags.len()) @if listing.truncated { "+" } " tags, newest first" }
@@ -282,8 +292,116 @@ async fn tags(state: &AppState, viewer: &Viewer, name: &RepositoryName, page: us
             }
             (pager(&format!("/ui/repositories/{name}?"), page, pages))
         }
+        @if !trash.is_empty() {
+            h2 { "Trash" span.muted { " (deleted, kept until garbage collection may take them)" } }
+            table #trash {
+                thead { tr { th { "What" } th { "Digest" } th.num { "Size" } th { "Deleted" } th { "By" } th { "Kept until" } @if may_undelete { th { "Action" } } } }
+                tbody {
+                    @for e in trash.iter().take(PAGE_ROWS) {
+                        @let reference = e.tag.clone().unwrap_or_else(|| e.digest.to_string());
+                        tr data-reference=(reference) {
+                            td { @match &e.tag { Some(t) => { "tag " strong { (t) } } None => { "manifest" @if !e.tags.is_empty() { " with " (e.tags.join(", ")) } } } }
+                            td.mono { (short_digest(&e.digest.to_string())) }
+                            td.num { (e.size.map_or("?".into(), bytes)) }
+                            td { (ago(e.deleted_ms)) }
+                            td { (e.by.as_deref().unwrap_or("-")) }
+                            td { (time(e.expires_ms)) }
+                            @if may_undelete {
+                                td {
+                                    form.inline method="post" action=(format!("/ui/repositories/{name}/-/undelete")) {
+                                        input type="hidden" name="csrf" value=(viewer.csrf);
+                                        input type="hidden" name="reference" value=(reference);
+                                        button.undelete type="submit" { "Undelete" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     };
     super::page(viewer, name.as_str(), Nav::Repositories, false, body)
+}
+
+#[derive(Deserialize)]
+pub struct UndeleteForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    reference: String,
+}
+
+/// `POST /ui/repositories/NAME/-/undelete`: brings a deleted tag or
+/// manifest back (a push, as `berth undelete` is).
+pub async fn act(
+    State(state): State<AppState>,
+    viewer: Viewer,
+    headers: http::HeaderMap,
+    Path(rest): Path<String>,
+    Form(form): Form<UndeleteForm>,
+) -> Response {
+    let not_found = || {
+        error_page(
+            &viewer,
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "No console action has this address.",
+        )
+    };
+    let Some(name) = rest
+        .strip_suffix("/-/undelete")
+        .and_then(|n| RepositoryName::parse(n).ok())
+    else {
+        return not_found();
+    };
+    let path = format!("/ui/repositories/{name}/-/undelete");
+    if !viewer.may(name.as_str(), berth_auth::Action::Push) {
+        return viewer.refuse(&path);
+    }
+    if let Some(refused) = viewer.forged(&headers, &form.csrf) {
+        return refused;
+    }
+    let Ok(reference) = berth_oci::Reference::parse(&form.reference) else {
+        return error_page(
+            &viewer,
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "The reference is a tag or a digest.",
+        );
+    };
+    let by = viewer.auth_enabled().then(|| viewer.name());
+    match state
+        .registry
+        .undelete(&name, &reference, by.as_deref())
+        .await
+    {
+        Ok(_) => {}
+        Err(berth_registry::RegistryError::ManifestUnknown) => {
+            return error_page(
+                &viewer,
+                StatusCode::NOT_FOUND,
+                "Not found",
+                &format!("{} is not in the trash of {name}.", form.reference),
+            );
+        }
+        Err(e) => return unavailable(&viewer, "the trash", e),
+    }
+    state.security.audit.record(crate::audit::AuditEvent {
+        identity: viewer.name(),
+        client: viewer.client.to_string(),
+        outcome: "ok",
+        status: 303,
+        method: "POST".into(),
+        path,
+        event: "undelete",
+        action: "push",
+        repository: Some(name.to_string()),
+        reference: Some(form.reference.clone()),
+        detail: "console".into(),
+        ..Default::default()
+    });
+    axum::response::Redirect::to(&format!("/ui/repositories/{name}")).into_response()
 }
 
 async fn history(state: &AppState, viewer: &Viewer, name: &RepositoryName, tag: &str) -> Response {

@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, State};
 use axum::response::{IntoResponse, Redirect, Response};
-use berth_auth::{AuthFailure, AuthRequest, Authenticator, Decision, Identity, Requirement};
+use berth_auth::{
+    Action, AuthFailure, AuthRequest, Authenticator, Decision, Identity, Requirement,
+};
 use berth_store::Txn;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -116,6 +118,10 @@ impl Viewer {
 
     pub fn may_administer(&self, repository: &str) -> bool {
         self.allowed(&Requirement::RepositoryAdmin(repository.to_string()))
+    }
+
+    pub fn may(&self, repository: &str, action: Action) -> bool {
+        self.auth.granted(&self.identity, repository).allows(action)
     }
 
     /// The answer to a page this viewer may not see: the sign-in form for
