@@ -452,6 +452,27 @@ async fn mirror_modes_warming_pinning_and_eviction() {
         stdout.contains(&arm.digest) && !stdout.contains(&amd.digest),
         "{stdout}"
     );
+    // Off a terminal, no progress bar: no terminal escapes in its output.
+    assert!(!out.stderr.contains(&0x1b), "plain output off a terminal");
+    // On a terminal (a pseudo-terminal from util-linux's `script`), the
+    // warm draws a bar with its bytes and rate.
+    let cli = berth_cli();
+    let cmdline = format!(
+        "{BIN} cache warm --registry {} --platform linux/amd64 docker.io/library/multi:1",
+        berth.url()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .envs(cli.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("TERM", "xterm")
+        .output()
+        .expect("script (util-linux)");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "warm on a terminal: {shown}");
+    assert!(
+        shown.contains(&amd.digest) && shown.contains("warming") && shown.contains("B/s"),
+        "a bar with bytes and rate: {shown:?}"
+    );
 
     // A push to a new local repository of an image whose layer is cached:
     // the pusher's HEAD probe is not answered by the mirror, so it uploads
