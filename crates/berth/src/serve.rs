@@ -401,6 +401,7 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         backups: backups.clone(),
         region: region.clone(),
         region_source: Some(region_view.clone()),
+        sessions: Default::default(),
         ready: ready.clone(),
         limits: Arc::new(RequestLimits::new(
             config.body_idle_timeout,

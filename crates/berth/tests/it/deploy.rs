@@ -203,6 +203,52 @@ async fn every_metric_the_dashboard_and_the_rules_name_exists() {
     ] {
         assert!(have.lines().any(|l| l == line), "{line} in:\n{have}");
     }
+    // An operator signs in to the console while etcd is up...
+    let base = console.eu.url();
+    let http = client_builder_trusting(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = send(http.get(format!("{base}/ui/login"))).await;
+    let csrf_cookie = login.header("set-cookie").unwrap();
+    let csrf = csrf_cookie
+        .strip_prefix("berth_csrf=")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let (user, password) = crate::security::ROOT;
+    let r = send(
+        http.post(format!("{base}/ui/login"))
+            .header("cookie", format!("berth_csrf={csrf}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "csrf={csrf}&user={user}&password={password}&next=/ui/"
+            )),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+    let session = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let overview = || {
+        send(
+            http.get(format!("{base}/ui/"))
+                .header("cookie", session.clone()),
+        )
+    };
+    let page = overview().await;
+    assert!(
+        page.text().contains("quorum</span>: 1 of 1 reachable"),
+        "{}",
+        page.text()
+    );
+
     drop(etcd);
     // With etcd gone, the node says so within a few looks.
     assert!(
@@ -214,6 +260,15 @@ async fn every_metric_the_dashboard_and_the_rules_name_exists() {
         .await,
         "readiness and quorum gauges follow etcd's loss: {}",
         console.eu.log_tail(20)
+    );
+    // ...and keeps it through the outage: the overview says what is wrong.
+    let page = overview().await;
+    assert_eq!(page.status, 200, "{}", page.describe());
+    let text = page.text();
+    assert!(text.contains("not ready: "), "{text}");
+    assert!(
+        text.contains("No etcd member answers") || text.contains("NO QUORUM"),
+        "{text}"
     );
 }
 

@@ -25,7 +25,7 @@ use maud::{DOCTYPE, Markup, html};
 use serde::de::DeserializeOwned;
 
 use crate::AppState;
-pub use session::Viewer;
+pub use session::{RecentSessions, Viewer};
 
 /// The largest form the console accepts (a sign-in, a button's fields).
 const MAX_FORM_BYTES: usize = 16 * 1024;

@@ -42,6 +42,51 @@ const SESSION_PREFIX: &str = "ui/session/";
 const SESSION_TTL_MS: u64 = 8 * 3600 * 1000;
 /// Expired sessions removed per sign-in (they are also ignored when read).
 const SWEEP_LIMIT: usize = 200;
+/// A session read that takes longer falls back to [`RecentSessions`].
+const SESSION_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a session this node checked stands without the store.
+const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// Sessions remembered per node, at most.
+const RECENT_MAX: usize = 4096;
+
+/// The sessions this node checked lately. Used only while the metadata
+/// store does not answer, so that an operator signed in before an etcd
+/// outage keeps the console through it. Revocation (sign-out, a removed
+/// user, a revoked token) is immediate while the store answers; during an
+/// outage a session signed out on another node stands here for at most
+/// [`RECENT_FOR`], and a removed user or token is still refused (the
+/// identity is rebuilt from the current files and tokens).
+#[derive(Default)]
+pub struct RecentSessions {
+    map: std::sync::Mutex<std::collections::HashMap<String, (SessionRecord, std::time::Instant)>>,
+}
+
+impl RecentSessions {
+    fn remember(&self, key: &str, record: SessionRecord) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= RECENT_MAX && !map.contains_key(key) {
+            map.retain(|_, (_, at)| at.elapsed() < RECENT_FOR);
+            if map.len() >= RECENT_MAX {
+                map.clear();
+            }
+        }
+        map.insert(key.to_string(), (record, std::time::Instant::now()));
+    }
+
+    fn recall(&self, key: &str) -> Option<SessionRecord> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .filter(|(_, at)| at.elapsed() < RECENT_FOR)
+            .map(|(r, _)| r.clone())
+    }
+
+    fn forget(&self, key: &str) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -264,27 +309,47 @@ impl FromRequestParts<AppState> for Viewer {
         };
         if let Some(id) = cookie(&parts.headers, SESSION_COOKIE) {
             let key = session_key(id);
-            match state.registry.meta().get(key.as_bytes()).await {
-                Ok(Some(kv)) => {
-                    if let Ok(record) = serde_json::from_slice::<SessionRecord>(&kv.value)
-                        && let Some(identity) = session_identity(&auth, &record)
-                    {
-                        viewer.identity = identity;
-                        viewer.csrf = record.csrf;
-                        viewer.session_key = Some(key);
-                        return Ok(viewer);
+            let read = tokio::time::timeout(
+                SESSION_READ_TIMEOUT,
+                state.registry.meta().get(key.as_bytes()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(berth_store::StoreError::Unavailable(format!(
+                    "no answer within {SESSION_READ_TIMEOUT:?}"
+                )))
+            });
+            let record = match read {
+                Ok(Some(kv)) => serde_json::from_slice::<SessionRecord>(&kv.value).ok(),
+                Ok(None) => None,
+                // The store does not answer (an etcd outage, when the
+                // console matters most): a session this node checked
+                // lately still stands.
+                Err(e) => match state.sessions.recall(&key) {
+                    Some(record) => {
+                        tracing::debug!(error = %e, "console session from memory");
+                        Some(record)
                     }
+                    None => {
+                        tracing::warn!(error = %e, "cannot read a console session");
+                        return Err(error_page(
+                            &viewer,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Unavailable",
+                            "Sessions cannot be read now (the metadata store does not answer); retry shortly, or use the registry's credentials directly (curl -u).",
+                        ));
+                    }
+                },
+            };
+            match record.and_then(|r| session_identity(&auth, &r).map(|i| (i, r))) {
+                Some((identity, record)) => {
+                    viewer.identity = identity;
+                    viewer.csrf = record.csrf.clone();
+                    state.sessions.remember(&key, record);
+                    viewer.session_key = Some(key);
+                    return Ok(viewer);
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read a console session");
-                    return Err(error_page(
-                        &viewer,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Unavailable",
-                        "Sessions cannot be read now (the metadata store does not answer); retry shortly.",
-                    ));
-                }
+                None => state.sessions.forget(&key),
             }
         }
         // No session: the request's own credentials, as the API takes them.
