@@ -225,6 +225,11 @@ impl Authenticator {
         self.htpasswd().is_some_and(|f| f.contains(user))
     }
 
+    /// A digest of the user's htpasswd entry (see [`Htpasswd::fingerprint`]).
+    pub fn user_fingerprint(&self, user: &str) -> Option<String> {
+        self.htpasswd()?.fingerprint(user)
+    }
+
     fn htpasswd(&self) -> Option<Arc<Htpasswd>> {
         self.htpasswd
             .read()

@@ -134,6 +134,20 @@ impl Htpasswd {
         self.users.contains_key(user)
     }
 
+    /// A digest of the user's entry: changes when the password does (a
+    /// new bcrypt salt), so a session can end with the password it was
+    /// opened with.
+    pub fn fingerprint(&self, user: &str) -> Option<String> {
+        use sha2::Digest as _;
+        let hash = self.users.get(user)?;
+        let mut h = sha2::Sha256::new();
+        h.update(b"berth-htpasswd-entry\0");
+        h.update(user.as_bytes());
+        h.update(b"\0");
+        h.update(hash.as_bytes());
+        Some(hex::encode(&h.finalize()[..16]))
+    }
+
     /// Checks a password. Slow on purpose (bcrypt): call it off the async
     /// runtime. An unknown user costs the same time as a known one, so
     /// timing does not tell which users exist.

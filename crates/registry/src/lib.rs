@@ -24,4 +24,4 @@ pub use registry::{
     RetentionRule, ScrubProgress, ScrubReport, StateSummary, TrashEntry, Undeleted, UploadStatus,
     Usage, now_ms, stamp_ms,
 };
-pub use registry::{MAX_SORTED_TAGS, RepositorySummary, TagEntry, TagListing};
+pub use registry::{MAX_SORTED_TAGS, RepositorySummary, SearchBatch, TagEntry, TagListing};

@@ -52,7 +52,7 @@ pub use retention::Retention;
 pub use scrub::Scrubber;
 pub use security::{Cidr, Security};
 pub use serve::{ConnInfo, ServeOptions, serve};
-pub use ui::RecentSessions;
+pub use ui::NodeSessions;
 
 /// What every handler shares: one reference-counted value, so that the
 /// clone each middleware and handler takes of it is one atomic increment.
@@ -100,8 +100,8 @@ pub struct Shared {
     pub region: Arc<region::RegionWatch>,
     /// Where that look comes from (the binary's cluster registration).
     pub region_source: Option<Arc<dyn region::ClusterSource>>,
-    /// Console sessions this node checked lately (see `ui::session`).
-    pub sessions: Arc<RecentSessions>,
+    /// What this node keeps of console sessions (see `ui::session`).
+    pub sessions: Arc<NodeSessions>,
 }
 
 /// Protection against slow or too many clients.

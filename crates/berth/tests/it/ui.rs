@@ -196,11 +196,14 @@ async fn the_console_in_a_real_browser() {
     browser.click_and_wait("#sign-in").await;
     let refused = browser.text(".error").await;
     assert!(refused.contains("Wrong user or password"), "{refused}");
-    let cookie = browser.cookie("berth_csrf").await.expect("a CSRF cookie");
+    let cookie = browser
+        .cookie("__Host-berth_csrf")
+        .await
+        .expect("a CSRF cookie");
     assert_eq!(cookie["httpOnly"], true);
     sign_in(&browser, &base, ROOT).await;
     let session = browser
-        .cookie("berth_session")
+        .cookie("__Host-berth_session")
         .await
         .expect("a session cookie");
     assert_eq!(session["secure"], true, "{session}");
@@ -426,7 +429,7 @@ async fn the_console_in_a_real_browser() {
     let post = |path: &str, body: String, origin: Option<&str>| {
         let mut rb = http
             .post(format!("{base}{path}"))
-            .header("cookie", format!("berth_session={session_id}"))
+            .header("cookie", format!("__Host-berth_session={session_id}"))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(body);
         if let Some(o) = origin {
@@ -441,7 +444,7 @@ async fn the_console_in_a_real_browser() {
     // The page's own token, from another site's page: refused too.
     let page = send(
         http.get(format!("{base}/ui/replication"))
-            .header("cookie", format!("berth_session={session_id}")),
+            .header("cookie", format!("__Host-berth_session={session_id}")),
     )
     .await;
     let token = page
@@ -485,7 +488,7 @@ async fn the_console_in_a_real_browser() {
     assert!(browser.url().await.contains("/ui/login"));
     let r = send(
         http.get(format!("{base}/ui/replication"))
-            .header("cookie", format!("berth_session={session_id}")),
+            .header("cookie", format!("__Host-berth_session={session_id}")),
     )
     .await;
     assert_eq!(r.status, 303, "the old session is gone: {}", r.describe());
@@ -614,6 +617,16 @@ async fn an_open_registry_has_an_open_console_that_still_refuses_forged_forms() 
     .await;
     assert_eq!(r.status, 404, "{}", r.describe());
     assert!(r.text().contains("is not cached"), "{}", r.text());
+    // Region control needs a peer credential on an open registry: the
+    // console refuses it even with a good form.
+    let r = send(
+        http.post(format!("{}/ui/replication/serving", reg.url()))
+            .header("cookie", format!("berth_csrf={token}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("csrf={token}&enabled=false")),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.describe());
     // Bad input gets an answer, never a 500.
     for (method, path, body) in [
         (Method::GET, "/ui/repositories/Bad/Name", ""),
@@ -651,4 +664,150 @@ async fn an_open_registry_has_an_open_console_that_still_refuses_forged_forms() 
     )
     .await;
     assert_eq!(r.status, 413, "{}", r.describe());
+}
+
+/// Signs in through the form with a plain HTTP client; the session cookie
+/// (`NAME=VALUE`), or the refusal's status.
+async fn sign_in_http(
+    http: &reqwest::Client,
+    base: &str,
+    who: (&str, &str),
+) -> Result<String, u16> {
+    let login = send(http.get(format!("{base}/ui/login"))).await;
+    let csrf = login
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next().map(str::to_string))
+        .expect("a CSRF cookie");
+    let token = csrf.split_once('=').unwrap().1.to_string();
+    let r = send(
+        http.post(format!("{base}/ui/login"))
+            .header("cookie", csrf)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "csrf={token}&user={}&password={}&next=/ui/repositories",
+                who.0, who.1
+            )),
+    )
+    .await;
+    if r.status != 303 {
+        return Err(r.status);
+    }
+    Ok(r.header("set-cookie")
+        .and_then(|c| c.split(';').next().map(str::to_string))
+        .expect("a session cookie"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_with_their_credential_and_tokens_see_only_their_claims() {
+    if !pki::tools_available() {
+        return;
+    }
+    let s = crate::security::Secured::start(Options::new()).await;
+    let base = s.reg.url();
+    Image::oci(fresh_seed(), 1, 1000)
+        .push(&s.reg, "team/app", Some("1"))
+        .await;
+    let http = client_builder_trusting(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = |cookie: String| {
+        send(
+            http.get(format!("{base}/ui/repositories/team/app"))
+                .header("cookie", cookie),
+        )
+    };
+    let alice = sign_in_http(&http, &base, ALICE).await.unwrap();
+    let bob = sign_in_http(&http, &base, BOB).await.unwrap();
+    assert!(alice.starts_with("__Host-berth_session="), "{alice}");
+    assert_eq!(page(alice.clone()).await.status, 200);
+    assert_eq!(page(bob.clone()).await.status, 200);
+
+    // alice's password changes (only her line): her session ends, bob's
+    // stands.
+    let text = std::fs::read_to_string(&s.htpasswd).unwrap();
+    let line = std::process::Command::new("htpasswd")
+        .args(["-nbB", "-C", "5", ALICE.0, "a-new-password"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&line.stdout).trim().to_string();
+    let replaced: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("alice:") {
+                line.clone()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    let tmp = s.htpasswd.with_extension("tmp");
+    std::fs::write(&tmp, replaced.join("\n") + "\n").unwrap();
+    std::fs::rename(&tmp, &s.htpasswd).unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            page(alice.clone()).await.status == 303
+        })
+        .await,
+        "a new password ends the session"
+    );
+    assert_eq!(page(bob.clone()).await.status, 200, "bob's stands");
+
+    // Signing out ends the session on the server.
+    let logout_page = send(
+        http.get(format!("{base}/ui/"))
+            .header("cookie", bob.clone()),
+    )
+    .await;
+    let token = logout_page
+        .text()
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = send(
+        http.post(format!("{base}/ui/logout"))
+            .header("cookie", bob.clone())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("csrf={token}")),
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.describe());
+    assert!(r.header("set-cookie").unwrap().contains("Max-Age=0"));
+    assert_eq!(page(bob.clone()).await.status, 303, "signed out for good");
+
+    // A registry token for the catalog lists what its subject may pull,
+    // but reads no repository: it carries no pull of one.
+    let r = send(
+        http.get(format!(
+            "{base}/auth/token?service=berth&scope=registry:catalog:*"
+        ))
+        .header("authorization", basic(BOB)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let catalog_token = r.json()["token"].as_str().unwrap().to_string();
+    let bearer = |path: &str| {
+        send(
+            http.get(format!("{base}{path}"))
+                .header("authorization", format!("Bearer {catalog_token}")),
+        )
+    };
+    let list = bearer("/ui/repositories").await;
+    assert!(list.text().contains("team/app"), "{}", list.text());
+    let r = bearer("/ui/repositories/team/app").await;
+    assert_eq!(r.status, 403, "{}", r.describe());
+
+    // Sign-ins are throttled per principal: a script cannot fill the store.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(sign_in_http(&http, &base, ROOT).await.err().unwrap_or(303));
+    }
+    assert!(
+        statuses[..10].iter().all(|s| *s == 303) && statuses[10..].contains(&429),
+        "{statuses:?}"
+    );
 }

@@ -111,7 +111,10 @@ impl PullThroughCache {
             .head_manifest(&target.remote, tag.as_str())
             .await
         {
-            Ok(head) => head,
+            Ok(head) => {
+                self.note_success(upstream);
+                head
+            }
             Err(e) => {
                 self.note_failure(upstream, &e);
                 return Err(e.into());
@@ -194,7 +197,10 @@ impl PullThroughCache {
             .head_manifest(&target.remote, tag.as_str())
             .await
         {
-            Ok(head) => head,
+            Ok(head) => {
+                self.note_success(upstream);
+                head
+            }
             Err(e) => {
                 self.note_failure(upstream, &e);
                 return match (&cached, e.kind) {
@@ -307,7 +313,10 @@ impl PullThroughCache {
             .get_manifest(&target.remote, reference, limit)
             .await
         {
-            Ok(f) => f,
+            Ok(f) => {
+                self.note_success(upstream);
+                f
+            }
             Err(e) => {
                 self.note_failure(upstream, &e);
                 return Err(e.into());

@@ -128,7 +128,8 @@ pub struct UpstreamState {
     pub url: String,
     /// Failed as unavailable within the outage backoff.
     pub down: bool,
-    /// When the current outage began (0 when up).
+    /// When the current outage began: the first unavailable failure since
+    /// the upstream last answered (0: none).
     pub failing_since_ms: u64,
     pub last_error: Option<(u64, String)>,
 }
@@ -303,11 +304,20 @@ impl PullThroughCache {
             .unwrap_or_else(|p| p.into_inner()) = Some((now, e.to_string()));
         if e.is_unavailable() {
             let until = now + self.options.outage_backoff.as_millis() as u64;
-            let was_up = upstream.down_until_ms.swap(until, Ordering::Relaxed) <= now;
-            if was_up {
-                upstream.failing_since_ms.store(now, Ordering::Relaxed);
-            }
+            upstream.down_until_ms.store(until, Ordering::Relaxed);
+            // The outage began at the first failure since the last success.
+            let _ = upstream.failing_since_ms.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
+    }
+
+    /// An upstream answered: an outage, if there was one, is over.
+    fn note_success(&self, upstream: &Upstream) {
+        upstream.failing_since_ms.store(0, Ordering::Relaxed);
     }
 
     /// Every upstream's state, in namespace order.
@@ -321,11 +331,7 @@ impl PullThroughCache {
                     namespace: namespace.clone(),
                     url: u.client.config().url.clone(),
                     down,
-                    failing_since_ms: if down {
-                        u.failing_since_ms.load(Ordering::Relaxed)
-                    } else {
-                        0
-                    },
+                    failing_since_ms: u.failing_since_ms.load(Ordering::Relaxed),
                     last_error: u
                         .last_error
                         .lock()

@@ -1,7 +1,7 @@
 //! Reads for people rather than clients (the operator's console): a
 //! repository's size and last push, its tags newest first, a search over
 //! names, and a manifest's record and bytes by digest. Every read is
-//! bounded, so a page costs the same on a registry of any size.
+//! bounded (a search by its caller, batch by batch).
 
 use berth_oci::{Digest, RepositoryName};
 use bytes::Bytes;
@@ -29,6 +29,16 @@ pub struct RepositorySummary {
     pub truncated: bool,
 }
 
+/// See [`Registry::search_batch`].
+#[derive(Clone, Debug, Default)]
+pub struct SearchBatch {
+    pub matches: Vec<String>,
+    /// The last name looked at (where the next batch starts).
+    pub last: Option<String>,
+    /// No names follow.
+    pub ended: bool,
+}
+
 /// One tag with its record.
 #[derive(Clone, Debug)]
 pub struct TagEntry {
@@ -45,37 +55,31 @@ pub struct TagListing {
 }
 
 impl Registry {
-    /// Repository names containing `needle`, after `last`, at most `n`,
-    /// and whether more follow. Scans names in batches and stops once the
-    /// page is full.
-    pub async fn search_repositories(
+    /// One batch of a search: of the (at most `limit`) repository names
+    /// after `after`, those containing `needle`; the last name looked at;
+    /// and whether the names ended. The caller bounds how many batches a
+    /// request reads.
+    pub async fn search_batch(
         &self,
         needle: &str,
-        last: Option<&str>,
-        n: usize,
-    ) -> Result<(Vec<String>, bool)> {
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<SearchBatch> {
         let prefix = keys::REPO_PREFIX;
-        let mut after = last.map(|l| format!("{prefix}{l}").into_bytes());
-        let mut out = Vec::new();
-        loop {
-            let batch = self
-                .meta
-                .scan(prefix.as_bytes(), after.as_deref(), 1000)
-                .await?;
-            let Some(tail) = batch.last() else {
-                return Ok((out, false));
-            };
-            after = Some(tail.key.clone());
-            for kv in &batch {
-                let name = String::from_utf8_lossy(&kv.key[prefix.len()..]);
-                if name.contains(needle) {
-                    if out.len() == n {
-                        return Ok((out, true));
-                    }
-                    out.push(name.into_owned());
-                }
-            }
-        }
+        let start = after.map(|l| format!("{prefix}{l}").into_bytes());
+        let batch = self
+            .meta
+            .scan(prefix.as_bytes(), start.as_deref(), limit)
+            .await?;
+        let names: Vec<String> = batch
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned())
+            .collect();
+        Ok(SearchBatch {
+            ended: names.len() < limit,
+            last: names.last().cloned(),
+            matches: names.into_iter().filter(|n| n.contains(needle)).collect(),
+        })
     }
 
     /// Tag count, newest push and size of one repository.

@@ -27,7 +27,7 @@ mod tags;
 mod trash;
 mod uploads;
 
-pub use browse::{MAX_SORTED_TAGS, RepositorySummary, TagEntry, TagListing};
+pub use browse::{MAX_SORTED_TAGS, RepositorySummary, SearchBatch, TagEntry, TagListing};
 pub use changes::{Applied, ChangePage, Hlc, StateSummary, stamp_ms};
 pub use compaction::{CompactionOptions, CompactionReport, MetadataUsage, RecordKind, Usage};
 pub use gc::{GcOptions, GcReport, Progress as GcProgress};

@@ -113,7 +113,8 @@ pub async fn page(
             (super::repositories::pager("/ui/cache?", page_no, pages))
         }
     };
-    super::page(&viewer, "Cache", Nav::Cache, true, body)
+    // Not live: the list is read whole (it is bounded by the cache's size).
+    super::page(&viewer, "Cache", Nav::Cache, false, body)
 }
 
 #[derive(Deserialize)]

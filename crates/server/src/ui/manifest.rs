@@ -14,6 +14,8 @@ use super::format::{bytes, short_digest, time};
 use super::{Nav, Viewer, error_page, unavailable};
 use crate::AppState;
 
+/// Children of an index whose manifests are read for its size, at most.
+const MAX_CHILDREN_READ: usize = 64;
 /// Tags pointing at the manifest shown, at most (newest first).
 const SHOWN_TAGS: usize = 50;
 /// The raw manifest shown on the page, at most.
@@ -59,13 +61,21 @@ pub async fn summarize(
         })));
     }
     let mut size = bytes.len() as u64;
-    for child in parsed.children() {
+    // Bounded: an index may list thousands of children.
+    for child in parsed.children().iter().take(MAX_CHILDREN_READ) {
         size += match registry.manifest_by_digest(name, &child.digest).await? {
             Some((r, b)) => Manifest::parse(Some(&r.media_type), &b)
                 .map_or(b.len() as u64, |p| image_size(b.len(), &p)),
             None => child.size,
         };
     }
+    // The rest count by their manifests alone.
+    size += parsed
+        .children()
+        .iter()
+        .skip(MAX_CHILDREN_READ)
+        .map(|c| c.size)
+        .sum::<u64>();
     let platforms = record
         .platforms
         .iter()

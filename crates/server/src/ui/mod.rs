@@ -25,12 +25,15 @@ use maud::{DOCTYPE, Markup, html};
 use serde::de::DeserializeOwned;
 
 use crate::AppState;
-pub use session::{RecentSessions, Viewer};
+pub use session::{NodeSessions, Viewer};
 
 /// The largest form the console accepts (a sign-in, a button's fields).
 const MAX_FORM_BYTES: usize = 16 * 1024;
 /// Rows per page of a listing.
 pub const PAGE_ROWS: usize = 50;
+/// How long a page waits for a store read that is not on its main path
+/// (replication status on the overview) before saying so.
+pub const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 const STYLE: &str = include_str!("assets/style.css");
 const SCRIPT: &str = include_str!("assets/live.js");
@@ -193,11 +196,18 @@ pub fn error_page(viewer: &Viewer, status: StatusCode, title: &str, message: &st
 /// A failure of a store behind a page: logged in full, shown briefly.
 pub fn unavailable(viewer: &Viewer, what: &str, error: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %error, "console: cannot read {what}");
+    // The store's words are for administrators (as on the API, where they
+    // stay in the log).
+    let message = if viewer.may_admin() {
+        format!("Cannot read {what} now ({error}); retry shortly.")
+    } else {
+        format!("Cannot read {what} now; retry shortly.")
+    };
     error_page(
         viewer,
         StatusCode::SERVICE_UNAVAILABLE,
         "Unavailable",
-        &format!("Cannot read {what} now ({error}); retry shortly."),
+        &message,
     )
 }
 

@@ -22,7 +22,7 @@ pub async fn page(State(state): State<AppState>, viewer: Viewer, uri: http::Uri)
     let body = html! {
         h1 { "Overview" }
         p.muted #rendered { "As of " (super::format::time(berth_registry::now_ms())) }
-        (this_node(&state, latest.as_deref()))
+        (this_node(&state, latest.as_deref(), admin))
         @if admin {
             (traffic(&state))
             @match latest.as_deref() {
@@ -42,7 +42,7 @@ pub async fn page(State(state): State<AppState>, viewer: Viewer, uri: http::Uri)
     super::page(&viewer, "Overview", Nav::Overview, true, body)
 }
 
-fn this_node(state: &AppState, latest: Option<&RegionStatus>) -> Markup {
+fn this_node(state: &AppState, latest: Option<&RegionStatus>, admin: bool) -> Markup {
     let source = &state.region_source;
     html! {
         dl.facts {
@@ -54,7 +54,8 @@ fn this_node(state: &AppState, latest: Option<&RegionStatus>) -> Markup {
             dd #node-ready {
                 @match latest.map(|s| &s.ready) {
                     Some(Ok(())) => span.ok { "ready" },
-                    Some(Err(why)) => span.bad { "not ready: " (why) },
+                    Some(Err(why)) if admin => span.bad { "not ready: " (why) },
+                    Some(Err(_)) => span.bad { "not ready" },
                     None => span.muted { "not looked at yet" },
                 }
                 @if let Some(s) = latest { " " span.muted { "(" (ago(s.collected_ms)) ")" } }
@@ -161,7 +162,11 @@ async fn replication(state: &AppState) -> Markup {
     let Some(replicator) = &state.replication else {
         return html! {};
     };
-    let peers = replicator.status().await;
+    // Bounded: the overview must answer while etcd does not.
+    let peers = match tokio::time::timeout(super::STORE_WAIT, replicator.status()).await {
+        Ok(p) => p.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {:?}", super::STORE_WAIT)),
+    };
     html! {
         h2 { a href="/ui/replication" { "Replication" } }
         @match peers {

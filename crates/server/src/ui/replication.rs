@@ -24,11 +24,19 @@ pub async fn page(State(state): State<AppState>, viewer: Viewer, uri: http::Uri)
         };
         return super::page(&viewer, "Replication", Nav::Replication, false, body);
     };
-    let peers = match replicator.status().await {
-        Ok(p) => p,
-        Err(e) => return unavailable(&viewer, "the replication status", e),
+    let peers = match tokio::time::timeout(super::STORE_WAIT, replicator.status()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return unavailable(&viewer, "the replication status", e),
+        Err(_) => {
+            return unavailable(
+                &viewer,
+                "the replication status",
+                format!("no answer within {:?}", super::STORE_WAIT),
+            );
+        }
     };
-    let serving_off = replicator.serving_disabled().await.unwrap_or(false);
+    let serving_off = tokio::time::timeout(super::STORE_WAIT, replicator.serving_disabled()).await;
+    let serving_off = matches!(serving_off, Ok(Ok(true)));
     let control = viewer.may_control_region();
     let body = html! {
         h1 { "Replication" }

@@ -19,8 +19,9 @@ use super::manifest::{self, Summary};
 use super::{Form, Nav, PAGE_ROWS, Viewer, error_page, unavailable};
 use crate::AppState;
 
-/// Repository names a search scans for visible ones, at most, per page.
-const MAX_SCANNED: usize = 100_000;
+/// Repository names one request looks at, at most (a search that finds
+/// little offers a link to go on).
+const MAX_EXAMINED: usize = 10_000;
 
 #[derive(Deserialize, Default)]
 pub struct ListQuery {
@@ -49,35 +50,44 @@ pub async fn list(
             "A search is at most 256 characters.",
         );
     }
-    // Names are visible only if the viewer may pull them: read until a page
-    // of visible names is full (bounded for a viewer who sees few).
+    // Names are visible only if the viewer may pull them: read batches
+    // until a page of visible names is full, the names end, or this
+    // request has looked at MAX_EXAMINED of them (then a link goes on).
     let mut names = Vec::new();
     let mut cursor = query
         .after
         .clone()
         .filter(|a| RepositoryName::parse(a).is_ok());
-    let mut scanned = 0;
-    let more = 'scan: loop {
-        let (found, has_more) = match state
+    let mut examined = 0;
+    let next_after: Option<String> = loop {
+        let batch = match state
             .registry
-            .search_repositories(&needle, cursor.as_deref(), 500)
+            .search_batch(&needle, cursor.as_deref(), 500)
             .await
         {
             Ok(b) => b,
             Err(e) => return unavailable(&viewer, "the repositories", e),
         };
-        for name in found {
-            scanned += 1;
-            if viewer.may_pull(&name) {
+        examined += 500;
+        let mut full = false;
+        for name in batch.matches {
+            if viewer.may_list(&name) {
                 if names.len() == PAGE_ROWS {
-                    break 'scan true;
+                    full = true;
+                    break;
                 }
-                names.push(name.clone());
+                names.push(name);
             }
-            cursor = Some(name);
         }
-        if !has_more || scanned >= MAX_SCANNED {
-            break has_more;
+        if full {
+            break names.last().cloned();
+        }
+        if batch.ended {
+            break None;
+        }
+        cursor = batch.last;
+        if examined >= MAX_EXAMINED {
+            break cursor.clone();
         }
     };
     let registry = state.registry.clone();
@@ -92,11 +102,11 @@ pub async fn list(
         .buffered(16)
         .collect()
         .await;
-    let next = names.last().filter(|_| more).map(|last| {
+    let next = next_after.map(|after| {
         format!(
             "/ui/repositories?q={}&after={}",
             encode(&needle),
-            encode(last)
+            encode(&after)
         )
     });
     let body = html! {
@@ -105,7 +115,9 @@ pub async fn list(
             input #q type="search" name="q" value=(needle) placeholder="Search names" aria-label="Search repositories";
             button type="submit" { "Search" }
         }
-        @if names.is_empty() {
+        @if names.is_empty() && next.is_some() {
+            p.muted #none-yet { "None in the first " (MAX_EXAMINED) " names looked at; the next link looks further." }
+        } @else if names.is_empty() {
             p.muted #no-repositories { @if needle.is_empty() { "No repositories you may pull." } @else { "No repository you may pull matches." } }
         } @else {
             table #repositories {
