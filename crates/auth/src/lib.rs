@@ -13,6 +13,7 @@ pub mod apitoken;
 pub mod authenticator;
 #[cfg(feature = "service")]
 pub mod authorize;
+pub mod browser;
 pub mod glob;
 pub mod header;
 pub mod htpasswd;

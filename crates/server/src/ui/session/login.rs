@@ -5,6 +5,7 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
 use berth_auth::AuthFailure;
+use berth_auth::browser::safe_next;
 use berth_store::Txn;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use maud::html;
@@ -19,23 +20,6 @@ use crate::ui::{Form, Nav, error_page, page};
 #[derive(Deserialize)]
 pub struct NextQuery {
     next: Option<String>,
-}
-
-/// Only a console path (never another site), of visible ASCII (a
-/// `Location` header's bytes).
-fn safe_next(next: Option<&str>) -> String {
-    match next {
-        Some(n)
-            if n.starts_with("/ui/")
-                && n.len() <= 512
-                && !n.contains("//")
-                && !n.contains('\\')
-                && n.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
-            n.to_string()
-        }
-        _ => "/ui/".into(),
-    }
 }
 
 pub async fn login_page(
@@ -237,30 +221,4 @@ pub async fn logout(
     // The browser forgets it whatever the store said.
     set_session_cookie(&mut response, "", 0);
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn next_stays_on_the_console() {
-        assert_eq!(safe_next(Some("/ui/cache")), "/ui/cache");
-        assert_eq!(
-            safe_next(Some("/ui/repositories?q=a%20b")),
-            "/ui/repositories?q=a%20b"
-        );
-        for bad in [
-            "https://evil.example/",
-            "//evil.example/ui/",
-            "/ui//evil.example",
-            "/ui/\\evil",
-            "/ui/é",
-            "/ui/a\r\nSet-Cookie: x=1",
-            "/ui/a b",
-        ] {
-            assert_eq!(safe_next(Some(bad)), "/ui/", "{bad:?}");
-        }
-        assert_eq!(safe_next(None), "/ui/");
-    }
 }
