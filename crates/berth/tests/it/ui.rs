@@ -811,3 +811,54 @@ async fn sessions_end_with_their_credential_and_tokens_see_only_their_claims() {
         "{statuses:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repository_list_pages_through_everything_once() {
+    let reg = Registry::start().await;
+    let image = Image::oci(fresh_seed(), 1, 100);
+    let mut all = Vec::new();
+    for i in 0..120 {
+        let name = format!("{}/r{i:03}", if i % 2 == 0 { "even" } else { "odd" });
+        image.push(&reg, &name, Some("1")).await;
+        all.push(name);
+    }
+    all.sort();
+    let names_on = |html: &str| -> Vec<String> {
+        html.split("<a href=\"/ui/repositories/")
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap().to_string())
+            .collect()
+    };
+    let next_on = |html: &str| -> Option<String> {
+        let at = html.find("id=\"next-page\" href=\"")?;
+        let rest = &html[at + "id=\"next-page\" href=\"".len()..];
+        Some(rest.split('"').next().unwrap().replace("&amp;", "&"))
+    };
+    // Every page in turn: each name once, in order, 50 a page.
+    for (query, expected) in [
+        ("/ui/repositories".to_string(), all.clone()),
+        (
+            "/ui/repositories?q=odd".to_string(),
+            all.iter()
+                .filter(|n| n.starts_with("odd/"))
+                .cloned()
+                .collect::<Vec<_>>(),
+        ),
+    ] {
+        let mut seen = Vec::new();
+        let mut next = Some(query);
+        let mut pages = 0;
+        while let Some(path) = next {
+            let page = reg.get(&path).await;
+            assert_eq!(page.status, 200, "{}", page.describe());
+            let names = names_on(&page.text());
+            assert!(names.len() <= 50, "{path}: {}", names.len());
+            seen.extend(names);
+            next = next_on(&page.text());
+            pages += 1;
+            assert!(pages < 10, "the pages end");
+        }
+        assert_eq!(seen, expected);
+        assert_eq!(pages, expected.len().div_ceil(50));
+    }
+}

@@ -67,16 +67,20 @@ impl Registry {
     ) -> Result<SearchBatch> {
         let prefix = keys::REPO_PREFIX;
         let start = after.map(|l| format!("{prefix}{l}").into_bytes());
+        // One more than asked: whether names follow is known without
+        // another read.
         let batch = self
             .meta
-            .scan(prefix.as_bytes(), start.as_deref(), limit)
+            .scan(prefix.as_bytes(), start.as_deref(), limit + 1)
             .await?;
+        let ended = batch.len() <= limit;
         let names: Vec<String> = batch
             .iter()
+            .take(limit)
             .map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned())
             .collect();
         Ok(SearchBatch {
-            ended: names.len() < limit,
+            ended,
             last: names.last().cloned(),
             matches: names.into_iter().filter(|n| n.contains(needle)).collect(),
         })
