@@ -32,6 +32,8 @@ impl Progress {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_prefix(label.to_string());
+        // Drawn at once, not at the first tick: a short job shows it too.
+        bar.tick();
         bar.enable_steady_tick(Duration::from_millis(200));
         Progress { bar: Some(bar) }
     }

@@ -425,8 +425,6 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
     .await
     .map_err(ServeError::Cluster)?;
     let maintainer = tokio::spawn(node.clone().maintain());
-    // The console's overview and the availability gauges.
-    let looking = tokio::spawn(region.clone().run(state.clone(), region_view));
     let reaper = tokio::spawn({
         let registry = registry.clone();
         node.clone()
@@ -595,6 +593,9 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         env!("CARGO_PKG_VERSION"),
     );
     ready.store(true, Ordering::Release);
+    // The console's overview and the availability gauges, from the moment
+    // the node is ready (a first look before would say "starting").
+    let looking = tokio::spawn(region.clone().run(state.clone(), region_view));
 
     let shutdown = {
         let ready = ready.clone();

@@ -108,7 +108,10 @@ impl PullThroughCache {
         if head {
             self.metrics.served(ns, "blob", "miss");
             return match upstream.client.head_blob(&target.remote, digest).await {
-                Ok(size) => Ok(BlobAnswer::Remote { size }),
+                Ok(size) => {
+                    self.note_success(upstream);
+                    Ok(BlobAnswer::Remote { size })
+                }
                 Err(e) => {
                     self.note_failure(upstream, &e);
                     Err(e.into())
@@ -192,7 +195,10 @@ impl PullThroughCache {
                 .upstream(&ns)
                 .map_err(|e| FillFailure::Store(e.to_string()))?;
             let response = match upstream.client.get_blob(&target.remote, &digest).await {
-                Ok(r) => r,
+                Ok(r) => {
+                    self.note_success(upstream);
+                    r
+                }
                 Err(e) => {
                     self.note_failure(upstream, &e);
                     return Err(FillFailure::Upstream(e));

@@ -317,6 +317,7 @@ impl PullThroughCache {
 
     /// An upstream answered: an outage, if there was one, is over.
     fn note_success(&self, upstream: &Upstream) {
+        upstream.down_until_ms.store(0, Ordering::Relaxed);
         upstream.failing_since_ms.store(0, Ordering::Relaxed);
     }
 

@@ -67,7 +67,11 @@ pub async fn page(
                         td { strong { (u.namespace) } }
                         td.mono { (u.url) }
                         td.state {
-                            @if u.down { span.bad { "failing" } " since " (ago(u.failing_since_ms)) br; span.muted { "serving what is cached" } }
+                            @if u.down {
+                                span.bad { "failing" }
+                                @if u.failing_since_ms > 0 { " since " (ago(u.failing_since_ms)) }
+                                br; span.muted { "serving what is cached" }
+                            }
                             @else { span.ok { "up" } }
                         }
                         td { @match &u.last_error { Some((at, e)) => { span.muted { (e) " (" (ago(*at)) ")" } } None => span.muted { "none" } } }

@@ -16,6 +16,8 @@ use crate::AppState;
 
 /// Children of an index whose manifests are read for its size, at most.
 const MAX_CHILDREN_READ: usize = 64;
+/// Platforms of an index listed, at most.
+const MAX_PLATFORM_ROWS: usize = 256;
 /// Tags pointing at the manifest shown, at most (newest first).
 const SHOWN_TAGS: usize = 50;
 /// The raw manifest shown on the page, at most.
@@ -28,6 +30,8 @@ pub struct Summary {
     pub size: u64,
     /// `linux/amd64`, ... for an index; empty for a single image.
     pub platforms: Vec<String>,
+    /// Only some children were read: the size is a minimum.
+    pub partial: bool,
 }
 
 fn platform_name(os: &str, architecture: &str) -> String {
@@ -51,13 +55,13 @@ pub async fn summarize(
     let Ok(parsed) = Manifest::parse(Some(&record.media_type), &bytes) else {
         return Ok(Some(Arc::new(Summary {
             size: bytes.len() as u64,
-            platforms: Vec::new(),
+            ..Summary::default()
         })));
     };
     if !parsed.kind.is_index() {
         return Ok(Some(Arc::new(Summary {
             size: image_size(bytes.len(), &parsed),
-            platforms: Vec::new(),
+            ..Summary::default()
         })));
     }
     let mut size = bytes.len() as u64;
@@ -81,7 +85,11 @@ pub async fn summarize(
         .iter()
         .map(|p| platform_name(&p.os, &p.architecture))
         .collect();
-    Ok(Some(Arc::new(Summary { size, platforms })))
+    Ok(Some(Arc::new(Summary {
+        size,
+        platforms,
+        partial: parsed.children().len() > MAX_CHILDREN_READ,
+    })))
 }
 
 pub async fn page(
@@ -120,6 +128,11 @@ pub async fn page(
         Err(e) => return unavailable(viewer, "the referrers", e),
     };
     let pull = format!("{}/{name}@{digest}", viewer.host);
+    let platforms: std::collections::HashMap<&Digest, String> = record
+        .platforms
+        .iter()
+        .map(|p| (&p.digest, platform_name(&p.os, &p.architecture)))
+        .collect();
     let shown = String::from_utf8_lossy(&raw[..raw.len().min(MAX_SHOWN_BYTES)]).into_owned();
     let body = html! {
         h1 { (name) span.mono { "@" (short_digest(&digest.to_string())) } }
@@ -127,7 +140,11 @@ pub async fn page(
             dt { "Digest" } dd.mono #digest { (digest) }
             dt { "Media type" } dd.mono { (record.media_type) }
             @if let Some(a) = &record.artifact_type { dt { "Artifact type" } dd.mono { (a) } }
-            dt { "Size" } dd #size { (summary.as_ref().map_or("?".into(), |s| bytes(s.size))) span.muted { " (manifest " (bytes(record.size)) ")" } }
+            dt { "Size" } dd #size {
+                (summary.as_ref().map_or("?".into(), |s| bytes(s.size)))
+                @if summary.as_ref().is_some_and(|s| s.partial) { "+" }
+                span.muted { " (manifest " (bytes(record.size)) ")" }
+            }
             dt { "Stored" } dd { (time(record.created_ms)) }
             dt { "Tags" } dd #manifest-tags {
                 @if tags.is_empty() { span.muted { "none" } }
@@ -146,9 +163,8 @@ pub async fn page(
                 table #platforms {
                     thead { tr { th { "Platform" } th { "Manifest" } th.num { "Manifest size" } } }
                     tbody {
-                        @for child in m.children() {
-                            @let platform = record.platforms.iter().find(|p| p.digest == child.digest)
-                                .map_or("-".to_string(), |p| platform_name(&p.os, &p.architecture));
+                        @for child in m.children().iter().take(MAX_PLATFORM_ROWS) {
+                            @let platform = platforms.get(&child.digest).cloned().unwrap_or_else(|| "-".into());
                             tr {
                                 td { (platform) }
                                 td.mono { a href=(format!("/ui/repositories/{name}/manifests/{}", child.digest)) { (short_digest(&child.digest.to_string())) } }
@@ -156,6 +172,9 @@ pub async fn page(
                             }
                         }
                     }
+                }
+                @if m.children().len() > MAX_PLATFORM_ROWS {
+                    p.muted { "and " (m.children().len() - MAX_PLATFORM_ROWS) " more" }
                 }
             }
             Some(m) => {

@@ -35,21 +35,28 @@ pub async fn page(State(state): State<AppState>, viewer: Viewer, uri: http::Uri)
             );
         }
     };
-    let serving_off = tokio::time::timeout(super::STORE_WAIT, replicator.serving_disabled()).await;
-    let serving_off = matches!(serving_off, Ok(Ok(true)));
+    // Unknown when the store does not answer: neither state is claimed.
+    let serving_off =
+        match tokio::time::timeout(super::STORE_WAIT, replicator.serving_disabled()).await {
+            Ok(Ok(off)) => Some(off),
+            _ => None,
+        };
     let control = viewer.may_control_region();
     let body = html! {
         h1 { "Replication" }
         p #serving {
             "Region " strong { (state.registry.region().unwrap_or("-")) } ": "
-            @if serving_off { span.bad { "serving OFF" } " (/readyz fails on every node, so load balancers and DNS send clients elsewhere)" }
-            @else { span.ok { "serving" } }
-            @if control {
+            @match serving_off {
+                Some(true) => { span.bad { "serving OFF" } " (/readyz fails on every node, so load balancers and DNS send clients elsewhere)" }
+                Some(false) => span.ok { "serving" },
+                None => span.warn { "serving state unknown (the metadata store does not answer)" },
+            }
+            @if let (true, Some(off)) = (control, serving_off) {
                 " "
                 form.inline method="post" action="/ui/replication/serving" {
                     input type="hidden" name="csrf" value=(viewer.csrf);
-                    input type="hidden" name="enabled" value=(if serving_off { "true" } else { "false" });
-                    @if serving_off { button #serving-on type="submit" { "Turn serving on" } }
+                    input type="hidden" name="enabled" value=(if off { "true" } else { "false" });
+                    @if off { button #serving-on type="submit" { "Turn serving on" } }
                     @else { button.danger #serving-off type="submit" { "Turn serving off" } }
                 }
             }

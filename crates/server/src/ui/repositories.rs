@@ -293,7 +293,7 @@ async fn tags(state: &AppState, viewer: &Viewer, name: &RepositoryName, page: us
                             td { strong { (t.tag) } }
                             td.mono { a href=(format!("/ui/repositories/{name}/manifests/{}", t.record.digest)) { (short_digest(&t.record.digest.to_string())) } }
                             @match summary {
-                                Some(s) => { td.num { (bytes(s.size)) } td { (s.platforms.join(", ")) } }
+                                Some(s) => { td.num { (bytes(s.size)) @if s.partial { "+" } } td { (s.platforms.join(", ")) } }
                                 None => { td.num { "?" } td { "?" } }
                             }
                             td { span title=(time(t.record.updated_ms)) { (ago(t.record.updated_ms)) } }

@@ -88,6 +88,17 @@ pub async fn login(
         return Redirect::to("/ui/").into_response();
     }
     let next = form.next.as_deref();
+    // As the API bounds them in the Authorization header.
+    if form.user.len() > berth_auth::header::MAX_USERNAME
+        || form.password.len() > berth_auth::header::MAX_PASSWORD
+    {
+        return login_form(
+            &viewer,
+            next,
+            Some("Wrong user or password."),
+            StatusCode::UNAUTHORIZED,
+        );
+    }
     let audit = |identity: String,
                  outcome: &'static str,
                  status: u16,
@@ -202,13 +213,15 @@ pub async fn logout(
     }
     let mut response = Redirect::to("/ui/login").into_response();
     if let Some(key) = &viewer.session_key {
-        state.sessions.forget(key);
-        if let Err(e) = state
+        // Deleted first, then forgotten: a request reading the record in
+        // between cannot put it back in memory.
+        let deleted = state
             .registry
             .meta()
             .commit(Txn::new().delete(key.clone()))
-            .await
-        {
+            .await;
+        state.sessions.forget(key);
+        if let Err(e) = deleted {
             tracing::warn!(error = %e, "cannot end a console session in the store");
             response = error_page(
                 &viewer,

@@ -190,7 +190,9 @@ impl FromRequestParts<AppState> for Viewer {
             }) && parts
                 .headers
                 .get("x-forwarded-proto")
-                .is_some_and(|v| v.as_bytes() == b"https"));
+                .and_then(|v| v.to_str().ok())
+                // The first proxy's word, as the token realm takes it.
+                .is_some_and(|v| v.split(',').next().unwrap_or("").trim() == "https"));
         let from_proxy = conn.as_ref().is_some_and(|c| {
             state
                 .security

@@ -170,8 +170,9 @@ impl NodeSessions {
         record: &SessionRecord,
         previous: Option<&str>,
     ) -> Result<String, CreateError> {
+        let principal = record.principal_key();
         self.sign_ins
-            .take(&record.principal_key())
+            .take(&principal)
             .map_err(CreateError::Throttled)?;
         self.sweep(meta).await;
         let id = random_token();
@@ -180,10 +181,17 @@ impl NodeSessions {
             serde_json::to_vec(record).unwrap_or_default(),
         );
         if let Some(previous) = previous {
-            self.forget(previous);
             txn = txn.delete(previous.to_string());
         }
-        meta.commit(txn).await.map_err(CreateError::Store)?;
+        if let Err(e) = meta.commit(txn).await {
+            // Nothing was written: the attempt does not count, and the
+            // browser's current session stands (an outage is when it must).
+            self.sign_ins.give_back(&principal);
+            return Err(CreateError::Store(e));
+        }
+        if let Some(previous) = previous {
+            self.forget(previous);
+        }
         Ok(id)
     }
 
@@ -251,7 +259,11 @@ mod tests {
         }
         let map = sessions.recent.lock().unwrap();
         assert!(map.len() <= RECENT_MAX, "{}", map.len());
+        // The oldest go, not everything: the newest and most of the rest stay.
+        assert!(map.len() >= RECENT_MAX * 85 / 100, "{}", map.len());
         assert!(map.contains_key(&format!("k{}", RECENT_MAX + 9)));
+        assert!(map.contains_key(&format!("k{}", RECENT_MAX - 1)));
+        assert!(!map.contains_key("k0"));
         drop(map);
         sessions.forget(&format!("k{}", RECENT_MAX + 9));
         assert!(sessions.recall(&format!("k{}", RECENT_MAX + 9)).is_none());
