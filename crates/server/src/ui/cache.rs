@@ -12,7 +12,6 @@ use serde::Deserialize;
 use super::format::{ago, bytes, short_digest};
 use super::{Form, Nav, PAGE_ROWS, Viewer, error_page, unavailable};
 use crate::AppState;
-use crate::audit::AuditEvent;
 
 #[derive(Deserialize, Default)]
 pub struct CacheQuery {
@@ -151,17 +150,13 @@ pub async fn pin(
             "No pull-through cache is configured.",
         );
     };
-    let pinned = match form.pinned.as_str() {
-        "true" => true,
-        "false" => false,
-        _ => {
-            return error_page(
-                &viewer,
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "pinned is true or false.",
-            );
-        }
+    let Some(pinned) = super::form_bool(&form.pinned) else {
+        return error_page(
+            &viewer,
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "pinned is true or false.",
+        );
     };
     let bad_image = || {
         error_page(
@@ -191,22 +186,13 @@ pub async fn pin(
         }
         Err(e) => return unavailable(&viewer, "the cached image", e),
     }
-    state.security.audit.record(AuditEvent {
-        identity: viewer.name(),
-        client: viewer.client.to_string(),
-        outcome: "ok",
-        status: 303,
-        method: "POST".into(),
-        path: "/ui/cache/pin".into(),
-        event: "admin",
-        action: "admin",
-        repository: Some(target.local.to_string()),
-        detail: format!(
-            "console: {} {}",
-            if pinned { "pin" } else { "unpin" },
-            form.image
-        ),
-        ..Default::default()
-    });
+    let mut event = viewer.audit_event("/ui/cache/pin", "admin", "admin");
+    event.repository = Some(target.local.to_string());
+    event.detail = format!(
+        "console: {} {}",
+        if pinned { "pin" } else { "unpin" },
+        form.image
+    );
+    state.security.audit.record(event);
     Redirect::to("/ui/cache").into_response()
 }

@@ -193,6 +193,15 @@ pub fn error_page(viewer: &Viewer, status: StatusCode, title: &str, message: &st
     response
 }
 
+/// A form's `true` or `false`.
+pub fn form_bool(value: &str) -> Option<bool> {
+    match value {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
 /// A failure of a store behind a page: logged in full, shown briefly.
 pub fn unavailable(viewer: &Viewer, what: &str, error: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %error, "console: cannot read {what}");

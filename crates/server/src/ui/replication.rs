@@ -11,7 +11,6 @@ use super::format::{ago, bytes};
 use super::session::CsrfForm;
 use super::{Form, Nav, Viewer, error_page, unavailable};
 use crate::AppState;
-use crate::audit::AuditEvent;
 
 pub async fn page(State(state): State<AppState>, viewer: Viewer, uri: http::Uri) -> Response {
     if !viewer.may_admin() {
@@ -113,18 +112,9 @@ pub async fn page(State(state): State<AppState>, viewer: Viewer, uri: http::Uri)
 }
 
 fn audit(state: &AppState, viewer: &Viewer, path: String, detail: String) {
-    state.security.audit.record(AuditEvent {
-        identity: viewer.name(),
-        client: viewer.client.to_string(),
-        outcome: "ok",
-        status: 303,
-        method: "POST".into(),
-        path,
-        event: "admin",
-        action: "admin",
-        detail,
-        ..Default::default()
-    });
+    let mut event = viewer.audit_event(path, "admin", "admin");
+    event.detail = detail;
+    state.security.audit.record(event);
 }
 
 pub async fn pause(
@@ -201,17 +191,13 @@ pub async fn serving(
     if let Some(refused) = viewer.forged(&headers, &form.csrf) {
         return refused;
     }
-    let enabled = match form.enabled.as_str() {
-        "true" => true,
-        "false" => false,
-        _ => {
-            return error_page(
-                &viewer,
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "enabled is true or false.",
-            );
-        }
+    let Some(enabled) = super::form_bool(&form.enabled) else {
+        return error_page(
+            &viewer,
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "enabled is true or false.",
+        );
     };
     let Some(replicator) = &state.replication else {
         return error_page(

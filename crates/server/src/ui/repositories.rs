@@ -399,20 +399,11 @@ pub async fn act(
         }
         Err(e) => return unavailable(&viewer, "the trash", e),
     }
-    state.security.audit.record(crate::audit::AuditEvent {
-        identity: viewer.name(),
-        client: viewer.client.to_string(),
-        outcome: "ok",
-        status: 303,
-        method: "POST".into(),
-        path,
-        event: "undelete",
-        action: "push",
-        repository: Some(name.to_string()),
-        reference: Some(form.reference.clone()),
-        detail: "console".into(),
-        ..Default::default()
-    });
+    let mut event = viewer.audit_event(path, "undelete", "push");
+    event.repository = Some(name.to_string());
+    event.reference = Some(form.reference.clone());
+    event.detail = "console".into();
+    state.security.audit.record(event);
     axum::response::Redirect::to(&format!("/ui/repositories/{name}")).into_response()
 }
 

@@ -123,6 +123,19 @@ impl Browser {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        match self.try_call(method, path, body).await {
+            Ok(v) => v,
+            Err(e) => panic!("WebDriver {path}: {e}"),
+        }
+    }
+
+    /// A WebDriver command; its error (status and body) if it failed.
+    async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let mut rb = self.http.request(method, &url);
         if let Some(b) = body {
@@ -134,8 +147,10 @@ impl Browser {
         let status = r.status();
         let v: Value =
             serde_json::from_slice(&r.bytes().await.unwrap_or_default()).unwrap_or(Value::Null);
-        assert!(status.is_success(), "WebDriver {path}: {status} {v}");
-        v["value"].clone()
+        if !status.is_success() {
+            return Err(format!("{status} {v}"));
+        }
+        Ok(v["value"].clone())
     }
 
     pub async fn goto(&self, url: &str) {
@@ -199,14 +214,24 @@ impl Browser {
             .to_string()
     }
 
+    /// Clicks the element `css` matches. An element replaced between
+    /// finding and clicking it (a live page refreshing) is found again.
     pub async fn click(&self, css: &str) {
-        let e = self.find(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{e}/click"),
-            Some(json!({})),
-        )
-        .await;
+        for attempt in 0.. {
+            let e = self.find(css).await;
+            match self
+                .try_call(
+                    reqwest::Method::POST,
+                    &format!("/element/{e}/click"),
+                    Some(json!({})),
+                )
+                .await
+            {
+                Ok(_) => return,
+                Err(err) if err.contains("stale element") && attempt < 5 => continue,
+                Err(err) => panic!("clicking {css}: {err}"),
+            }
+        }
     }
 
     async fn run(&self, script: &str) -> Value {

@@ -11,7 +11,11 @@
   stale.className = "error";
   stale.id = "stale";
   function refresh() {
+    // Not while the page is hidden, or while someone is on one of its
+    // controls (a refresh would replace the button under the pointer).
     if (document.hidden) { return; }
+    var active = document.activeElement;
+    if (active && active !== document.body && main.contains(active)) { return; }
     fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (r) {
         if (!r.ok) { throw new Error("status " + r.status); }

@@ -114,6 +114,27 @@ impl Viewer {
         self.auth.granted(&self.identity, repository).allows(action)
     }
 
+    /// The audit event of an action this viewer took through the console;
+    /// the caller adds what it acted on, and records it.
+    pub fn audit_event(
+        &self,
+        path: impl Into<String>,
+        event: &'static str,
+        action: &'static str,
+    ) -> crate::audit::AuditEvent {
+        crate::audit::AuditEvent {
+            identity: self.name(),
+            client: self.client.to_string(),
+            outcome: "ok",
+            status: 303,
+            method: "POST".into(),
+            path: path.into(),
+            event,
+            action,
+            ..Default::default()
+        }
+    }
+
     /// The answer to a page this viewer may not see: the sign-in form for
     /// someone not signed in, 403 for someone who is.
     pub fn refuse(&self, uri: &str) -> Response {
