@@ -328,29 +328,22 @@ fn the_rules_pass_promtool() {
         eprintln!("SKIPPED: promtool is not installed");
         return;
     }
-    let out = Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(deploy_dir().join("prometheus/berth-rules.yml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let promtool = |args: &[&str]| {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(deploy_dir().join("prometheus"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    promtool(&["check", "rules", "berth-rules.yml"]);
     // The rules' own unit tests: synthetic series in, alerts out.
-    let out = Command::new("promtool")
-        .args(["test", "rules", "berth-rules.test.yml"])
-        .current_dir(deploy_dir().join("prometheus"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool(&["test", "rules", "berth-rules.test.yml"]);
     // A rule file with a mistake fails, so the check above can fail.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yml");

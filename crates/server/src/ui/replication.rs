@@ -117,6 +117,15 @@ fn audit(state: &AppState, viewer: &Viewer, path: String, detail: String) {
     state.security.audit.record(event);
 }
 
+fn not_replicating(viewer: &Viewer) -> Response {
+    error_page(
+        viewer,
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "This region does not replicate.",
+    )
+}
+
 pub async fn pause(
     State(state): State<AppState>,
     viewer: Viewer,
@@ -144,12 +153,7 @@ pub async fn pause(
         }
     };
     let Some(replicator) = &state.replication else {
-        return error_page(
-            &viewer,
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "This region does not replicate.",
-        );
+        return not_replicating(&viewer);
     };
     if !replicator.peers().any(|p| p == peer) {
         return error_page(
@@ -200,12 +204,7 @@ pub async fn serving(
         );
     };
     let Some(replicator) = &state.replication else {
-        return error_page(
-            &viewer,
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "This region does not replicate.",
-        );
+        return not_replicating(&viewer);
     };
     if let Err(e) = replicator.set_serving(enabled).await {
         return unavailable(&viewer, "the region's serving switch", e);

@@ -193,15 +193,7 @@ async fn sessions_end_with_their_credential_and_tokens_see_only_their_claims() {
             .header("cookie", bob.clone()),
     )
     .await;
-    let token = logout_page
-        .text()
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_string();
+    let token = super::csrf_of(&logout_page.text());
     let r = send(
         http.post(format!("{base}/ui/logout"))
             .header("cookie", bob.clone())

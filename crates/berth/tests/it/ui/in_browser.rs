@@ -360,15 +360,7 @@ async fn the_console_in_a_real_browser() {
             .header("cookie", format!("__Host-berth_session={session_id}")),
     )
     .await;
-    let token = page
-        .text()
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_string();
+    let token = super::csrf_of(&page.text());
     let r = send(post(
         "/ui/replication/peers/us/pause",
         format!("csrf={token}"),

@@ -125,3 +125,12 @@ pub(crate) async fn sign_in_http(
         .and_then(|c| c.split(';').next().map(str::to_string))
         .expect("a session cookie"))
 }
+
+/// The CSRF token a console page's forms carry.
+pub(crate) fn csrf_of(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no form on the page: {html}"))
+        .to_string()
+}
