@@ -21,8 +21,10 @@ use crate::upstream::UpstreamError;
 /// Bytes gathered before a spool write: readers follow in steps this size.
 const SPOOL_STEP: usize = 256 * 1024;
 
-/// Largest read from the spool at once.
-const READ_STEP: u64 = 256 * 1024;
+/// Largest read from the spool at once. Small: in a storm every host reads
+/// the spool at once, each holding one step (responses are paced, see
+/// `berth_store::blob::pace`).
+const READ_STEP: u64 = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub enum FillState {

@@ -114,13 +114,17 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             }
             None => {
                 let counter = metrics.bytes_out.clone();
+                // One chunk in flight per response: a storm of slow
+                // downloads holds one chunk each, not hyper's whole queue.
                 response = response.map(|body| {
-                    Body::from_stream(body.into_data_stream().map(move |chunk| {
-                        if let Ok(c) = &chunk {
-                            counter.inc_by(c.len() as u64);
-                        }
-                        chunk
-                    }))
+                    Body::from_stream(berth_store::blob::pace::one_in_flight(
+                        body.into_data_stream().map(move |chunk| {
+                            if let Ok(c) = &chunk {
+                                counter.inc_by(c.len() as u64);
+                            }
+                            chunk
+                        }),
+                    ))
                 });
             }
         }

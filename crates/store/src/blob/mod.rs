@@ -2,6 +2,7 @@
 //! visible only when complete, durable and matching their digest.
 
 pub mod fs;
+pub mod pace;
 pub mod s3;
 
 use std::io;

@@ -15,7 +15,7 @@
 //! (a filesystem without xattrs) is verified against its digest instead.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,13 +29,11 @@ use xxhash_rust::xxh3::Xxh3;
 use super::{BlobRead, BlobStore, ByteStream, PutError, StoredBlob, StoredUpload, UploadPart};
 use crate::StoreError;
 
-/// Size of the file windows that feed a response. They are mapped, not
-/// copied, so size costs no heap; each window is unmapped once sent, so a huge
-/// download never keeps more than a window or two of it mapped.
-const READ_CHUNK: usize = 512 * 1024;
-/// Incoming frames are gathered up to this size for one blocking write task;
-/// with one batch in flight and one filling, an upload holds about 1 MiB.
-const WRITE_BATCH: usize = 512 * 1024;
+mod read;
+mod write;
+
+use read::{FileIdentity, ReadState, Reads, Verifier, read_stream};
+use write::{WRITE_BATCH, write_stream};
 
 #[derive(Clone, Debug)]
 pub struct FsOptions {
@@ -95,6 +93,7 @@ pub struct FsBlobStore {
     root: PathBuf,
     options: FsOptions,
     tmp_counter: AtomicU64,
+    reads: Arc<Reads>,
 }
 
 fn valid_upload_id(id: &str) -> bool {
@@ -138,6 +137,7 @@ impl FsBlobStore {
             root: root.to_path_buf(),
             options,
             tmp_counter: AtomicU64::new(0),
+            reads: Arc::default(),
         })
     }
 
@@ -255,219 +255,6 @@ async fn install(from: PathBuf, target: PathBuf) -> Result<(), StoreError> {
     Ok(result?)
 }
 
-/// Streams `body` into `file` (from its current position) through `hasher`,
-/// pipelined: while one batch is hashed and written on a blocking thread, the
-/// next one is received. Each batch is its own short blocking task, so a slow
-/// client never holds a blocking thread while the registry waits for its bytes.
-/// Stops with `TooLarge` once `already + received` exceeds `max_total`.
-async fn write_stream(
-    file: File,
-    hasher: Option<ContentHash>,
-    mut body: ByteStream,
-    already: u64,
-    max_total: u64,
-) -> Result<(File, Option<ContentHash>, u64), PutError> {
-    type Written = io::Result<(File, Option<ContentHash>)>;
-    fn write_batch(
-        file: File,
-        hasher: Option<ContentHash>,
-        batch: Vec<Bytes>,
-    ) -> tokio::task::JoinHandle<Written> {
-        tokio::task::spawn_blocking(move || {
-            let mut file = file;
-            let mut hasher = hasher;
-            for chunk in &batch {
-                if let Some(h) = hasher.as_mut() {
-                    h.update(chunk);
-                }
-                file.write_all(chunk)?;
-            }
-            Ok((file, hasher))
-        })
-    }
-    /// The file is either free, or owned by the task writing a batch to it.
-    // One per upload, on its task's stack: the hash state's size is no concern.
-    #[allow(clippy::large_enum_variant)]
-    enum Writer {
-        Idle(File, Option<ContentHash>),
-        Busy(tokio::task::JoinHandle<Written>),
-    }
-    impl Writer {
-        async fn ready(self) -> Result<(File, Option<ContentHash>), PutError> {
-            match self {
-                Writer::Idle(file, hasher) => Ok((file, hasher)),
-                Writer::Busy(task) => Ok(task
-                    .await
-                    .map_err(StoreError::from)?
-                    .map_err(StoreError::Io)?),
-            }
-        }
-    }
-
-    let mut writer = Writer::Idle(file, hasher);
-    let mut received: u64 = 0;
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut batch_len = 0usize;
-    let mut failure: Option<PutError> = None;
-    loop {
-        let frame = match body.next().await {
-            None => break,
-            Some(Err(e)) => {
-                failure = Some(PutError::Body(e));
-                break;
-            }
-            Some(Ok(f)) => f,
-        };
-        received += frame.len() as u64;
-        if already.saturating_add(received) > max_total {
-            failure = Some(PutError::TooLarge { limit: max_total });
-            break;
-        }
-        batch_len += frame.len();
-        batch.push(frame);
-        if batch_len >= WRITE_BATCH {
-            let (file, hasher) = writer.ready().await?;
-            writer = Writer::Busy(write_batch(file, hasher, std::mem::take(&mut batch)));
-            batch_len = 0;
-        }
-    }
-    let (file, hasher) = writer.ready().await?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let (file, hasher) = if batch.is_empty() {
-        (file, hasher)
-    } else {
-        Writer::Busy(write_batch(file, hasher, batch))
-            .ready()
-            .await?
-    };
-    Ok((file, hasher, received))
-}
-
-fn page_size() -> u64 {
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf has no preconditions.
-    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as u64,
-        _ => 4096,
-    })
-}
-
-/// Maps `len` bytes of `file` at `pos` and returns them as `Bytes` that own the
-/// mapping (no copy, no heap). The pages are populated here, on a blocking
-/// thread, so that sending them never faults on an async worker.
-///
-/// A page that cannot be read (a media error) would raise SIGBUS, killing the
-/// whole process, when touched. So the window is used only if every page came
-/// in; otherwise it is read with `pread`, which turns the error into a failed
-/// request. (Sending from the mapping is safe regardless: the kernel's copy
-/// reports a bad page as EFAULT, it does not signal.)
-fn map_window(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
-    if len == 0 {
-        return Ok(Bytes::new());
-    }
-    let page = page_size();
-    let aligned = pos - pos % page;
-    let skip = (pos - aligned) as usize;
-    // SAFETY: blob files are immutable once installed (written to a temporary
-    // name, synced, renamed) and are only ever unlinked, never truncated or
-    // rewritten, so the mapped bytes cannot change or vanish under us.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(aligned)
-            .len(skip + len)
-            .populate()
-            .map(file)?
-    };
-    if !fully_resident(&map, page) {
-        tracing::warn!("blob pages could not be loaded; reading them instead of mapping");
-        let mut buf = vec![0u8; len];
-        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, pos)?;
-        return Ok(Bytes::from(buf));
-    }
-    Ok(Bytes::from_owner(map).slice(skip..))
-}
-
-/// Whether every page of the mapping is in memory.
-fn fully_resident(map: &memmap2::Mmap, page: u64) -> bool {
-    let pages = (map.len() as u64).div_ceil(page) as usize;
-    let mut residency = vec![0u8; pages];
-    // SAFETY: the address and length are those of a live mapping we own, and
-    // `residency` has one byte per page of it, as mincore requires.
-    let rc = unsafe {
-        libc::mincore(
-            map.as_ptr() as *mut libc::c_void,
-            map.len(),
-            residency.as_mut_ptr(),
-        )
-    };
-    rc == 0 && residency.iter().all(|r| r & 1 == 1)
-}
-
-/// How a whole-blob read checks the bytes it serves.
-enum Verifier {
-    Checksum(Box<Xxh3>, u128),
-    Digest(Hasher),
-}
-
-impl Verifier {
-    fn update(&mut self, bytes: &[u8]) {
-        match self {
-            Verifier::Checksum(h, _) => h.update(bytes),
-            Verifier::Digest(h) => h.update(bytes),
-        }
-    }
-
-    fn matches(self, digest: &Digest) -> bool {
-        match self {
-            Verifier::Checksum(h, expected) => h.digest128() == expected,
-            Verifier::Digest(h) => &h.finish() == digest,
-        }
-    }
-}
-
-struct ReadState {
-    file: Arc<File>,
-    pos: u64,
-    end: u64,
-    verifier: Option<Verifier>,
-    digest: Digest,
-}
-
-fn read_stream(state: ReadState) -> ByteStream {
-    Box::pin(futures_util::stream::try_unfold(
-        state,
-        |state| async move {
-            if state.pos >= state.end {
-                return Ok(None);
-            }
-            tokio::task::spawn_blocking(move || -> io::Result<Option<(Bytes, ReadState)>> {
-            let mut state = state;
-            let len = (state.end - state.pos).min(READ_CHUNK as u64) as usize;
-            let buf = map_window(&state.file, state.pos, len)?;
-            state.pos += len as u64;
-            if let Some(v) = state.verifier.as_mut() {
-                v.update(&buf);
-            }
-            if state.pos == state.end
-                && let Some(v) = state.verifier.take()
-                && !v.matches(&state.digest)
-            {
-                tracing::error!(digest = %state.digest, "stored blob is corrupt; refusing to serve it");
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("stored blob {} is corrupt", state.digest),
-                ));
-            }
-            Ok(Some((buf, state)))
-        })
-        .await
-        .map_err(io::Error::other)?
-        },
-    ))
-}
-
 fn not_found_to_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -492,32 +279,39 @@ impl BlobStore for FsBlobStore {
     ) -> Result<Option<BlobRead>, StoreError> {
         let path = self.blob_path(digest);
         let verify = range.is_none() && self.options.verify_reads;
+        let reads = self.reads.clone();
         let opened = tokio::task::spawn_blocking(move || {
             not_found_to_none(File::open(path).and_then(|f| {
-                let len = f.metadata()?.len();
+                let meta = f.metadata()?;
+                let identity = FileIdentity::of(&meta);
+                // A file verified whole since start is not hashed again.
+                let verify = verify && !reads.is_verified(&identity);
                 let checksum = if verify { load_checksum(&f) } else { None };
-                Ok((f, len, checksum))
+                Ok((f, meta.len(), verify.then_some((checksum, identity))))
             }))
         })
         .await??;
-        let Some((file, size, checksum)) = opened else {
+        let Some((file, size, verify)) = opened else {
             return Ok(None);
         };
         let (pos, end) = match range {
             Some(r) => (r.start.min(size), r.end.saturating_add(1).min(size)),
             None => (0, size),
         };
-        let verifier = verify.then(|| match checksum {
-            Some(expected) => Verifier::Checksum(Box::new(Xxh3::new()), expected),
-            None => Verifier::Digest(digest.algorithm().hasher()),
+        let verifier = verify.map(|(checksum, identity)| {
+            let verifier = match checksum {
+                Some(expected) => Verifier::Checksum(Box::new(Xxh3::new()), expected),
+                None => Verifier::Digest(digest.algorithm().hasher()),
+            };
+            (verifier, identity)
         });
-        let stream = read_stream(ReadState {
-            file: Arc::new(file),
-            pos,
-            end,
+        let stream = read_stream(ReadState::new(
+            self.reads.clone(),
+            file,
+            (pos, end),
             verifier,
-            digest: digest.clone(),
-        });
+            digest.clone(),
+        ));
         Ok(Some(BlobRead { size, stream }))
     }
 
@@ -755,6 +549,7 @@ impl BlobStore for FsBlobStore {
 
 #[cfg(test)]
 mod tests {
+    use super::read::{fully_resident, map_window, page_size};
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -786,6 +581,39 @@ mod tests {
         xattr::remove(&path, CHECKSUM_XATTR).unwrap();
         assert_corrupt_read_fails(&store, &digest, data.len()).await;
         assert!(store.read_small(&digest, u64::MAX).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_verified_file_is_not_hashed_again_but_a_changed_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path(), FsOptions::default()).unwrap();
+        let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::sha256_of(&data);
+        let body: ByteStream =
+            Box::pin(futures_util::stream::iter([Ok(Bytes::from(data.clone()))]));
+        store.put(&digest, body, u64::MAX).await.unwrap();
+        assert_eq!(store.reads.verified_count(), 0);
+        for round in 0..2 {
+            let read = store.read(&digest, None).await.unwrap().unwrap();
+            let got: Vec<Bytes> = read.stream.try_collect().await.unwrap();
+            assert_eq!(got.concat(), data, "round {round}");
+            assert_eq!(store.reads.verified_count(), 1, "round {round}");
+        }
+        // A range read proves nothing about the whole.
+        let path = store.blob_path(&digest);
+        let fresh = FsBlobStore::open(dir.path(), FsOptions::default()).unwrap();
+        let range = ByteRange { start: 0, end: 99 };
+        let read = fresh.read(&digest, Some(range)).await.unwrap().unwrap();
+        let got: Vec<Bytes> = read.stream.try_collect().await.unwrap();
+        assert_eq!(got.concat(), data[..100]);
+        assert_eq!(fresh.reads.verified_count(), 0);
+        // Changed in place (same inode, new times): it is checked again, and
+        // the corruption is caught.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[2 * 1024 * 1024] ^= 1;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&path, bytes).unwrap();
+        assert_corrupt_read_fails(&store, &digest, data.len()).await;
     }
 
     async fn assert_corrupt_read_fails(store: &FsBlobStore, digest: &Digest, len: usize) {
