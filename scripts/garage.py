@@ -116,6 +116,9 @@ def cmd_setup(args):
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_REGION": REGION,
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{nodes[0]['s3_port']}",
+        # Garage does not set TCP_NODELAY: on a reused connection each read
+        # waits 40 ms for a delayed ACK (docs/cluster.md).
+        "BERTH_STORAGE_REUSE_CONNECTIONS": "false",
     }
     with open(os.path.join(args.dir, "s3.env"), "w") as f:
         for k, v in env.items():

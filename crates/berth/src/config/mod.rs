@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// valid this many seconds; 0 serves the bytes through Berth [default: 0].
     #[arg(long, env = "BERTH_STORAGE_REDIRECT_SECS")]
     pub storage_redirect_secs: Option<u64>,
+    /// With S3 storage, keep connections to it open for later requests;
+    /// `false` opens one per request (for servers without TCP_NODELAY, such
+    /// as Garage 2.5, see docs/cluster.md) [default: true].
+    #[arg(long, env = "BERTH_STORAGE_REUSE_CONNECTIONS")]
+    pub storage_reuse_connections: Option<bool>,
     /// This node's name in its cluster [default: HOSTNAME-PORT].
     #[arg(long, env = "BERTH_NODE_NAME")]
     pub node_name: Option<String>,
@@ -190,6 +195,7 @@ struct FileConfig {
     storage: Option<String>,
     storage_timeout_secs: Option<u64>,
     storage_redirect_secs: Option<u64>,
+    storage_reuse_connections: Option<bool>,
     node_name: Option<String>,
     zone: Option<String>,
     advertise_url: Option<String>,
@@ -233,6 +239,7 @@ pub struct ServeConfig {
     pub storage: Storage,
     pub storage_timeout: Duration,
     pub storage_redirect: Option<Duration>,
+    pub storage_reuse_connections: bool,
     pub node_name: String,
     pub zone: String,
     pub advertise_url: String,
@@ -426,6 +433,10 @@ impl ServeConfig {
                 0 => None,
                 s => Some(Duration::from_secs(s)),
             },
+            storage_reuse_connections: args
+                .storage_reuse_connections
+                .or(file.storage_reuse_connections)
+                .unwrap_or(true),
             node_name: args
                 .node_name
                 .or(file.node_name)
