@@ -131,6 +131,7 @@ pub fn open_blobs(config: &ServeConfig) -> Result<Arc<dyn BlobStore>, ServeError
             options.request_timeout = config.storage_timeout;
             options.verify_reads = config.verify_blob_reads;
             options.redirect_ttl = config.storage_redirect;
+            options.reuse_connections = config.storage_reuse_connections;
             Arc::new(
                 S3BlobStore::from_env(options).map_err(|source| ServeError::Store {
                     path: format!("s3://{bucket}/{prefix}"),
@@ -297,6 +298,12 @@ async fn run_async(config: ServeConfig) -> Result<(), ServeError> {
         }));
     }
     let registry = Arc::new(registry);
+    // Changes other nodes of a cluster log wake this node's change feed at
+    // once (geo-replication, continuous archiving) instead of at a poll.
+    tokio::spawn({
+        let registry = registry.clone();
+        async move { registry.follow_log_of_other_nodes().await }
+    });
 
     // An embedded node recovers from a crash before serving: it keeps live
     // upload sessions (clients resume them), drops expired ones and any data

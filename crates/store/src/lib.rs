@@ -21,7 +21,7 @@ pub use blob::{
 };
 pub use documents::{DirDocuments, Documents, S3Documents};
 pub use meta::{
-    Compare, KeyValue, LeaseId, MetaStore, Op, Snapshot, Txn, etcd::EtcdMetaStore,
+    Compare, KeyValue, KeyWatch, LeaseId, MetaStore, Op, Snapshot, Txn, etcd::EtcdMetaStore,
     etcd::MemberStatus, redb::RedbMetaStore,
 };
 

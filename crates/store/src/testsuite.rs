@@ -52,6 +52,22 @@ pub async fn metastore_suite(store: &dyn MetaStore) {
     let kv = store.get(b"a/1").await.unwrap().unwrap();
     assert_eq!(kv.value, b"x");
 
+    // Batched reads answer in order, as single ones would.
+    let keys: Vec<Vec<u8>> = (0..150)
+        .map(|i| {
+            if i % 2 == 0 {
+                b"a/1".to_vec()
+            } else {
+                format!("none/{i}").into_bytes()
+            }
+        })
+        .collect();
+    let many = store.get_many(&keys).await.unwrap();
+    assert_eq!(many.len(), 150);
+    assert_eq!(many[0].as_ref(), Some(&kv));
+    assert!(many[1].is_none() && many[148].as_ref() == Some(&kv));
+    assert!(store.get_many(&[]).await.unwrap().is_empty());
+
     // Compare-and-swap on the version.
     assert!(
         store

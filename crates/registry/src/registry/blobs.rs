@@ -188,6 +188,17 @@ impl Registry {
         size: u64,
     ) -> Result<Option<KeyValue>> {
         let seen = self.meta.get(keys::blob(digest).as_bytes()).await?;
+        self.check_blob_for_link(digest, size, seen).await
+    }
+
+    /// As [`Self::blob_record_for_link`], with the record already read
+    /// (`seen`, read before this call checks the bytes).
+    pub(super) async fn check_blob_for_link(
+        &self,
+        digest: &Digest,
+        size: u64,
+        seen: Option<KeyValue>,
+    ) -> Result<Option<KeyValue>> {
         if let Some(kv) = &seen {
             let record: BlobRecord = decode(&kv.key, &kv.value)?;
             if record

@@ -299,10 +299,41 @@ impl Registry {
         })
     }
 
-    /// Signalled when a write is logged here. (Writes on other nodes of a
-    /// cluster do not signal it: readers poll as well.) Register interest
-    /// (`Notified::enable`) before reading the log, or a write in between
-    /// is missed until the next poll.
+    /// Wakes this node's feed readers when any node sharing the metadata
+    /// logs a write: the MetaStore watches the log head (an etcd watch), so
+    /// a change made on another node of a cluster region reaches the feed in
+    /// milliseconds rather than at the readers' next poll. Returns at once
+    /// for a store only this process writes (its writes signal directly).
+    /// Runs for as long as the process; a broken watch is started again
+    /// after a second, and readers still poll meanwhile.
+    pub async fn follow_log_of_other_nodes(&self) {
+        use futures_util::StreamExt as _;
+        loop {
+            match self.meta.watch_key(keys::CHANGE_HEAD.as_bytes()).await {
+                Ok(None) => return,
+                Ok(Some(mut watch)) => {
+                    // Writes while no watch ran were not seen: readers look.
+                    self.changes_committed();
+                    while let Some(event) = watch.next().await {
+                        match event {
+                            Ok(()) => self.changes_committed(),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "the watch of the change log broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot watch the change log"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Signalled when a write is logged by this node or, while
+    /// [`Self::follow_log_of_other_nodes`] runs, by any node of the region.
+    /// Register interest (`Notified::enable`) before reading the log, or a
+    /// write in between is missed until the next poll.
     pub fn change_signal(&self) -> &tokio::sync::Notify {
         &self.changes
     }

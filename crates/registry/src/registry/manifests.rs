@@ -192,23 +192,34 @@ impl Registry {
             // The tag as it is now, guarded: a replicated write of it that
             // lands meanwhile makes this attempt retry with a newer stamp,
             // so the push stays the last writer here as everywhere.
-            let (tag_seen, tag_tomb_seen) = match tag {
-                Some(tag) => (
-                    self.meta
-                        .get(keys::tag(name, tag.as_str()).as_bytes())
-                        .await?,
-                    self.meta
-                        .get(keys::tag_tombstone(name, tag.as_str()).as_bytes())
-                        .await?,
-                ),
-                None => (None, None),
-            };
+            // Read at once with the records the commit links: the
+            // manifest's own blob record (still read before its bytes are
+            // checked, below) and the repository's.
             let tombstone = keys::manifest_tombstone(name, &digest);
-            let tombstone_seen = self.meta.get(tombstone.as_bytes()).await?;
-            let manifest_seen = self
-                .meta
-                .get(keys::manifest(name, &digest).as_bytes())
-                .await?;
+            let manifest_key = keys::manifest(name, &digest);
+            let (blob_key, repo_key) = (keys::blob(&digest), keys::repo(name));
+            let tag_keys = tag.map(|t| {
+                (
+                    keys::tag(name, t.as_str()),
+                    keys::tag_tombstone(name, t.as_str()),
+                )
+            });
+            let mut wanted = vec![
+                tombstone.as_str(),
+                manifest_key.as_str(),
+                blob_key.as_str(),
+                repo_key.as_str(),
+            ];
+            if let Some((tag_key, tomb_key)) = &tag_keys {
+                wanted.extend([tag_key.as_str(), tomb_key.as_str()]);
+            }
+            let mut found = self.get_many(&wanted).await?.into_iter();
+            let tombstone_seen = found.next().flatten();
+            let manifest_seen = found.next().flatten();
+            let blob_seen = found.next().flatten();
+            let repo_seen = found.next().flatten();
+            let tag_seen = found.next().flatten();
+            let tag_tomb_seen = found.next().flatten();
             if let (Some(tag), Some(kv)) = (tag, &tag_seen) {
                 let current: TagRecord = decode(&kv.key, &kv.value)?;
                 if current.digest != digest {
@@ -221,16 +232,18 @@ impl Registry {
             self.observe_record::<Stamp>(tombstone_seen.as_ref());
             self.observe_record::<ManifestRecord>(manifest_seen.as_ref());
             let stamp = self.local_stamp();
-            let (mut txn, subject) = self
-                .manifest_txn(
-                    name,
-                    &digest,
-                    &manifest,
-                    tag.map(|t| (t, by)),
-                    Some(&stamp),
-                    size,
-                )
-                .await?;
+            let (txn, subject) = self.manifest_writes(
+                name,
+                &digest,
+                &manifest,
+                tag.map(|t| (t, by)),
+                Some(&stamp),
+                size,
+            );
+            // As `manifest_txn` does, with the records read above.
+            let blob_seen = self.check_blob_for_link(&digest, size, blob_seen).await?;
+            let txn = self.guard_blob_record(txn, &digest, size, blob_seen.as_ref())?;
+            let mut txn = super::with_repo(name, txn, repo_seen.is_some());
             // A delete's tombstone stays: the manifest is present because
             // this put is newer than it.
             // With replication, also the manifest as seen: a copy of it
@@ -252,12 +265,16 @@ impl Registry {
             }
             // An index's push is a put of its children too (in every region
             // alike), so a concurrent delete of a child cannot orphan it.
-            for child in manifest.children() {
-                if !replicated || ManifestKind::from_media_type(&child.media_type).is_none() {
-                    continue;
-                }
-                let key = keys::manifest(name, &child.digest);
-                if let Some(kv) = self.meta.get(key.as_bytes()).await? {
+            let children: Vec<String> = manifest
+                .children()
+                .iter()
+                .filter(|c| replicated && ManifestKind::from_media_type(&c.media_type).is_some())
+                .map(|c| keys::manifest(name, &c.digest))
+                .collect();
+            let wanted: Vec<&str> = children.iter().map(String::as_str).collect();
+            let found = self.get_many(&wanted).await?;
+            for (key, kv) in children.into_iter().zip(found) {
+                if let Some(kv) = kv {
                     let mut record: ManifestRecord = decode(&kv.key, &kv.value)?;
                     if record.stamp.as_ref() < Some(&stamp) {
                         record.stamp = Some(stamp.clone());
@@ -401,6 +418,26 @@ impl Registry {
         stamp: Option<&Stamp>,
         size: u64,
     ) -> Result<(Txn, Option<Digest>)> {
+        let (txn, subject) = self.manifest_writes(name, digest, manifest, tag, stamp, size);
+        // The manifest's own bytes are a blob like any other: the commit
+        // is ordered against their removal the way a link's is.
+        let seen = self.blob_record_for_link(digest, size).await?;
+        let txn = self.guard_blob_record(txn, digest, size, seen.as_ref())?;
+        let txn = self.ensure_repo(name, txn).await?;
+        Ok((txn, subject))
+    }
+
+    /// The writes of [`Self::manifest_txn`], before its guards on the
+    /// manifest's blob record and its repository's.
+    fn manifest_writes(
+        &self,
+        name: &RepositoryName,
+        digest: &Digest,
+        manifest: &Manifest,
+        tag: Option<(&Tag, Option<&str>)>,
+        stamp: Option<&Stamp>,
+        size: u64,
+    ) -> (Txn, Option<Digest>) {
         let mut platforms = Vec::new();
         for child in manifest.children() {
             if let Some(p) = child.platform.as_ref()
@@ -469,12 +506,7 @@ impl Registry {
                 serde_json::to_vec(&descriptor).unwrap_or_default(),
             );
         }
-        // The manifest's own bytes are a blob like any other: the commit
-        // is ordered against their removal the way a link's is.
-        let seen = self.blob_record_for_link(digest, size).await?;
-        let txn = self.guard_blob_record(txn, digest, size, seen.as_ref())?;
-        let txn = self.ensure_repo(name, txn).await?;
-        Ok((txn, subject))
+        (txn, subject)
     }
 
     /// The metadata keys a manifest's references live under, with their
@@ -498,11 +530,15 @@ impl Registry {
                 (keys::link(name, &d.digest), true, d)
             }
         });
-        for (key, is_link, descriptor) in blobs.chain(children) {
-            if !seen.insert(key.clone()) {
-                continue;
-            }
-            let Some(kv) = self.meta.get(key.as_bytes()).await? else {
+        let wanted: Vec<_> = blobs
+            .chain(children)
+            .filter(|(key, _, _)| seen.insert(key.clone()))
+            .collect();
+        let lookup: Vec<&str> = wanted.iter().map(|(key, _, _)| key.as_str()).collect();
+        let found = self.get_many(&lookup).await?;
+        // Checked in the manifest's order: the first missing one is named.
+        for ((key, is_link, descriptor), kv) in wanted.into_iter().zip(found) {
+            let Some(kv) = kv else {
                 return Err(RegistryError::ManifestBlobUnknown(
                     descriptor.digest.clone(),
                 ));

@@ -239,19 +239,30 @@ impl Registry {
         }
     }
 
+    /// Reads `keys` (in one round trip where the store can), in order.
+    pub(super) async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+        let found = self.meta.get_many(&keys).await?;
+        if found.len() != keys.len() {
+            return Err(RegistryError::Store(berth_store::StoreError::Database(
+                format!(
+                    "the metadata store answered {} of {} reads",
+                    found.len(),
+                    keys.len()
+                ),
+            )));
+        }
+        Ok(found)
+    }
+
     /// Adds the repository record to `txn` unless it exists. Creating it twice
     /// in a race is harmless: the record only carries a creation time.
     async fn ensure_repo(&self, name: &RepositoryName, txn: Txn) -> Result<Txn> {
-        let key = keys::repo(name);
-        if self.meta.get(key.as_bytes()).await?.is_some() {
-            return Ok(txn);
-        }
-        Ok(txn.put(
-            key,
-            encode(&RepoRecord {
-                created_ms: now_ms(),
-            }),
-        ))
+        let exists = self.meta.get(keys::repo(name).as_bytes()).await?.is_some();
+        Ok(with_repo(name, txn, exists))
     }
 
     async fn scan_all(&self, prefix: &str) -> Result<Vec<KeyValue>> {
@@ -268,4 +279,17 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// As [`Registry::ensure_repo`], with the record's presence already read.
+fn with_repo(name: &RepositoryName, txn: Txn, exists: bool) -> Txn {
+    if exists {
+        return txn;
+    }
+    txn.put(
+        keys::repo(name),
+        encode(&RepoRecord {
+            created_ms: now_ms(),
+        }),
+    )
 }

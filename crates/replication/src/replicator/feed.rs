@@ -52,6 +52,10 @@ pub struct FeedReader {
     pub epoch: String,
 }
 
+/// How often a waiting feed reads the log without being woken: only matters
+/// while the watch of the log head (see `follow_log_of_other_nodes`) is down.
+const FALLBACK_POLL: Duration = Duration::from_secs(1);
+
 impl Replicator {
     /// This region's changes after `after`, waiting up to `wait` for some.
     /// A reader that is one of this region's peers acknowledges `after`:
@@ -92,8 +96,9 @@ impl Replicator {
                     events: page.events,
                 });
             }
-            // Woken by a local write; polled for writes of other nodes.
-            let left = (deadline - now).min(Duration::from_millis(250));
+            // Woken by any node's write (the registry follows the log head);
+            // the poll only covers a watch being restarted.
+            let left = (deadline - now).min(FALLBACK_POLL);
             let _ = tokio::time::timeout(left, signal).await;
         }
     }

@@ -118,6 +118,18 @@ pub trait Snapshot: Send + Sync {
 pub trait MetaStore: Send + Sync + 'static {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError>;
 
+    /// Reads several keys, answering in their order (`None` for an absent
+    /// one): each answer is what [`MetaStore::get`] would give. Engines
+    /// that can answer them in one round trip do; the reads need not all
+    /// see one moment of the store.
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get(key).await?);
+        }
+        Ok(out)
+    }
+
     /// Keys starting with `prefix`, in byte order, strictly after
     /// `start_after` when given, at most `limit` of them.
     async fn scan(
@@ -149,4 +161,17 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Ends a lease now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// A stream that yields each time `key` is written, by any process
+    /// sharing the store. `None` when only this process writes it (an
+    /// embedded database): its writers can signal its readers directly. The
+    /// stream ends, or yields an error and ends, when the watch broke; watch
+    /// again to go on (and re-read: writes in between were not seen).
+    async fn watch_key(&self, _key: &[u8]) -> Result<Option<KeyWatch>, StoreError> {
+        Ok(None)
+    }
 }
+
+/// Writes of one key, as they happen (see [`MetaStore::watch_key`]).
+pub type KeyWatch =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<(), StoreError>> + Send>>;

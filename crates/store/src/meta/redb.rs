@@ -143,6 +143,20 @@ impl RedbMetaStore {
         }
     }
 
+    fn get_many_blocking(
+        db: &Database,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let txn = db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(KV).map_err(db_err)?;
+        keys.iter()
+            .map(|key| match table.get(key.as_slice()).map_err(db_err)? {
+                Some(v) => Ok(Some(decode(key, v.value())?)),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
     fn scan_blocking(
         db: &Database,
         prefix: &[u8],
@@ -252,6 +266,11 @@ impl MetaStore for RedbMetaStore {
         // Reads hit redb's page cache and take microseconds: not worth a
         // thread hop on the hot manifest path.
         Self::get_blocking(&self.db, key)
+    }
+
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        // One read transaction, in place as `get` is.
+        Self::get_many_blocking(&self.db, keys)
     }
 
     async fn scan(

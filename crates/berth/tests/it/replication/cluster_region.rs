@@ -107,3 +107,69 @@ async fn a_cluster_region_replicates_and_survives_losing_nodes() {
     );
     expect_local_image(&eu_nodes[survivor], "team/app", "2", &from_us).await;
 }
+
+/// Figures (`scripts/replication-figures`): the lag of geo-replication out of
+/// a 3-node cluster region, for writes made on a node other than the one the
+/// peer reads the change feed from. That node learns of them from its watch
+/// of the log head in etcd; before that watch it polled every 250 ms.
+#[tokio::test]
+async fn cluster_region_lag_figures() {
+    let Ok(report) = std::env::var("BERTH_REPL_REPORT") else {
+        eprintln!("SKIPPED: set BERTH_REPL_REPORT=FILE (scripts/replication-figures)");
+        return;
+    };
+    if std::env::var_os("BERTH_IT_ETCD").is_none() || !blobs_in_s3() {
+        eprintln!("SKIPPED: needs the cluster engines (BERTH_IT_ETCD and BERTH_IT_S3)");
+        return;
+    }
+    let names = vec!["eu".to_string(), "us".to_string()];
+    let eu_ports = [free_port(), free_port(), free_port()];
+    let us_port = free_port();
+    let shared = tempfile::tempdir().unwrap();
+    let eu_dir = shared.path().join("eu");
+    let mut eu_nodes = Vec::new();
+    for port in eu_ports {
+        eu_nodes.push(
+            Registry::start_with(
+                region_options(&names, &[port, us_port], 0)
+                    .data_dir(&eu_dir)
+                    .flag("--node-name", format!("eu-{port}")),
+            )
+            .await,
+        );
+    }
+    // us reads eu's feed from eu's second node; pushes go to the others.
+    let us = Registry::start_with(region_options(&names, &[eu_ports[1], us_port], 1)).await;
+    let seed = fresh_seed();
+    let samples = 200u64;
+    let mut lags = Vec::new();
+    for i in 0..samples {
+        let image = Image::oci(seed + i, 1, 4_096);
+        let node = &eu_nodes[if i % 2 == 0 { 0 } else { 2 }];
+        image
+            .push(node, "lag/cluster", Some(&format!("v{i}")))
+            .await;
+        let pushed = Instant::now();
+        loop {
+            if local_get(&us, &format!("/v2/lag/cluster/manifests/v{i}"))
+                .await
+                .status
+                == 200
+            {
+                break;
+            }
+            assert!(pushed.elapsed() < Duration::from_secs(30), "not replicated");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        lags.push(pushed.elapsed().as_secs_f64() * 1000.0);
+    }
+    lags.sort_by(f64::total_cmp);
+    let table = format!(
+        "| measure (eu: 3 nodes on etcd + Garage; push on a node other than the one us reads from) | value |\n|---|---:|\n| small-image lag p50 (push acknowledged in eu → manifest in us's own storage) | {:.1} ms |\n| lag p90 | {:.1} ms |\n| lag p99 | {:.1} ms |\n| lag max | {:.1} ms |\n| samples | {samples} |\n",
+        percentile(&lags, 0.5),
+        percentile(&lags, 0.9),
+        percentile(&lags, 0.99),
+        lags[lags.len() - 1],
+    );
+    write_figures(&report, "cluster-figures", &table);
+}

@@ -567,7 +567,7 @@ async fn replication_figures() {
         lags.push(pushed.elapsed().as_secs_f64() * 1000.0);
     }
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| lags[((lags.len() as f64 - 1.0) * p).round() as usize];
+    let pct = |p: f64| percentile(&lags, p);
     let size = 256usize << 20;
     let big = Image::oci(seed + 10_000, 1, size);
     big.push(eu, "lag/big", Some("1")).await;
@@ -594,14 +594,28 @@ async fn replication_figures() {
         secs,
         size as f64 / secs / 1e6,
     );
+    write_figures(&report, "figures", &table);
+}
+
+/// Puts `table` between `<!-- MARKER:begin -->` and `<!-- MARKER:end -->`
+/// in the report (appended when the markers are not there yet).
+fn write_figures(report: &str, marker: &str, table: &str) {
     println!("{table}");
-    let doc = std::fs::read_to_string(&report).unwrap_or_default();
-    let (begin, end) = ("<!-- figures:begin -->", "<!-- figures:end -->");
-    let doc = match (doc.find(begin), doc.find(end)) {
+    let doc = std::fs::read_to_string(report).unwrap_or_default();
+    let (begin, end) = (
+        format!("<!-- {marker}:begin -->"),
+        format!("<!-- {marker}:end -->"),
+    );
+    let doc = match (doc.find(&begin), doc.find(&end)) {
         (Some(b), Some(e)) => format!("{}{begin}\n{table}{}", &doc[..b], &doc[e..]),
         _ => format!("{doc}\n{begin}\n{table}{end}\n"),
     };
-    std::fs::write(&report, doc).unwrap();
+    std::fs::write(report, doc).unwrap();
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::test]

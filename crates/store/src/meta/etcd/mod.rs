@@ -19,9 +19,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, Txn as EtcdTxn, TxnOp,
+    TxnOpResponse,
 };
 
-use super::{Compare, KeyValue, LeaseId, MetaStore, Op, Snapshot, Txn};
+use super::{Compare, KeyValue, KeyWatch, LeaseId, MetaStore, Op, Snapshot, Txn};
 use crate::StoreError;
 
 #[derive(Clone, Debug)]
@@ -62,8 +63,14 @@ impl EtcdOptions {
     }
 
     fn connect_options(&self) -> ConnectOptions {
-        let mut connect = ConnectOptions::new()
+        self.connect_options_without_timeout()
             .with_timeout(self.request_timeout)
+    }
+
+    /// For streams that live as long as the process (watches): the call
+    /// timeout would cut them.
+    fn connect_options_without_timeout(&self) -> ConnectOptions {
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             // Notice a half-open connection in seconds, not at TCP's pace.
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
@@ -91,6 +98,9 @@ pub struct EtcdMetaStore {
     members: Vec<Client>,
     /// The member that last answered a serializable read.
     preferred_member: AtomicUsize,
+    /// For watches, which open their own connection.
+    endpoints: Vec<String>,
+    watch_options: ConnectOptions,
     /// Until when (ms since the epoch) reads skip the quorum.
     degraded_until_ms: AtomicU64,
     prefix: Vec<u8>,
@@ -100,6 +110,9 @@ pub struct EtcdMetaStore {
 const LINEARIZABLE_READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long reads stay serializable after the quorum failed to answer.
 const DEGRADED_WINDOW: Duration = Duration::from_secs(5);
+/// Reads per transaction of `get_many`: etcd refuses a transaction of more
+/// operations than `--max-txn-ops` (128 by default).
+const MAX_TXN_READS: usize = 64;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -188,6 +201,8 @@ impl EtcdMetaStore {
             client,
             members,
             preferred_member: AtomicUsize::new(0),
+            endpoints: options.endpoints.clone(),
+            watch_options: options.connect_options_without_timeout(),
             degraded_until_ms: AtomicU64::new(0),
             prefix: options.prefix.into_bytes(),
         })
@@ -199,12 +214,30 @@ impl EtcdMetaStore {
         key: Vec<u8>,
         options: GetOptions,
     ) -> Result<etcd_client::GetResponse, StoreError> {
+        self.read_with(|mut client, serializable| {
+            let key = key.clone();
+            let options = if serializable {
+                options.clone().with_serializable()
+            } else {
+                options.clone()
+            };
+            async move { client.get(key, Some(options)).await }
+        })
+        .await
+    }
+
+    /// Runs a read (`call`, a get or a read-only transaction, serializable
+    /// when told) through the quorum when it answers, else on any member.
+    async fn read_with<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client, bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
         if now_ms() >= self.degraded_until_ms.load(Ordering::Relaxed) {
             let attempt = tokio::time::timeout(LINEARIZABLE_READ_TIMEOUT, async {
                 let mut attempts = 0;
                 loop {
-                    let mut client = self.client.clone();
-                    match client.get(key.clone(), Some(options.clone())).await {
+                    match call(self.client.clone(), false).await {
                         Err(e) if attempts < CONNECT_RETRIES && never_connected(&e) => {
                             attempts += 1
                         }
@@ -227,22 +260,20 @@ impl EtcdMetaStore {
                 Ordering::Relaxed,
             );
         }
-        self.serializable_read(key, options).await
+        self.serializable_read(call).await
     }
 
-    async fn serializable_read(
-        &self,
-        key: Vec<u8>,
-        options: GetOptions,
-    ) -> Result<etcd_client::GetResponse, StoreError> {
-        let options = options.with_serializable();
+    async fn serializable_read<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client, bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
         let count = self.members.len();
         let first = self.preferred_member.load(Ordering::Relaxed);
         let mut last_error = StoreError::Unavailable("no etcd endpoint".into());
         for i in 0..count {
             let index = (first + i) % count;
-            let mut member = self.members[index].clone();
-            match member.get(key.clone(), Some(options.clone())).await {
+            match call(self.members[index].clone(), true).await {
                 Ok(resp) => {
                     self.preferred_member.store(index, Ordering::Relaxed);
                     return Ok(resp);
@@ -293,6 +324,52 @@ impl MetaStore for EtcdMetaStore {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         let resp = self.read(self.full_key(key), GetOptions::new()).await?;
         Ok(resp.kvs().first().map(|kv| self.to_key_value(kv)))
+    }
+
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        if let [key] = keys {
+            return Ok(vec![self.get(key).await?]);
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        // A read-only transaction of gets: one round trip, linearizable
+        // unless every get in it is serializable (then any member answers),
+        // so it falls back to the members as `get` does.
+        for chunk in keys.chunks(MAX_TXN_READS) {
+            let full: Vec<Vec<u8>> = chunk.iter().map(|k| self.full_key(k)).collect();
+            let resp = self
+                .read_with(|mut client, serializable| {
+                    let ops: Vec<TxnOp> = full
+                        .iter()
+                        .map(|key| {
+                            let options = if serializable {
+                                GetOptions::new().with_serializable()
+                            } else {
+                                GetOptions::new()
+                            };
+                            TxnOp::get(key.clone(), Some(options))
+                        })
+                        .collect();
+                    async move { client.txn(EtcdTxn::new().and_then(ops)).await }
+                })
+                .await?;
+            let responses = resp.op_responses();
+            if responses.len() != chunk.len() {
+                return Err(StoreError::Database(format!(
+                    "etcd answered {} of {} reads",
+                    responses.len(),
+                    chunk.len()
+                )));
+            }
+            for response in responses {
+                let TxnOpResponse::Get(get) = response else {
+                    return Err(StoreError::Database(
+                        "etcd answered a read with another operation".into(),
+                    ));
+                };
+                out.push(get.kvs().first().map(|kv| self.to_key_value(kv)));
+            }
+        }
+        Ok(out)
     }
 
     async fn scan(
@@ -412,6 +489,39 @@ impl MetaStore for EtcdMetaStore {
                 "etcd closed the lease keep-alive stream".into(),
             )),
         }
+    }
+
+    async fn watch_key(&self, key: &[u8]) -> Result<Option<KeyWatch>, StoreError> {
+        let mut client = Client::connect(&self.endpoints, Some(self.watch_options.clone()))
+            .await
+            .map_err(etcd_err)?;
+        let stream = client
+            .watch(self.full_key(key), None)
+            .await
+            .map_err(etcd_err)?;
+        // The client lives as long as the stream; dropping both ends the
+        // watch. (The first response, the watch's creation, wakes readers
+        // once more: harmless.)
+        let state = Some((stream, client));
+        Ok(Some(Box::pin(futures_util::stream::unfold(
+            state,
+            |state| async move {
+                let (mut stream, client) = state?;
+                match stream.message().await {
+                    Ok(Some(response)) if !response.canceled() => {
+                        Some((Ok(()), Some((stream, client))))
+                    }
+                    Ok(Some(_)) => Some((
+                        Err(StoreError::Unavailable(
+                            "the etcd watch was canceled".into(),
+                        )),
+                        None,
+                    )),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(etcd_err(e)), None)),
+                }
+            },
+        ))))
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
