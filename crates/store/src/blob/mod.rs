@@ -122,6 +122,7 @@ pub async fn rehash(store: &dyn BlobStore, digest: &Digest) -> Result<Rehash, St
                     return Ok(Rehash::Gone);
                 }
                 if e.kind() == io::ErrorKind::InvalidData {
+                    store.distrust(digest);
                     return Ok(Rehash::Corrupt(bytes));
                 }
                 return Err(StoreError::Unavailable(format!("reading {digest}: {e}")));
@@ -131,6 +132,7 @@ pub async fn rehash(store: &dyn BlobStore, digest: &Digest) -> Result<Rehash, St
     Ok(if hasher.finish() == *digest && bytes == read.size {
         Rehash::Good(bytes)
     } else {
+        store.distrust(digest);
         Rehash::Corrupt(bytes)
     })
 }
@@ -201,6 +203,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Every upload with stored parts, and when it was last written (for
     /// removing data whose session is gone).
     async fn list_uploads(&self) -> Result<Vec<StoredUpload>, StoreError>;
+
+    /// Forgets that `digest` was verified by an earlier whole read, so the
+    /// next read checks it again (a scrub found it corrupt: from now on it
+    /// must be refused, not served as proven).
+    fn distrust(&self, _digest: &Digest) {}
 
     /// Where a client may fetch the blob directly (a pre-signed URL), when
     /// the engine is configured to redirect reads.

@@ -94,15 +94,16 @@ impl S3Options {
 
 pub struct S3BlobStore {
     store: Arc<AmazonS3>,
+    /// The same bucket without a total request timeout, for downloads.
+    reader: Arc<AmazonS3>,
     /// The same bucket with a long request timeout, for server-side copies
     /// (a copy of gigabytes is one request that may take minutes).
     copier: AmazonS3,
     prefix: String,
     options: S3Options,
-    /// Downloads in flight.
-    reading: Arc<std::sync::atomic::AtomicUsize>,
-    /// Objects a whole download verified since start (see `read`).
-    verified: Arc<std::sync::Mutex<std::collections::HashSet<ObjectIdentity>>>,
+    /// Objects a whole download verified since start, by digest (see
+    /// `read`).
+    verified: Arc<std::sync::Mutex<std::collections::HashMap<Digest, ObjectIdentity>>>,
 }
 
 /// Which stored object a read found: a blob written again (a repair, a
@@ -110,7 +111,6 @@ pub struct S3BlobStore {
 /// bytes, another ETag.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ObjectIdentity {
-    key: String,
     size: u64,
     e_tag: Option<String>,
     modified_ms: i64,
@@ -118,22 +118,6 @@ struct ObjectIdentity {
 
 /// How many verified objects are remembered; when full, the set starts over.
 const MAX_VERIFIED: usize = 16 * 1024;
-
-/// Counts a download for as long as its stream lives.
-struct Reading(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Reading {
-    fn start(counter: &Arc<std::sync::atomic::AtomicUsize>) -> (Self, usize) {
-        let now = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        (Self(counter.clone()), now)
-    }
-}
-
-impl Drop for Reading {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
 
 fn unavailable(e: object_store::Error) -> StoreError {
     StoreError::Unavailable(format!("object storage: {e}"))
@@ -209,6 +193,18 @@ impl S3BlobStore {
                 .with_client_options(client(options.request_timeout))
                 .with_retry(retry.clone()),
         )?;
+        // Downloads are one GET each and last as long as the client takes:
+        // bounded per read of the body (a stalled storage), not in total.
+        let reader = build(
+            builder
+                .clone()
+                .with_client_options(
+                    client(options.request_timeout)
+                        .with_timeout_disabled()
+                        .with_read_timeout(options.request_timeout),
+                )
+                .with_retry(retry.clone()),
+        )?;
         let copier = build(
             builder
                 .with_client_options(client(COPY_TIMEOUT))
@@ -223,10 +219,10 @@ impl S3BlobStore {
         }
         Ok(Self {
             store: Arc::new(store),
+            reader: Arc::new(reader),
             copier,
             prefix,
             options,
-            reading: Arc::default(),
             verified: Arc::default(),
         })
     }
@@ -381,7 +377,6 @@ fn streamed(
     key: Path,
     range: Range<u64>,
     e_tag: Option<String>,
-    reading: Reading,
 ) -> ByteStream {
     struct State {
         store: Arc<AmazonS3>,
@@ -391,7 +386,6 @@ fn streamed(
         e_tag: Option<String>,
         body: Option<futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>>,
         failures: usize,
-        _reading: Reading,
     }
     let state = State {
         store,
@@ -401,7 +395,6 @@ fn streamed(
         e_tag,
         body: None,
         failures: 0,
-        _reading: reading,
     };
     Box::pin(futures_util::stream::try_unfold(
         state,
@@ -430,6 +423,11 @@ fn streamed(
                         Err(e) if is_not_found(&e) => {
                             return Err(std::io::Error::new(std::io::ErrorKind::NotFound, e));
                         }
+                        // Replaced since the download began: its rest would be
+                        // another object's bytes.
+                        Err(e @ object_store::Error::Precondition { .. }) => {
+                            return Err(std::io::Error::other(e));
+                        }
                         Err(e) => {
                             tracing::debug!(key = %state.key, error = %e, "blob read failed; retrying");
                             state.failures += 1;
@@ -445,11 +443,11 @@ fn streamed(
                         } else {
                             chunk
                         };
-                        state.pos += chunk.len() as u64;
-                        state.failures = 0;
                         if chunk.is_empty() {
                             continue;
                         }
+                        state.pos += chunk.len() as u64;
+                        state.failures = 0;
                         return Ok(Some((chunk, state)));
                     }
                     Some(Err(e)) => {
@@ -468,22 +466,14 @@ fn streamed(
     ))
 }
 
-fn windowed(
-    store: Arc<AmazonS3>,
-    key: Path,
-    range: Range<u64>,
-    window: u64,
-    reading: Reading,
-) -> ByteStream {
+fn windowed(store: Arc<AmazonS3>, key: Path, range: Range<u64>) -> ByteStream {
     let windows: Vec<Range<u64>> = (range.start..range.end)
-        .step_by(window as usize)
-        .map(|start| start..(start + window).min(range.end))
+        .step_by(READ_WINDOW as usize)
+        .map(|start| start..(start + READ_WINDOW).min(range.end))
         .collect();
     Box::pin(
         futures_util::stream::iter(windows)
             .map(move |window| {
-                // Counted until the stream (which owns this closure) ends.
-                let _ = &reading;
                 let store = store.clone();
                 let key = key.clone();
                 async move { fetch_window(&store, &key, window).await }
@@ -610,32 +600,27 @@ impl BlobStore for S3BlobStore {
         };
         let size = meta.size;
         let identity = ObjectIdentity {
-            key: key.to_string(),
             size,
             e_tag: meta.e_tag.clone(),
             modified_ms: meta.last_modified.timestamp_millis(),
         };
         // As on files (docs/operations.md): an object a whole download
-        // verified since start is served without hashing it again.
-        let already = self
-            .verified
-            .lock()
-            .map(|set| set.contains(&identity))
-            .unwrap_or(false);
+        // verified since start is served without hashing it again. Without
+        // an ETag nothing ties a later GET to the object checked: verify.
+        let already = identity.e_tag.is_some()
+            && self
+                .verified
+                .lock()
+                .map(|set| set.get(digest) == Some(&identity))
+                .unwrap_or(false);
         let (start, end) = match range {
             Some(r) => (r.start.min(size), r.end.saturating_add(1).min(size)),
             None => (0, size),
         };
-        let (reading, _) = Reading::start(&self.reading);
-        let stream = streamed(
-            self.store.clone(),
-            key,
-            start..end,
-            meta.e_tag.clone(),
-            reading,
-        );
+        let stream = streamed(self.reader.clone(), key, start..end, meta.e_tag.clone());
         let stream = if range.is_none() && self.options.verify_reads && !already {
             let set = self.verified.clone();
+            let key = digest.clone();
             verified(
                 stream,
                 digest.clone(),
@@ -644,7 +629,7 @@ impl BlobStore for S3BlobStore {
                         if set.len() >= MAX_VERIFIED {
                             set.clear();
                         }
-                        set.insert(identity);
+                        set.insert(key, identity);
                     }
                 }),
             )
@@ -652,6 +637,12 @@ impl BlobStore for S3BlobStore {
             stream
         };
         Ok(Some(BlobRead { size, stream }))
+    }
+
+    fn distrust(&self, digest: &Digest) {
+        if let Ok(mut set) = self.verified.lock() {
+            set.remove(digest);
+        }
     }
 
     async fn read_small(&self, digest: &Digest, max: u64) -> Result<Option<Bytes>, StoreError> {
@@ -783,13 +774,10 @@ impl BlobStore for S3BlobStore {
             keys.push((self.part_key(upload, &part.name)?, part.size));
         }
         let store = self.store.clone();
-        let counter = self.reading.clone();
+
         let body: ByteStream = Box::pin(
             futures_util::stream::iter(keys)
-                .map(move |(key, size)| {
-                    let (reading, _) = Reading::start(&counter);
-                    windowed(store.clone(), key, 0..size, READ_WINDOW, reading)
-                })
+                .map(move |(key, size)| windowed(store.clone(), key, 0..size))
                 .flatten(),
         );
         self.put(expected, body, u64::MAX).await.map_err(|e| {

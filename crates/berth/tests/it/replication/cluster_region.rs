@@ -4,19 +4,13 @@ use std::time::Duration;
 
 use super::*;
 
-/// Region eu as a 3-node cluster (etcd metadata, S3 blobs; the second pass
-/// of `scripts/test`), region us a single node. Replication into eu runs on
-/// one eu node; killing eu nodes moves it to the one left.
-#[tokio::test]
-async fn a_cluster_region_replicates_and_survives_losing_nodes() {
-    if std::env::var_os("BERTH_IT_ETCD").is_none() || !blobs_in_s3() {
-        eprintln!("SKIPPED: needs the cluster engines (BERTH_IT_ETCD and BERTH_IT_S3)");
-        return;
-    }
+/// Region eu as 3 nodes of one cluster (one data directory, so one etcd
+/// prefix and bucket prefix), region us a single node that tails eu through
+/// eu's second node. The directory lives as long as the returned guard.
+async fn start_eu_cluster_and_us() -> (tempfile::TempDir, Vec<Registry>, Registry) {
     let names = vec!["eu".to_string(), "us".to_string()];
     let eu_ports = [free_port(), free_port(), free_port()];
     let us_port = free_port();
-    // us tails eu through eu's second node.
     let shared = tempfile::tempdir().unwrap();
     let eu_dir = shared.path().join("eu");
     let mut eu_nodes = Vec::new();
@@ -31,6 +25,19 @@ async fn a_cluster_region_replicates_and_survives_losing_nodes() {
         );
     }
     let us = Registry::start_with(region_options(&names, &[eu_ports[1], us_port], 1)).await;
+    (shared, eu_nodes, us)
+}
+
+/// Region eu as a 3-node cluster (etcd metadata, S3 blobs; the second pass
+/// of `scripts/test`), region us a single node. Replication into eu runs on
+/// one eu node; killing eu nodes moves it to the one left.
+#[tokio::test]
+async fn a_cluster_region_replicates_and_survives_losing_nodes() {
+    if std::env::var_os("BERTH_IT_ETCD").is_none() || !blobs_in_s3() {
+        eprintln!("SKIPPED: needs the cluster engines (BERTH_IT_ETCD and BERTH_IT_S3)");
+        return;
+    }
+    let (_shared, mut eu_nodes, us) = start_eu_cluster_and_us().await;
     let seed = fresh_seed();
     let from_eu = Image::oci(seed, 2, 100_000);
     from_eu.push(&eu_nodes[0], "team/app", Some("1")).await;
@@ -122,24 +129,8 @@ async fn cluster_region_lag_figures() {
         eprintln!("SKIPPED: needs the cluster engines (BERTH_IT_ETCD and BERTH_IT_S3)");
         return;
     }
-    let names = vec!["eu".to_string(), "us".to_string()];
-    let eu_ports = [free_port(), free_port(), free_port()];
-    let us_port = free_port();
-    let shared = tempfile::tempdir().unwrap();
-    let eu_dir = shared.path().join("eu");
-    let mut eu_nodes = Vec::new();
-    for port in eu_ports {
-        eu_nodes.push(
-            Registry::start_with(
-                region_options(&names, &[port, us_port], 0)
-                    .data_dir(&eu_dir)
-                    .flag("--node-name", format!("eu-{port}")),
-            )
-            .await,
-        );
-    }
     // us reads eu's feed from eu's second node; pushes go to the others.
-    let us = Registry::start_with(region_options(&names, &[eu_ports[1], us_port], 1)).await;
+    let (_shared, eu_nodes, us) = start_eu_cluster_and_us().await;
     let seed = fresh_seed();
     let samples = 200u64;
     let mut lags = Vec::new();

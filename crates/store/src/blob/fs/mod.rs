@@ -280,12 +280,13 @@ impl BlobStore for FsBlobStore {
         let path = self.blob_path(digest);
         let verify = range.is_none() && self.options.verify_reads;
         let reads = self.reads.clone();
+        let wanted = digest.clone();
         let opened = tokio::task::spawn_blocking(move || {
             not_found_to_none(File::open(path).and_then(|f| {
                 let meta = f.metadata()?;
                 let identity = FileIdentity::of(&meta);
                 // A file verified whole since start is not hashed again.
-                let verify = verify && !reads.is_verified(&identity);
+                let verify = verify && !reads.is_verified(&wanted, &identity);
                 let checksum = if verify { load_checksum(&f) } else { None };
                 Ok((f, meta.len(), verify.then_some((checksum, identity))))
             }))
@@ -313,6 +314,10 @@ impl BlobStore for FsBlobStore {
             digest.clone(),
         ));
         Ok(Some(BlobRead { size, stream }))
+    }
+
+    fn distrust(&self, digest: &Digest) {
+        self.reads.distrust(digest);
     }
 
     async fn read_small(&self, digest: &Digest, max: u64) -> Result<Option<Bytes>, StoreError> {
@@ -599,6 +604,13 @@ mod tests {
             assert_eq!(got.concat(), data, "round {round}");
             assert_eq!(store.reads.verified_count(), 1, "round {round}");
         }
+        // Distrusted (a scrub found it corrupt): the next read checks again.
+        store.distrust(&digest);
+        assert_eq!(store.reads.verified_count(), 0);
+        let read = store.read(&digest, None).await.unwrap().unwrap();
+        let got: Vec<Bytes> = read.stream.try_collect().await.unwrap();
+        assert_eq!(got.concat(), data);
+        assert_eq!(store.reads.verified_count(), 1);
         // A range read proves nothing about the whole.
         let path = store.blob_path(&digest);
         let fresh = FsBlobStore::open(dir.path(), FsOptions::default()).unwrap();

@@ -18,7 +18,7 @@
 //! already in memory (the common case when many hosts pull one image), and on
 //! a blocking thread when they must come from the disk.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,18 +53,7 @@ pub(super) fn map_window(file: &File, pos: u64, len: usize) -> io::Result<Bytes>
         return Ok(Bytes::new());
     }
     let page = page_size();
-    let aligned = pos - pos % page;
-    let skip = (pos - aligned) as usize;
-    // SAFETY: blob files are immutable once installed (written to a temporary
-    // name, synced, renamed) and are only ever unlinked, never truncated or
-    // rewritten, so the mapped bytes cannot change or vanish under us.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(aligned)
-            .len(skip + len)
-            .populate()
-            .map(file)?
-    };
+    let (map, skip) = map_pages(file, pos, len, true)?;
     if !fully_resident(&map, page) {
         tracing::warn!("blob pages could not be loaded; reading them instead of mapping");
         let mut buf = vec![0u8; len];
@@ -158,24 +147,31 @@ impl FileIdentity {
 /// the number of downloads in flight.
 #[derive(Default)]
 pub(super) struct Reads {
-    verified: Mutex<HashSet<FileIdentity>>,
+    /// By digest: the file that was proven to hold it.
+    verified: Mutex<HashMap<Digest, FileIdentity>>,
     active: AtomicUsize,
 }
 
 impl Reads {
-    pub(super) fn is_verified(&self, file: &FileIdentity) -> bool {
+    pub(super) fn is_verified(&self, digest: &Digest, file: &FileIdentity) -> bool {
         self.verified
             .lock()
-            .map(|set| set.contains(file))
+            .map(|set| set.get(digest) == Some(file))
             .unwrap_or(false)
     }
 
-    fn remember_verified(&self, file: FileIdentity) {
+    fn remember_verified(&self, digest: Digest, file: FileIdentity) {
         if let Ok(mut set) = self.verified.lock() {
             if set.len() >= MAX_VERIFIED {
                 set.clear();
             }
-            set.insert(file);
+            set.insert(digest, file);
+        }
+    }
+
+    pub(super) fn distrust(&self, digest: &Digest) {
+        if let Ok(mut set) = self.verified.lock() {
+            set.remove(digest);
         }
     }
 
@@ -184,7 +180,8 @@ impl Reads {
         let active = self.active.load(Ordering::Relaxed).max(1);
         let page = page_size() as usize;
         let size = (WINDOW_BUDGET / active).clamp(MIN_WINDOW, MAX_WINDOW);
-        size - size % page
+        // At least a page (64 KiB on some kernels, more than MIN_WINDOW).
+        (size - size % page).max(page)
     }
 
     #[cfg(test)]
@@ -258,7 +255,9 @@ impl ReadState {
                 ));
             }
             if let Some(identity) = self.identity.take() {
-                self.active.0.remember_verified(identity);
+                self.active
+                    .0
+                    .remember_verified(self.digest.clone(), identity);
             }
         }
         Ok((buf, self))
@@ -270,18 +269,31 @@ impl ReadState {
 /// image: no blocking thread, no wait. `None` when a page would have to be
 /// read from the disk (or the mapping failed: the blocking path reports why).
 fn map_if_resident(file: &File, pos: u64, len: usize) -> Option<Bytes> {
+    let (map, skip) = map_pages(file, pos, len, false).ok()?;
+    fully_resident(&map, page_size()).then(|| Bytes::from_owner(map).slice(skip..))
+}
+
+/// Maps the pages holding `len` bytes at `pos` (populated when asked), and
+/// where in the mapping `pos` falls.
+fn map_pages(
+    file: &File,
+    pos: u64,
+    len: usize,
+    populate: bool,
+) -> io::Result<(memmap2::Mmap, usize)> {
     let page = page_size();
     let aligned = pos - pos % page;
     let skip = (pos - aligned) as usize;
-    // SAFETY: as in `map_window`: installed blob files are never modified.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(aligned)
-            .len(skip + len)
-            .map(file)
-            .ok()?
-    };
-    fully_resident(&map, page).then(|| Bytes::from_owner(map).slice(skip..))
+    let mut options = memmap2::MmapOptions::new();
+    options.offset(aligned).len(skip + len);
+    if populate {
+        options.populate();
+    }
+    // SAFETY: blob files are immutable once installed (written to a temporary
+    // name, synced, renamed) and are only ever unlinked, never truncated or
+    // rewritten, so the mapped bytes cannot change or vanish under us.
+    let map = unsafe { options.map(file)? };
+    Ok((map, skip))
 }
 
 /// Reads a window on the calling (async) thread when every byte of it is in
@@ -325,6 +337,9 @@ pub(super) fn read_stream(state: ReadState) -> ByteStream {
                 return Ok(None);
             }
             let len = (state.end - state.pos).min(state.active.0.window() as u64) as usize;
+            if len == 0 {
+                return Err(io::Error::other("a read window of no bytes"));
+            }
             let map = len >= MAP_FROM;
             let cheap = state.verifier.as_ref().is_none_or(Verifier::is_cheap);
             let inline = match (cheap, map) {

@@ -202,7 +202,11 @@ impl EtcdMetaStore {
             members,
             preferred_member: AtomicUsize::new(0),
             endpoints: options.endpoints.clone(),
-            watch_options: options.connect_options_without_timeout(),
+            // A watch held on a member cut off from the others would go
+            // silent: etcd ends it instead when that member has no leader.
+            watch_options: options
+                .connect_options_without_timeout()
+                .with_require_leader(true),
             degraded_until_ms: AtomicU64::new(0),
             prefix: options.prefix.into_bytes(),
         })
