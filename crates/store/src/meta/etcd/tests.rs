@@ -156,6 +156,37 @@ mod etcd_tests {
         crate::testsuite::metastore_suite(&store).await;
     }
 
+    /// The change feed of a cluster is woken by this watch: a write by
+    /// another node (another client) must reach it, a write of another key
+    /// or under another prefix must not.
+    #[tokio::test]
+    async fn a_watch_sees_writes_of_its_key_by_other_clients_only() {
+        use futures_util::StreamExt as _;
+        let Some(etcd) = Cluster::start(1).await else {
+            return;
+        };
+        let watcher = EtcdMetaStore::connect(etcd.options("/berth/w/"))
+            .await
+            .unwrap();
+        let writer = EtcdMetaStore::connect(etcd.options("/berth/w/"))
+            .await
+            .unwrap();
+        let other = EtcdMetaStore::connect(etcd.options("/berth/x/"))
+            .await
+            .unwrap();
+        let mut watch = watcher.watch_key(b"head").await.unwrap().unwrap();
+        // The watch's creation is announced first.
+        let created = tokio::time::timeout(Duration::from_secs(5), watch.next()).await;
+        assert!(matches!(created, Ok(Some(Ok(())))), "{created:?}");
+        assert!(other.commit(Txn::new().put("head", "x")).await.unwrap());
+        assert!(writer.commit(Txn::new().put("other", "1")).await.unwrap());
+        let quiet = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
+        assert!(quiet.is_err(), "woken by another key or prefix: {quiet:?}");
+        assert!(writer.commit(Txn::new().put("head", "1")).await.unwrap());
+        let seen = tokio::time::timeout(Duration::from_secs(5), watch.next()).await;
+        assert!(matches!(seen, Ok(Some(Ok(())))), "{seen:?}");
+    }
+
     #[tokio::test]
     async fn prefixes_isolate_registries_sharing_one_etcd() {
         let Some(etcd) = Cluster::start(1).await else {
